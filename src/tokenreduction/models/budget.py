@@ -1,0 +1,133 @@
+"""Token budgets: how many patch tokens each reduction stage should keep.
+
+The studies count differently, and a reproduction depends on it, so the budget
+is a named schedule chosen in the config:
+
+``geometric`` (Which Tokens to Use?, ATC DeiT fine-tuning)
+    stage s keeps ``int(keep_rate ** (s + 1) * P)`` patch tokens, P the number
+    of patches of the input (196 at 224 px). A list of keep rates gives
+    ``int(keep_rate[s] * P)`` per stage. Bipartite matching (ToMe, ToMeCIS)
+    removes ``r = nominal[s-1] - nominal[s]`` tokens at stage s, capped at half
+    the tokens present, as the reference code does: at keep rate 0.25 and
+    blocks 3, 6, 9 ToMe keeps 98/61/52 where 49/12/3 were asked. The model
+    records what each stage actually kept (``model.reduction_state``).
+``current`` (EViT, CLCA, the ATC detection backbone)
+    stage s keeps ``ceil(keep_rate * n)`` of the n patch tokens present
+    (an EViT fused token from an earlier stage counts among them).
+``r`` (ToMe off the shelf, MAE fine-tuning)
+    block b removes ``r[b]`` tokens; ``r`` is an int with a schedule
+    (``constant``, ``decrease``, ``increase``, see :func:`r_schedule`) or an
+    explicit per-block list.
+The diffusion patch uses a fraction of tokens *removed*
+(:mod:`tokenreduction.diffusion`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+BUDGETS = ("geometric", "current", "r")
+R_SCHEDULES = {"constant": 0.0, "decrease": -1.0, "increase": 1.0}
+
+
+@dataclass(frozen=True)
+class StageBudget:
+    """What one stage is asked for: keep `target` patch tokens, or remove `r`."""
+
+    target: int
+    r: int
+
+
+def r_schedule(
+    r: Union[int, Sequence[int]], num_blocks: int, schedule: Union[str, float] = "constant"
+) -> list[int]:
+    """Per-block r with ToMe's linear schedule.
+
+    With inflection f in [-1, 1], block i of L removes
+    ``int(a + (b - a) * i / (L - 1))`` tokens, a = int(r * (1 - f)), b = 2r - a:
+    ``constant`` (f = 0) is r everywhere, ``decrease`` (f = -1) runs from 2r
+    down to 0, ``increase`` (f = +1) from 0 up to 2r. A list is taken as given.
+    """
+    if not isinstance(r, int):
+        values = [int(v) for v in r]
+        if len(values) != num_blocks:
+            raise ValueError(f"an r list needs one value per block ({num_blocks}), got {len(values)}")
+        return values
+    if isinstance(schedule, str):
+        if schedule not in R_SCHEDULES:
+            raise ValueError(
+                f"unknown r schedule {schedule!r}; use one of {', '.join(R_SCHEDULES)} or a number in [-1, 1]"
+            )
+        inflection = R_SCHEDULES[schedule]
+    else:
+        inflection = float(schedule)
+        if not -1.0 <= inflection <= 1.0:
+            raise ValueError(f"r schedule inflection must lie in [-1, 1], got {inflection}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    start = int(r * (1.0 - inflection))
+    end = 2 * r - start
+    if num_blocks == 1:
+        return [start]
+    step = (end - start) / (num_blocks - 1)
+    return [int(start + step * i) for i in range(num_blocks)]
+
+
+class TokenBudget:
+    """A named schedule; ``stage(s, block, n)`` gives the StageBudget of stage s
+    (at block `block`) when n patch tokens are present."""
+
+    def __init__(
+        self,
+        kind: str,
+        num_patches: int,
+        num_stages: int,
+        keep_rate: Optional[Union[float, Sequence[float]]] = None,
+        r_per_block: Optional[Sequence[int]] = None,
+    ) -> None:
+        if kind not in BUDGETS:
+            raise ValueError(f"unknown token budget {kind!r}; use one of {', '.join(BUDGETS)}")
+        self.kind = kind
+        self.num_patches = num_patches
+        self.num_stages = num_stages
+        self.r_per_block = list(r_per_block) if r_per_block is not None else None
+        if kind == "r":
+            if self.r_per_block is None:
+                raise ValueError("the 'r' budget needs r")
+            self.keep_rates = None
+            return
+        if keep_rate is None:
+            raise ValueError(f"the {kind!r} budget needs keep_rate")
+        rates = [keep_rate] * num_stages if isinstance(keep_rate, (int, float)) else list(keep_rate)
+        if len(rates) != num_stages:
+            raise ValueError(
+                f"keep_rate has {len(rates)} values but there are {num_stages} reduction locations"
+            )
+        for rate in rates:
+            if not (0.0 < float(rate) <= 1.0):
+                raise ValueError(f"keep_rate must lie in (0, 1], got {rate}")
+        self.keep_rates = [float(v) for v in rates]
+        self.single_rate = isinstance(keep_rate, (int, float))
+
+    def nominal(self, stage: int) -> int:
+        """Geometric target of `stage` (stage -1 is all patches)."""
+        if stage < 0:
+            return self.num_patches
+        if self.single_rate:
+            value = int(self.keep_rates[0] ** (stage + 1) * self.num_patches)
+        else:
+            value = int(self.keep_rates[stage] * self.num_patches)
+        return max(value, 1)
+
+    def stage(self, stage: int, block: int, num_tokens: int) -> StageBudget:
+        if self.kind == "geometric":
+            target = self.nominal(stage)
+            r = self.nominal(stage - 1) - target
+        elif self.kind == "current":
+            target = max(1, math.ceil(self.keep_rates[stage] * num_tokens))
+            r = num_tokens - target
+        else:
+            r = self.r_per_block[block]
+            target = num_tokens - r
+        return StageBudget(target=min(target, num_tokens), r=max(0, min(r, num_tokens)))

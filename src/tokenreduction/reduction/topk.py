@@ -1,0 +1,30 @@
+"""Top-K: keep the patch tokens the CLS token attends to most.
+
+Score = CLS attention averaged over heads (EViT's attentiveness); the kept
+tokens stay in their original order.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import BlockFeatures, ReductionOutput, TokenReducer
+from .ops import keep_by_score
+from .registry import register
+
+
+def cls_attention_score(cls_attn: torch.Tensor) -> torch.Tensor:
+    """(B, H, N) CLS attention -> (B, N) head-mean score."""
+    return cls_attn.mean(dim=1)
+
+
+@register("topk")
+class TopK(TokenReducer):
+    kind = "prune"
+    position = "mid"
+    needs = frozenset({"cls_attn"})
+    needs_class_token = True
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor, feats: BlockFeatures, budget) -> ReductionOutput:
+        k = min(budget.target, x.shape[1])
+        out, _ = keep_by_score(x, size, cls_attention_score(feats.cls_attn), k)
+        return out
