@@ -161,7 +161,8 @@ def patch_model(
                     f"r={r_here} at block {loc} is too large: only {n} patch tokens are left there"
                 )
         stage_budget = token_budget.stage(stage, loc, n)
-        reducer = reducer_cls(dim=model.embed_dim, **_sized(reducer_cls, n, stage_budget), **method_kwargs)
+        sized = _sized(reducer_cls, n, stage_budget, tuple(model.patch_embed.grid_size))
+        reducer = reducer_cls(dim=model.embed_dim, **sized, **method_kwargs)
         n = reducer.output_count(n, stage_budget)
         counts.append(n)
         reducers[loc] = reducer
@@ -194,11 +195,15 @@ def patch_model(
     return model
 
 
-def _sized(reducer_cls, num_tokens: int, stage_budget) -> dict:
-    """Constructor arguments that fix the output count of learned methods."""
+def _sized(reducer_cls, num_tokens: int, stage_budget, grid_size: Optional[tuple] = None) -> dict:
+    """Constructor arguments that fix the output count of learned methods, and
+    the model's patch grid (h, w) for methods that ask (``needs_grid``)."""
+    kwargs = {}
     if reducer_cls.fixed_output:
-        return {"num_out": min(stage_budget.target, num_tokens), "num_in": num_tokens}
-    return {}
+        kwargs.update(num_out=min(stage_budget.target, num_tokens), num_in=num_tokens)
+    if getattr(reducer_cls, "needs_grid", False):
+        kwargs["grid_size"] = grid_size
+    return kwargs
 
 
 def load_checkpoint(model: nn.Module, path: Union[str, Path], strict_backbone: bool = True) -> nn.Module:

@@ -1,0 +1,22 @@
+# tokenreduction: the token-reduction studies as one DAG.
+#   snakemake --cores all                      the embedded demo (CPU, minutes)
+#   snakemake --configfile config/which-tokens.yaml --profile slurm
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/summary.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/summary/metrics.csv",
+    default_target: True

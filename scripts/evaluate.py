@@ -1,0 +1,35 @@
+"""Evaluate one trained model: metrics, reduction patterns, CLS features."""
+import argparse
+
+from tokenreduction.evaluate import evaluate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--kind", required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--img-size", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-pattern-images", type=int, default=256)
+    parser.add_argument("--throughput-batch", type=int, default=0, help="0 skips the throughput measurement")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--patterns", required=True)
+    parser.add_argument("--features", required=True)
+    args = parser.parse_args()
+    evaluate(
+        checkpoint=args.checkpoint,
+        dataset=args.kind,
+        data_root=args.root,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        num_pattern_images=args.num_pattern_images,
+        throughput_batch=args.throughput_batch or None,
+        out_metrics=args.metrics,
+        out_patterns=args.patterns,
+        out_features=args.features,
+    )
+
+
+if __name__ == "__main__":
+    main()

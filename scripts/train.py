@@ -1,0 +1,17 @@
+"""Train (pretrain or fine-tune) one model from a JSON spec of TrainConfig fields."""
+import argparse
+import json
+
+from tokenreduction.train import TrainConfig, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec", required=True, help="TrainConfig fields as a JSON object")
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args()
+    train(TrainConfig.from_dict(json.loads(args.spec)), args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Config loading and validation, the run table, and input functions.
+
+Everything the rules need to know about the config is computed here once, at
+DAG build: invalid configs stop here with the offending key named.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+ROOT = Path(workflow.basedir)
+RESULTS = config["results"]
+
+
+def _load_provenance():
+    """tokenreduction.provenance without importing torch (DAG build stays fast)."""
+    path = ROOT / "src" / "tokenreduction" / "provenance.py"
+    spec = importlib.util.spec_from_file_location("tokenreduction_provenance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+provenance = _load_provenance()
+DEMO_KINDS = {"digits", "digits_multilabel"}
+BASELINE = "none"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fail(key, message):
+    raise ConfigError(f"invalid config at {key}: {message}")
+
+
+def backbone_depth(name):
+    spec = config["backbones"][name]
+    depth = (spec.get("model_kwargs") or {}).get("depth")
+    if depth is not None:
+        return int(depth)
+    model = spec["model"]
+    if "huge" in model or "giant" in model:
+        return 32
+    if "large" in model:
+        return 24
+    return 12
+
+
+def _check_config():
+    known = set(provenance.known_methods())
+    for name, spec in config["methods"].items():
+        method = spec["method"]
+        if method != BASELINE and method not in known:
+            _fail(f"methods.{name}.method", f"unknown method {method!r}; known methods: {', '.join(sorted(known))}")
+    for name, spec in config["datasets"].items():
+        if spec["kind"] not in DEMO_KINDS and not Path(spec["root"]).exists():
+            _fail(f"datasets.{name}.root", f"{spec['root']} does not exist (dataset {name!r}, kind {spec['kind']})")
+    for i, exp in enumerate(config["experiments"]):
+        for key, table in (("datasets", "datasets"), ("backbones", "backbones"), ("methods", "methods")):
+            for item in exp[key]:
+                if item not in config[table]:
+                    _fail(f"experiments[{i}].{key}", f"{item!r} is not defined under {table}: ({', '.join(config[table])})")
+        for backbone in exp["backbones"]:
+            depth = backbone_depth(backbone)
+            for loc in config["reduction_loc"]:
+                if loc >= depth:
+                    _fail("reduction_loc", f"location {loc} is beyond the depth of backbone {backbone!r} ({depth} blocks: 0..{depth - 1})")
+    for name, spec in config["backbones"].items():
+        init = spec["init"]
+        if init == "pretrain":
+            pre = config.get("pretrain", {}).get("dataset")
+            if pre not in config["datasets"]:
+                _fail("pretrain.dataset", f"backbone {name!r} is pretrained by the DAG but pretrain.dataset {pre!r} is not a dataset")
+        elif init != "timm" and not Path(init).exists():
+            _fail(f"backbones.{name}.init", f"checkpoint {init} does not exist (use pretrain, timm or a file path)")
+
+
+_check_config()
+
+
+def fmt_rate(rate):
+    return f"{float(rate):g}"
+
+
+def baseline_method():
+    for name, spec in config["methods"].items():
+        if spec["method"] == BASELINE:
+            return name
+    return "deit"
+
+
+def _runs():
+    """Every fine-tuning run: dicts with dataset, backbone, method, keep_rate, seed."""
+    runs = {}
+    base = baseline_method()
+    for exp in config["experiments"]:
+        for d in exp["datasets"]:
+            for b in exp["backbones"]:
+                for s in config["seeds"]:
+                    runs[(d, b, base, "1", s)] = None
+                    for m in exp["methods"]:
+                        if m == base:
+                            continue
+                        for kr in exp["keep_rates"]:
+                            runs[(d, b, m, fmt_rate(kr), s)] = None
+    keys = ("dataset", "backbone", "method", "keep_rate", "seed")
+    return [dict(zip(keys, run)) for run in runs]
+
+
+RUNS = _runs()
+RUN_DIR = "{dataset}/{backbone}/{method}/kr{keep_rate}/seed{seed}"
+
+
+def method_spec(name):
+    if name not in config["methods"]:
+        return {"method": BASELINE}
+    return config["methods"][name]
+
+
+wildcard_constraints:
+    dataset="|".join(config["datasets"]),
+    backbone="|".join(config["backbones"]),
+    method="|".join(list(config["methods"]) + ["deit"]),
+    keep_rate=r"[0-9.]+",
+    seed=r"\d+",
+
+
+def run_paths(pattern):
+    return [pattern.format(**run) for run in RUNS]
+
+
+# ---------------------------------------------------------------- data
+
+
+def dataset_manifest(name):
+    return f"{RESULTS}/data/{name}/manifest.json"
+
+
+def dataset_root(name):
+    return config["datasets"][name]["root"]
+
+
+# ---------------------------------------------------------------- training
+
+
+def init_input(wildcards):
+    """What a fine-tuning run starts from: the DAG's pretrained demo backbone,
+    or a checkpoint file; nothing for timm's own pretrained weights."""
+    init = config["backbones"][wildcards.backbone]["init"]
+    if init == "pretrain":
+        return [f"{RESULTS}/pretrain/{wildcards.backbone}/final.pth"]
+    if init == "timm":
+        return []
+    return [init]
+
+
+def teacher_input(wildcards):
+    """DynamicViT distils from the plain model fine-tuned on the same dataset."""
+    if method_spec(wildcards.method)["method"] != "dynamicvit":
+        return []
+    return [f"{RESULTS}/finetune/{wildcards.dataset}/{wildcards.backbone}/{baseline_method()}/kr1/seed{wildcards.seed}/final.pth"]
+
+
+def _model_fields(backbone):
+    spec = config["backbones"][backbone]
+    return {
+        "model": spec["model"],
+        "model_kwargs": spec.get("model_kwargs") or {},
+        "pretrained": spec["init"] == "timm",
+    }
+
+
+def _method_fields(method_name, keep_rate):
+    spec = dict(method_spec(method_name))
+    method = spec.pop("method")
+    if method == BASELINE:
+        return {"method": None}
+    return {
+        "method": method,
+        "keep_rate": float(keep_rate),
+        "reduction_loc": list(config["reduction_loc"]),
+        "budget": config["budget"],
+        "method_kwargs": spec,
+    }
+
+
+def _data_fields(dataset):
+    spec = config["datasets"][dataset]
+    return {"dataset": spec["kind"], "data_root": spec["root"], "img_size": spec["img_size"]}
+
+
+def finetune_spec(wildcards, input):
+    recipe = dict(config["finetune"])
+    fields = {**recipe, **_model_fields(wildcards.backbone), **_data_fields(wildcards.dataset)}
+    fields.update(_method_fields(wildcards.method, wildcards.keep_rate))
+    fields["seed"] = int(wildcards.seed)
+    fields["init_checkpoint"] = input.init[0] if input.init else None
+    if input.teacher:
+        fields["teacher_checkpoint"] = input.teacher[0]
+    fields["wandb_project"] = config.get("wandb_project")
+    return json.dumps(fields, sort_keys=True)
+
+
+def pretrain_spec(wildcards):
+    pre = config["pretrain"]
+    fields = {**config["finetune"], **(pre.get("recipe") or {})}
+    fields.update(_model_fields(wildcards.backbone))
+    fields.update(_data_fields(pre["dataset"]))
+    fields.update({"method": None, "seed": 0, "pretrained": False, "wandb_project": config.get("wandb_project")})
+    return json.dumps(fields, sort_keys=True)
+
+
+def finetune_code(wildcards):
+    """Fingerprint of the code a fine-tuning job runs (see tokenreduction.provenance)."""
+    method = method_spec(wildcards.method)["method"]
+    return provenance.code_hash(("model", "data", "train"), method, extra=[ROOT / "scripts" / "train.py"])
+
+
+def evaluate_code(wildcards):
+    method = method_spec(wildcards.method)["method"]
+    return provenance.code_hash(("model", "data", "train", "evaluate"), method, extra=[ROOT / "scripts" / "evaluate.py"])
+
+
+# ---------------------------------------------------------------- resources
+
+
+def _gpus(kind):
+    return int(config.get("resources", {}).get(f"gpus_per_{kind}_job", 0))
+
+
+def _scale(backbone):
+    """Relative cost of a backbone: 1 (tiny) .. ~20 (large), from its name or width."""
+    spec = config["backbones"][backbone]
+    width = (spec.get("model_kwargs") or {}).get("embed_dim")
+    if width is not None:
+        return max(1.0, (int(width) / 192) ** 2)
+    for name, scale in (("huge", 40.0), ("large", 20.0), ("base", 8.0), ("small", 3.0)):
+        if name in spec["model"]:
+            return scale
+    return 1.0
+
+
+def train_runtime(wildcards, attempt):
+    """Minutes: grows with backbone size and epochs; doubles on each retry."""
+    epochs = float(config["finetune"].get("epochs", 30))
+    return int(max(10, 4 * epochs * _scale(wildcards.backbone)) * attempt)
+
+
+def train_mem(wildcards, attempt):
+    return int(min(4000 + 2000 * _scale(wildcards.backbone), 120000) * attempt)

@@ -1,0 +1,50 @@
+# Pretraining (demo backbones only) and fine-tuning with reduction.
+
+
+rule pretrain:
+    input:
+        data=lambda w: dataset_manifest(config["pretrain"]["dataset"]),
+    output:
+        model=f"{RESULTS}/pretrain/{{backbone}}/final.pth",
+        metrics=f"{RESULTS}/pretrain/{{backbone}}/train_metrics.json",
+    params:
+        spec=pretrain_spec,
+        out_dir=lambda w, output: Path(output.model).parent,
+        code=lambda w: provenance.code_hash(("model", "data", "train"), extra=[ROOT / "scripts" / "train.py"]),
+    log:
+        f"{RESULTS}/logs/pretrain/{{backbone}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/{{backbone}}.tsv"
+    threads: 2
+    resources:
+        gpu=lambda w: _gpus("train"),
+        mem_mb=train_mem,
+        runtime=train_runtime,
+    shell:
+        "python scripts/train.py --spec {params.spec:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule finetune:
+    input:
+        data=lambda w: dataset_manifest(w.dataset),
+        init=init_input,
+        teacher=teacher_input,
+    output:
+        model=f"{RESULTS}/finetune/{RUN_DIR}/final.pth",
+        metrics=f"{RESULTS}/finetune/{RUN_DIR}/train_metrics.json",
+        log_csv=f"{RESULTS}/finetune/{RUN_DIR}/log.csv",
+    params:
+        spec=finetune_spec,
+        out_dir=lambda w, output: Path(output.model).parent,
+        code=finetune_code,
+    log:
+        f"{RESULTS}/logs/finetune/{RUN_DIR}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/finetune/{RUN_DIR}.tsv"
+    threads: 2
+    resources:
+        gpu=lambda w: _gpus("train"),
+        mem_mb=train_mem,
+        runtime=train_runtime,
+    shell:
+        "python scripts/train.py --spec {params.spec:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

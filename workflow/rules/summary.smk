@@ -1,0 +1,33 @@
+# Summary: one table of every run, and accuracy plots per dataset/backbone.
+
+
+rule summarise:
+    input:
+        metrics=run_paths(f"{RESULTS}/eval/{RUN_DIR}/metrics.json"),
+    output:
+        table=f"{RESULTS}/summary/metrics.csv",
+        keep_rate_plot=report(
+            f"{RESULTS}/summary/accuracy_vs_keep_rate.png",
+            caption="../report/accuracy_vs_keep_rate.rst",
+            category="Summary",
+        ),
+        gflops_plot=report(
+            f"{RESULTS}/summary/accuracy_vs_gflops.png",
+            caption="../report/accuracy_vs_gflops.rst",
+            category="Summary",
+        ),
+    params:
+        runs=json.dumps(RUNS),
+        results=RESULTS,
+        code=lambda w: provenance.code_hash(("evaluate",), extra=[ROOT / "scripts" / "summarise.py"]),
+    log:
+        f"{RESULTS}/logs/summarise.log",
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python scripts/summarise.py --runs {params.runs:q} --results {params.results:q}"
+        " --table {output.table:q} --keep-rate-plot {output.keep_rate_plot:q}"
+        " --gflops-plot {output.gflops_plot:q} > {log:q} 2>&1"
