@@ -20,13 +20,17 @@ def run_dir(run: dict) -> str:
     return f"{run['dataset']}/{run['backbone']}/{run['method']}/kr{run['keep_rate']}/seed{run['seed']}"
 
 
-def summarise_runs(runs: Sequence[dict], results: Union[str, Path], table_path: Union[str, Path]) -> pd.DataFrame:
-    """Read results/eval/<run>/metrics.json of every run into one table
-    (columns COLUMNS) and write it as CSV atomically. A missing file names
-    the run that did not produce it."""
+def summarise_runs(
+    runs: Sequence[dict], metric_paths: Sequence[Union[str, Path]], table_path: Union[str, Path]
+) -> pd.DataFrame:
+    """Read each run's metrics.json (metric_paths[i] belongs to runs[i]) into
+    one table (columns COLUMNS) and write it as CSV atomically. A missing
+    file names the run that did not produce it."""
+    if len(runs) != len(metric_paths):
+        raise ValueError(f"{len(runs)} runs but {len(metric_paths)} metrics files")
     rows = []
-    for run in runs:
-        path = Path(results) / "eval" / run_dir(run) / "metrics.json"
+    for run, path in zip(runs, metric_paths):
+        path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"run {run_dir(run)} produced no metrics ({path} is missing)")
         m = json.loads(path.read_text())

@@ -10,20 +10,25 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 
 ROOT = Path(workflow.basedir)
 RESULTS = config["results"]
 
 
+def script_path(name):
+    """Absolute path of an entry point under scripts/ (an input of its rule,
+    so editing the script reruns the rule's jobs)."""
+    return str(ROOT / "scripts" / name)
+
+
 def _load_provenance():
     """tokenreduction.provenance without importing torch (DAG build stays fast)."""
     path = ROOT / "src" / "tokenreduction" / "provenance.py"
     spec = importlib.util.spec_from_file_location("tokenreduction_provenance", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
 provenance = _load_provenance()
@@ -57,28 +62,50 @@ def _check_config():
     for name, spec in config["methods"].items():
         method = spec["method"]
         if method != BASELINE and method not in known:
-            _fail(f"methods.{name}.method", f"unknown method {method!r}; known methods: {', '.join(sorted(known))}")
+            _fail(
+                f"methods.{name}.method",
+                f"unknown method {method!r}; known methods: {', '.join(sorted(known))}",
+            )
     for name, spec in config["datasets"].items():
         if spec["kind"] not in DEMO_KINDS and not Path(spec["root"]).exists():
-            _fail(f"datasets.{name}.root", f"{spec['root']} does not exist (dataset {name!r}, kind {spec['kind']})")
+            _fail(
+                f"datasets.{name}.root",
+                f"{spec['root']} does not exist (dataset {name!r}, kind {spec['kind']})",
+            )
     for i, exp in enumerate(config["experiments"]):
-        for key, table in (("datasets", "datasets"), ("backbones", "backbones"), ("methods", "methods")):
+        for key, table in (
+            ("datasets", "datasets"),
+            ("backbones", "backbones"),
+            ("methods", "methods"),
+        ):
             for item in exp[key]:
                 if item not in config[table]:
-                    _fail(f"experiments[{i}].{key}", f"{item!r} is not defined under {table}: ({', '.join(config[table])})")
+                    _fail(
+                        f"experiments[{i}].{key}",
+                        f"{item!r} is not defined under {table}: ({', '.join(config[table])})",
+                    )
         for backbone in exp["backbones"]:
             depth = backbone_depth(backbone)
             for loc in config["reduction_loc"]:
                 if loc >= depth:
-                    _fail("reduction_loc", f"location {loc} is beyond the depth of backbone {backbone!r} ({depth} blocks: 0..{depth - 1})")
+                    _fail(
+                        "reduction_loc",
+                        f"location {loc} is beyond the depth of backbone {backbone!r} ({depth} blocks: 0..{depth - 1})",
+                    )
     for name, spec in config["backbones"].items():
         init = spec["init"]
         if init == "pretrain":
             pre = config.get("pretrain", {}).get("dataset")
             if pre not in config["datasets"]:
-                _fail("pretrain.dataset", f"backbone {name!r} is pretrained by the DAG but pretrain.dataset {pre!r} is not a dataset")
+                _fail(
+                    "pretrain.dataset",
+                    f"backbone {name!r} is pretrained by the DAG but pretrain.dataset {pre!r} is not a dataset",
+                )
         elif init != "timm" and not Path(init).exists():
-            _fail(f"backbones.{name}.init", f"checkpoint {init} does not exist (use pretrain, timm or a file path)")
+            _fail(
+                f"backbones.{name}.init",
+                f"checkpoint {init} does not exist (use pretrain, timm or a file path)",
+            )
 
 
 _check_config()
@@ -164,7 +191,9 @@ def teacher_input(wildcards):
     """DynamicViT distils from the plain model fine-tuned on the same dataset."""
     if method_spec(wildcards.method)["method"] != "dynamicvit":
         return []
-    return [f"{RESULTS}/finetune/{wildcards.dataset}/{wildcards.backbone}/{baseline_method()}/kr1/seed{wildcards.seed}/final.pth"]
+    return [
+        f"{RESULTS}/finetune/{wildcards.dataset}/{wildcards.backbone}/{baseline_method()}/kr1/seed{wildcards.seed}/final.pth"
+    ]
 
 
 def _model_fields(backbone):
@@ -192,12 +221,23 @@ def _method_fields(method_name, keep_rate):
 
 def _data_fields(dataset):
     spec = config["datasets"][dataset]
-    return {"dataset": spec["kind"], "data_root": spec["root"], "img_size": spec["img_size"]}
+    return {
+        "dataset": spec["kind"],
+        "data_root": spec["root"],
+        "img_size": spec["img_size"],
+    }
 
 
 def finetune_spec(wildcards, input):
-    recipe = dict(config["finetune"])
-    fields = {**recipe, **_model_fields(wildcards.backbone), **_data_fields(wildcards.dataset)}
+    recipe = {
+        **config["finetune"],
+        **(config["datasets"][wildcards.dataset].get("recipe") or {}),
+    }
+    fields = {
+        **recipe,
+        **_model_fields(wildcards.backbone),
+        **_data_fields(wildcards.dataset),
+    }
     fields.update(_method_fields(wildcards.method, wildcards.keep_rate))
     fields["seed"] = int(wildcards.seed)
     fields["init_checkpoint"] = input.init[0] if input.init else None
@@ -212,19 +252,26 @@ def pretrain_spec(wildcards):
     fields = {**config["finetune"], **(pre.get("recipe") or {})}
     fields.update(_model_fields(wildcards.backbone))
     fields.update(_data_fields(pre["dataset"]))
-    fields.update({"method": None, "seed": 0, "pretrained": False, "wandb_project": config.get("wandb_project")})
+    fields.update(
+        {
+            "method": None,
+            "seed": 0,
+            "pretrained": False,
+            "wandb_project": config.get("wandb_project"),
+        }
+    )
     return json.dumps(fields, sort_keys=True)
 
 
 def finetune_code(wildcards):
     """Fingerprint of the code a fine-tuning job runs (see tokenreduction.provenance)."""
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(("model", "data", "train"), method, extra=[ROOT / "scripts" / "train.py"])
+    return provenance.code_hash(("model", "data", "train"), method)
 
 
 def evaluate_code(wildcards):
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(("model", "data", "train", "evaluate"), method, extra=[ROOT / "scripts" / "evaluate.py"])
+    return provenance.code_hash(("model", "data", "train", "evaluate"), method)
 
 
 # ---------------------------------------------------------------- resources

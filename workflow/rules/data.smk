@@ -3,19 +3,23 @@
 
 
 rule prepare_dataset:
+    input:
+        script=script_path("prepare_dataset.py"),
     output:
         manifest=f"{RESULTS}/data/{{dataset}}/manifest.json",
-    params:
-        kind=lambda w: config["datasets"][w.dataset]["kind"],
-        root=lambda w: dataset_root(w.dataset),
-        img_size=lambda w: config["datasets"][w.dataset]["img_size"],
-        code=lambda w: provenance.code_hash(("data",), extra=[ROOT / "scripts" / "prepare_dataset.py"]),
     log:
         f"{RESULTS}/logs/prepare_dataset/{{dataset}}.log",
+    conda:
+        "../../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        kind=lambda w: config["datasets"][w.dataset]["kind"],
+        root=lambda w: dataset_root(w.dataset),
+        img_size=lambda w: config["datasets"][w.dataset]["img_size"],
+        code=lambda w: provenance.code_hash(("data",)),
     shell:
-        "python scripts/prepare_dataset.py --kind {params.kind} --root {params.root:q}"
+        "python {input.script} --kind {params.kind} --root {params.root:q}"
         " --img-size {params.img_size} --manifest {output.manifest:q} > {log:q} 2>&1"

@@ -3,29 +3,33 @@
 
 rule pretrain:
     input:
+        script=script_path("train.py"),
         data=lambda w: dataset_manifest(config["pretrain"]["dataset"]),
     output:
         model=f"{RESULTS}/pretrain/{{backbone}}/final.pth",
         metrics=f"{RESULTS}/pretrain/{{backbone}}/train_metrics.json",
-    params:
-        spec=pretrain_spec,
-        out_dir=lambda w, output: Path(output.model).parent,
-        code=lambda w: provenance.code_hash(("model", "data", "train"), extra=[ROOT / "scripts" / "train.py"]),
     log:
         f"{RESULTS}/logs/pretrain/{{backbone}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{backbone}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=lambda w: _gpus("train"),
         mem_mb=train_mem,
         runtime=train_runtime,
+    params:
+        spec=pretrain_spec,
+        out_dir=lambda w, output: Path(output.model).parent,
+        code=lambda w: provenance.code_hash(("model", "data", "train")),
     shell:
-        "python scripts/train.py --spec {params.spec:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python {input.script} --spec {params.spec:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule finetune:
     input:
+        script=script_path("train.py"),
         data=lambda w: dataset_manifest(w.dataset),
         init=init_input,
         teacher=teacher_input,
@@ -33,18 +37,20 @@ rule finetune:
         model=f"{RESULTS}/finetune/{RUN_DIR}/final.pth",
         metrics=f"{RESULTS}/finetune/{RUN_DIR}/train_metrics.json",
         log_csv=f"{RESULTS}/finetune/{RUN_DIR}/log.csv",
-    params:
-        spec=finetune_spec,
-        out_dir=lambda w, output: Path(output.model).parent,
-        code=finetune_code,
     log:
         f"{RESULTS}/logs/finetune/{RUN_DIR}.log",
     benchmark:
         f"{RESULTS}/benchmarks/finetune/{RUN_DIR}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=lambda w: _gpus("train"),
         mem_mb=train_mem,
         runtime=train_runtime,
+    params:
+        spec=finetune_spec,
+        out_dir=lambda w, output: Path(output.model).parent,
+        code=finetune_code,
     shell:
-        "python scripts/train.py --spec {params.spec:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python {input.script} --spec {params.spec:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

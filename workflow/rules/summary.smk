@@ -3,6 +3,7 @@
 
 rule summarise:
     input:
+        script=script_path("summarise.py"),
         metrics=run_paths(f"{RESULTS}/eval/{RUN_DIR}/metrics.json"),
     output:
         table=f"{RESULTS}/summary/metrics.csv",
@@ -16,18 +17,19 @@ rule summarise:
             caption="../report/accuracy_vs_gflops.rst",
             category="Summary",
         ),
-    params:
-        runs=json.dumps(RUNS),
-        results=RESULTS,
-        code=lambda w: provenance.code_hash(("evaluate",), extra=[ROOT / "scripts" / "summarise.py"]),
     log:
         f"{RESULTS}/logs/summarise.log",
     localrule: True
+    conda:
+        "../../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        runs=json.dumps(RUNS),
+        code=lambda w: provenance.code_hash(("evaluate",)),
     shell:
-        "python scripts/summarise.py --runs {params.runs:q} --results {params.results:q}"
+        "python {input.script} --runs {params.runs:q} --metrics {input.metrics:q}"
         " --table {output.table:q} --keep-rate-plot {output.keep_rate_plot:q}"
         " --gflops-plot {output.gflops_plot:q} > {log:q} 2>&1"

@@ -56,72 +56,68 @@ def agglomerative_labels(distance: torch.Tensor, num_clusters: int, linkage: str
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
     B, N, _ = distance.shape
     device = distance.device
-    labels = torch.arange(N, device=device).expand(B, N).contiguous()
     steps = N - min(int(num_clusters), N)
     if steps == 0 or B == 0:
-        return labels
+        return torch.arange(N, device=device).expand(B, N).contiguous()
 
     dtype = torch.float64 if distance.dtype == torch.float64 else torch.float32
     inf = float("inf")
-    D = distance.detach().to(dtype).clone()
+    D = distance.detach().to(dtype=dtype, copy=True).contiguous()
     D.diagonal(dim1=1, dim2=2).fill_(inf)
-    flat = D.view(B * N, N)  # row b * N + r of the batch
-    row_base = torch.arange(B, device=device) * N  # (B,)
-    col_offsets = torch.arange(N, device=device) * N  # (N,) offsets of column entries
+    flat = D.view(B * N, N)  # row r of image b is flat row b * N + r
+    cells = D.view(-1)
+    row_base = (torch.arange(B, device=device) * N)[:, None]  # (B, 1)
+    col_base = (row_base * N + torch.arange(N, device=device) * N)[:, None, :]  # (B, 1, N): flat id of D[b, r, 0]
+    inf_cols = torch.full((B, N), inf, dtype=dtype, device=device)
+    keep_i = torch.tensor([True, False], device=device).expand(B, 2)
     size = torch.ones(B, N, dtype=dtype, device=device)
-    nn_dist, nn_idx = D.min(dim=2)  # (B, N)
-    batch = torch.arange(B, device=device)
-    single = linkage == "single"
+    nn_dist, nn_idx = D.min(dim=2)  # (B, N) nearest neighbour of every row
+    parent = torch.arange(N, device=device).expand(B, N).contiguous()
 
     for _ in range(steps):
         # the closest pair of each image: the row with the smallest NN distance
-        a = nn_dist.argmin(dim=1)  # (B,)
-        b = nn_idx.gather(1, a[:, None]).squeeze(1)
-        i, j = torch.minimum(a, b), torch.maximum(a, b)
-        ri, rj = row_base + i, row_base + j  # flat row ids
-        di, dj = flat.index_select(0, ri), flat.index_select(0, rj)  # (B, N)
-        if single:
-            new = torch.minimum(di, dj)
+        a = nn_dist.argmin(dim=1, keepdim=True)  # (B, 1)
+        ij = torch.cat([a, nn_idx.gather(1, a)], dim=1).sort(dim=1).values  # (B, 2): i < j
+        i, j = ij[:, :1], ij[:, 1:]
+        rows = flat.index_select(0, (row_base + ij).view(-1)).view(B, 2, N)  # rows i and j
+        if linkage == "single":
+            new = rows.amin(dim=1)
         elif linkage == "complete":
-            new = torch.maximum(di, dj)
+            new = rows.amax(dim=1)
         else:
-            si = size.gather(1, i[:, None])
-            sj = size.gather(1, j[:, None])
-            new = (si * di + sj * dj) / (si + sj)
-        ij = torch.stack([i, j], dim=1)  # (B, 2)
-        new.scatter_(1, ij, inf)  # no self-distance, j is gone
-        # row i and column i get the merged distances; row and column j go
-        flat.index_copy_(0, ri, new)
-        flat.index_fill_(0, rj, inf)
-        col_i = row_base[:, None] * N + col_offsets + i[:, None]  # flat ids of D[b, :, i]
-        col_j = row_base[:, None] * N + col_offsets + j[:, None]
-        D.view(-1).index_copy_(0, col_i.reshape(-1), new.reshape(-1))
-        D.view(-1).index_fill_(0, col_j.reshape(-1), inf)
-        size.scatter_add_(1, i[:, None], size.gather(1, j[:, None]))
-        size.scatter_(1, j[:, None], 0.0)
-        labels = torch.where(labels == j[:, None], i[:, None], labels)
+            w = size.gather(1, ij)  # (B, 2) cluster sizes
+            new = torch.einsum("bk,bkn->bn", w, rows) / w.sum(dim=1, keepdim=True)
+            size.scatter_add_(1, i, w[:, 1:])
+        new.scatter_(1, ij, inf)  # no self-distance; j is gone
+        # row i and column i take the merged distances, column j is removed
+        # (row j is never read again: no row points to j and j is never picked)
+        flat.index_copy_(0, (row_base + i).view(-1), new)
+        cells.index_copy_(0, (col_base + ij[:, :, None]).view(-1), torch.stack([new, inf_cols], 1).view(-1))
+        parent.scatter_(1, j, i)
 
-        # nearest-neighbour bookkeeping
-        stale = ((nn_idx == i[:, None]) | (nn_idx == j[:, None])) & (nn_dist < inf)  # active rows only
-        if single:
+        # nearest neighbours: only rows that pointed to i or j can change
+        stale = (nn_idx[:, :, None] == ij[:, None, :]).any(dim=2)  # (B, N)
+        if linkage == "single":
             # min(d(r, i), d(r, j)) is r's old NN distance: r now points to i
-            nn_idx = torch.where(stale, i[:, None], nn_idx)
-            # a row may now be closer to the merged cluster than to its NN
-            closer = new < nn_dist
-            nn_dist = torch.where(closer, new, nn_dist)
-            nn_idx = torch.where(closer, i[:, None], nn_idx)
-            best, arg = new.min(dim=1)
-            nn_dist[batch, i] = best
-            nn_idx[batch, i] = arg
+            nn_idx = torch.where(stale, i, nn_idx)
+            best, arg = new.min(dim=1, keepdim=True)
+            nn_dist.scatter_(1, ij, torch.cat([best, inf_cols[:, :1]], dim=1))
+            nn_idx.scatter_(1, ij, torch.cat([arg, torch.full_like(arg, -1)], dim=1))
         else:
-            closer = (new < nn_dist) & ~stale
-            nn_dist = torch.where(closer, new, nn_dist)
-            nn_idx = torch.where(closer, i[:, None], nn_idx)
-            stale[batch, i] = True
-            stale[batch, j] = False
-            rows = stale.view(-1).nonzero().squeeze(1)  # flat ids b * N + r
-            best, arg = flat.index_select(0, rows).min(dim=1)
-            nn_dist.view(-1).index_copy_(0, rows, best)
-            nn_idx.view(-1).index_copy_(0, rows, arg)
-        nn_dist[batch, j] = inf
-    return labels
+            # the distance to the merged cluster can only grow: recompute those
+            # rows and row i, gathered over the batch (R rows, O(R x N))
+            stale.scatter_(1, ij, keep_i)
+            flagged = stale.view(-1).nonzero().squeeze(1)  # flat row ids b * N + r
+            best, arg = flat.index_select(0, flagged).min(dim=1)
+            nn_dist.view(-1).index_copy_(0, flagged, best)
+            nn_idx.view(-1).index_copy_(0, flagged, arg)
+            nn_dist.scatter_(1, j, inf)
+            nn_idx.scatter_(1, j, -1)
+    # every merge points j to i < j: follow the pointers to the cluster root,
+    # the smallest index of the cluster
+    labels = parent
+    while True:
+        nxt = labels.gather(1, labels)
+        if torch.equal(nxt, labels):
+            return labels
+        labels = nxt

@@ -1,0 +1,178 @@
+"""Comparison metrics of two 2-D maps (e.g. (14, 14) mean token-depth maps).
+
+Definitions follow the MIT saliency benchmark code (cvzoya/saliency, MATLAB),
+which the study ported; ``eps`` is MATLAB's ``eps`` (2.2204e-16).
+
+* ``kld(a, b)``: KL divergence of the sum-normalised maps in the MATLAB form
+  ``KLdiv(saliencyMap=a, fixationMap=b) = sum q log(eps + q / (p + eps))``,
+  i.e. KL(q || p) with p = a / sum(a), q = b / sum(b). The study's KLD12 is
+  ``kld(a, b)`` and KLD21 ``kld(b, a)``. Natural log by default (MATLAB);
+  the study's port used log2: pass ``base=2`` to match its scale.
+* ``jsd``: Jensen-Shannon divergence 0.5 KL(p||m) + 0.5 KL(q||m), m = (p+q)/2
+  (bounded by log 2). The study's port computed KL(m||p) + KL(m||q) halves
+  instead (the reversed direction, infinite when a map has a zero): not
+  reproduced.
+* ``pearson_cc``: MATLAB ``corr2`` of the two maps.
+* ``spearman_cc``: Spearman rank correlation of the flattened maps.
+* ``similarity``: histogram intersection (SIM) after min-max normalisation
+  (a constant map becomes all ones, as MATLAB) then sum-normalisation.
+* ``emd``: Earth Mover's distance between the sum-normalised maps with
+  Euclidean ground distance between cell centres (1 = one cell), solved
+  exactly as a transportation linear programme (scipy HiGHS); the study used
+  pyemd with the same ground distance.
+
+Maps are non-negative (KL, JSD, EMD normalise them to distributions); all
+functions take (h, w) arrays of the same shape and return floats; a metric
+that is undefined for the inputs (a constant map's correlation) is NaN.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import sparse, stats
+from scipy.optimize import linprog
+
+from ._arrays import as_numpy
+
+EPS = float(np.finfo(np.float64).eps)  # MATLAB eps
+
+HEATMAP_METRICS = ("KLD12", "KLD21", "JSD", "PCC", "SCC", "EMD", "SIM")
+
+
+def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a = as_numpy(a, np.float64)
+    b = as_numpy(b, np.float64)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"maps must be 2-D arrays of the same shape, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise ValueError("maps are empty")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("maps contain NaN or infinite values")
+    return a, b
+
+
+def _distribution(m: np.ndarray, name: str) -> np.ndarray:
+    if (m < 0).any():
+        raise ValueError(f"map {name} has negative values; a distribution is needed")
+    total = m.sum()
+    return m / total if total > 0 else m  # MATLAB: normalise only if any(map(:))
+
+
+def kld(a, b, base: float = np.e) -> float:
+    """KL(q || p) with p, q the sum-normalised (h, w) maps a, b, in MATLAB's
+    eps-guarded form sum q log(eps + q / (p + eps)); argument order as MATLAB's
+    KLdiv(saliencyMap, fixationMap)."""
+    a, b = _pair(a, b)
+    p, q = _distribution(a, "a"), _distribution(b, "b")
+    return float(np.sum(q * np.log(EPS + q / (p + EPS))) / np.log(base))
+
+
+def _kl_exact(p: np.ndarray, q: np.ndarray) -> float:
+    nz = p > 0
+    return float(np.sum(p[nz] * np.log(p[nz] / q[nz])))
+
+
+def jsd(a, b, base: float = np.e) -> float:
+    """Jensen-Shannon divergence of the sum-normalised (h, w) maps (symmetric,
+    0 when equal, at most log(2) in the given base)."""
+    a, b = _pair(a, b)
+    p, q = _distribution(a, "a"), _distribution(b, "b")
+    m = 0.5 * (p + q)
+    return (0.5 * _kl_exact(p, m) + 0.5 * _kl_exact(q, m)) / float(np.log(base))
+
+
+def pearson_cc(a, b) -> float:
+    """MATLAB corr2 of two (h, w) maps; NaN when either is constant."""
+    a, b = _pair(a, b)
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return float(np.sum(a * b) / denom) if denom > 0 else float("nan")
+
+
+def spearman_cc(a, b) -> float:
+    """Spearman rank correlation of the flattened (h, w) maps; NaN when either
+    is constant."""
+    a, b = _pair(a, b)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(stats.spearmanr(a.ravel(), b.ravel()).statistic)
+
+
+def _minmax(m: np.ndarray) -> np.ndarray:
+    lo, hi = m.min(), m.max()
+    return np.ones_like(m) if hi == lo else (m - lo) / (hi - lo)
+
+
+def similarity(a, b) -> float:
+    """Histogram intersection SIM of two (h, w) maps: each min-max normalised
+    (a constant map -> all ones), then divided by its sum; sum of the
+    elementwise minimum. 1 for identical maps, 0 for disjoint supports."""
+    a, b = _pair(a, b)
+    p, q = _minmax(a), _minmax(b)
+    return float(np.sum(np.minimum(p / p.sum(), q / q.sum())))
+
+
+def grid_distance(h: int, w: int) -> np.ndarray:
+    """(h*w, h*w) Euclidean distance between the cell centres of an h x w grid
+    (row-major cell order), 1 between neighbours."""
+    r, c = np.divmod(np.arange(h * w), w)
+    return np.hypot(r[:, None] - r[None, :], c[:, None] - c[None, :])
+
+
+def _transport(p: np.ndarray, q: np.ndarray, cost: np.ndarray) -> float:
+    """Exact min-cost transport of mass p (n,) to q (m,) (equal totals)."""
+    n, m = p.size, q.size
+    rows = sparse.kron(sparse.eye(n), np.ones((1, m)))  # sum_j f_ij = p_i
+    cols = sparse.kron(np.ones((1, n)), sparse.eye(m))  # sum_i f_ij = q_j
+    A_eq = sparse.vstack([rows, cols]).tocsr()
+    res = linprog(cost.ravel(), A_eq=A_eq, b_eq=np.concatenate([p, q]), bounds=(0, None), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"EMD transport problem failed: {res.message}")
+    return float(res.fun)
+
+
+def emd(a, b, ground_distance: np.ndarray | None = None) -> float:
+    """Earth Mover's distance between the sum-normalised (h, w) maps a, b.
+
+    ground_distance: (h*w, h*w) cost between cells in row-major order; default
+    ``grid_distance(h, w)`` (Euclidean, 1 per cell). Mass shared by both maps
+    stays in place at no cost (exact for a metric ground distance), so only the
+    surplus of a is transported to the deficit of b; the rest is an exact LP.
+    """
+    a, b = _pair(a, b)
+    h, w = a.shape
+    d = grid_distance(h, w) if ground_distance is None else as_numpy(ground_distance, np.float64)
+    if d.shape != (h * w, h * w):
+        raise ValueError(f"ground_distance must be ({h * w}, {h * w}), got {d.shape}")
+    p, q = _distribution(a, "a").ravel(), _distribution(b, "b").ravel()
+    if p.sum() == 0 or q.sum() == 0:
+        raise ValueError("EMD needs maps with positive total mass")
+    if ground_distance is not None:
+        # the shared-mass shortcut needs a metric; for a general cost solve it all
+        return _transport(p, q, d)
+    common = np.minimum(p, q)
+    surplus, deficit = p - common, q - common
+    src, dst = np.flatnonzero(surplus > 1e-15), np.flatnonzero(deficit > 1e-15)
+    total = surplus[src].sum()
+    if src.size == 0 or dst.size == 0 or total <= 1e-12:
+        return 0.0
+    ps = surplus[src] / total
+    qs = deficit[dst] / deficit[dst].sum()
+    return total * _transport(ps, qs, d[np.ix_(src, dst)])
+
+
+def heatmap_metrics(a, b, kl_base: float = np.e) -> dict[str, float]:
+    """All map metrics of (h, w) maps a, b: KLD12 = kld(a, b), KLD21 =
+    kld(b, a), JSD, PCC, SCC, EMD, SIM (``kl_base`` applies to KLD and JSD)."""
+    return {
+        "KLD12": kld(a, b, kl_base),
+        "KLD21": kld(b, a, kl_base),
+        "JSD": jsd(a, b, kl_base),
+        "PCC": pearson_cc(a, b),
+        "SCC": spearman_cc(a, b),
+        "EMD": emd(a, b),
+        "SIM": similarity(a, b),
+    }

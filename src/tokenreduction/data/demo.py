@@ -1,0 +1,192 @@
+"""Demo datasets made from scikit-learn's bundled handwritten digits.
+
+``load_digits`` ships 1797 grey 8x8 images (values 0..16) of the digits 0-9
+inside scikit-learn, so the demo pipeline needs no download.
+
+* :func:`make_digits_dataset` writes an image-folder tree
+  ``out_dir/{train,val}/<digit>/<index>.png`` (RGB, upscaled to ``img_size``,
+  ``<index>`` = position in ``load_digits``), split per class so both splits
+  keep the class balance; ``out_dir/manifest.csv`` (file, label, split,
+  source_index) is written last and marks the tree complete. Read back with
+  kind ``"digits"``.
+* :func:`make_digits_mosaic_dataset` writes multi-label mosaics: a 2x2 grid of
+  cells, each a digit or blank, as ``out_dir/images/<n>.png`` plus
+  ``out_dir/labels.csv`` (file, labels = the distinct digits space-separated,
+  split, cells = the digit in each cell row-major or -1, sources = the
+  ``load_digits`` index drawn into each cell or -1), written last. Train
+  mosaics draw only train digits of the stratified split, val mosaics only val
+  digits. Read back with kind ``"digits_multilabel"``.
+
+Both are deterministic given their arguments: the tree is built in a temporary
+sibling directory and renamed into place, so an interrupted run never leaves
+``out_dir`` looking complete.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .base import DatasetError, PathLike
+
+DIGITS_MARKER = "manifest.csv"
+MOSAIC_CSV = "labels.csv"
+DIGIT_CLASSES = [str(d) for d in range(10)]
+
+
+def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn digits: (1797, 8, 8) float images in 0..16, (1797,) int labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images, d.target.astype(np.int64)
+
+
+def render_digit(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(8, 8) digit in 0..16 -> (size, size) uint8 grey image (bilinear upscale)."""
+    arr = np.clip(np.rint(np.asarray(pixels, dtype=np.float64) * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def stratified_val_mask(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Bool mask (N,): True for the round(n_c * val_fraction) images of each class c
+    chosen by a seeded permutation; classes are visited in sorted order."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        mask[idx[: int(round(len(idx) * val_fraction))]] = True
+    return mask
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    """Write an RGB PNG atomically (temporary name, then rename)."""
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _build_atomically(out_dir: PathLike, marker: str, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_dir)`` (which must write ``marker`` last) in a temporary
+    sibling of ``out_dir``, then replace ``out_dir`` with it. An existing
+    ``out_dir`` is replaced only if it is empty or holds ``marker``."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / marker).exists())):
+        raise DatasetError(f"{out_dir} exists and was not made by this maker (no {marker}); refusing to overwrite it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def make_digits_dataset(out_dir: PathLike, img_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
+    """Write the digits as ``out_dir/{train,val}/<digit>/<index>.png``; returns ``out_dir``.
+
+    The split is stratified by class (:func:`stratified_val_mask`).
+    """
+    if img_size < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    images, labels = load_digit_arrays()
+    is_val = stratified_val_mask(labels, val_fraction, seed)
+
+    def write(tmp: Path) -> None:
+        rows = []
+        for split in ("train", "val"):
+            for d in DIGIT_CLASSES:
+                (tmp / split / d).mkdir(parents=True)
+        for i in range(len(labels)):
+            split = "val" if is_val[i] else "train"
+            rel = f"{split}/{labels[i]}/{i}.png"
+            _save_png(render_digit(images[i], img_size), tmp / rel)
+            rows.append([rel, int(labels[i]), split, i])
+        _write_csv(tmp / DIGITS_MARKER, ["file", "label", "split", "source_index"], rows)
+
+    return _build_atomically(out_dir, DIGITS_MARKER, write)
+
+
+def make_digits_mosaic_dataset(
+    out_dir: PathLike,
+    img_size: int = 32,
+    num_images: int = 1000,
+    digits_per_image: Tuple[int, int] = (1, 3),
+    seed: int = 0,
+    val_fraction: float = 0.2,
+) -> Path:
+    """Write ``num_images`` 2x2 digit mosaics (``img_size`` px, cells of
+    ``img_size // 2``) with multi-label targets; returns ``out_dir``.
+
+    Each mosaic holds k digits, k uniform in ``digits_per_image`` (inclusive,
+    at most 4), in k distinct random cells; the other cells are black. The last
+    round(num_images * val_fraction) mosaics form the val split.
+    """
+    lo, hi = (int(v) for v in digits_per_image)
+    if not 0 <= lo <= hi <= 4:
+        raise ValueError(f"digits_per_image must satisfy 0 <= lo <= hi <= 4, got {digits_per_image}")
+    if img_size < 2:
+        raise ValueError(f"img_size must be at least 2, got {img_size}")
+    if num_images < 1:
+        raise ValueError(f"num_images must be positive, got {num_images}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    images, labels = load_digit_arrays()
+    is_val = stratified_val_mask(labels, val_fraction, seed)
+    pools = {"train": np.flatnonzero(~is_val), "val": np.flatnonzero(is_val)}
+    n_val = int(round(num_images * val_fraction))
+    cell = img_size // 2
+    rng = np.random.default_rng(seed + 1)
+    digit_cache: dict[int, np.ndarray] = {}
+
+    def write(tmp: Path) -> None:
+        (tmp / "images").mkdir()
+        rows = []
+        width = len(str(num_images - 1))
+        for n in range(num_images):
+            split = "val" if n >= num_images - n_val else "train"
+            k = int(rng.integers(lo, hi + 1))
+            cells = rng.permutation(4)[:k]
+            sources = [-1] * 4
+            for c in cells:
+                sources[int(c)] = int(rng.choice(pools[split]))
+            canvas = np.zeros((img_size, img_size), dtype=np.uint8)
+            for c, s in enumerate(sources):
+                if s < 0:
+                    continue
+                if s not in digit_cache:
+                    digit_cache[s] = render_digit(images[s], cell)
+                r, q = divmod(c, 2)
+                canvas[r * cell:(r + 1) * cell, q * cell:(q + 1) * cell] = digit_cache[s]
+            digits = [int(labels[s]) if s >= 0 else -1 for s in sources]
+            present = sorted({d for d in digits if d >= 0})
+            rel = f"images/{n:0{width}d}.png"
+            _save_png(canvas, tmp / rel)
+            rows.append([rel, " ".join(map(str, present)), split, " ".join(map(str, digits)), " ".join(map(str, sources))])
+        _write_csv(tmp / MOSAIC_CSV, ["file", "labels", "split", "cells", "sources"], rows)
+
+    return _build_atomically(out_dir, MOSAIC_CSV, write)

@@ -1,0 +1,142 @@
+"""Image transforms per dataset kind.
+
+Three families:
+
+* **default** (imagenet, imagefolder, nabirds, digits): train = timm
+  ``create_transform(is_training=True, ...)`` with every augmentation keyword
+  (``auto_augment='rand-m9-mstd0.5-inc1'``, ``re_prob=0.25``, ``color_jitter``,
+  ``hflip``, ``scale``...) passed through; eval = resize the shorter side to
+  ``int(img_size / crop_pct)``, center crop ``img_size``, ToTensor, normalize.
+* **ufgir** (CLCA's leaves datasets): square resize to ``int(img_size / crop_pct)``
+  then random crop + horizontal flip (train) or center crop (eval); optional
+  ``trivial_augment=True`` (TrivialAugmentWide) and ``auto_augment`` string.
+* **multi-label** (coco, nuswide, digits_multilabel, ASL style): squash-resize to
+  ``img_size x img_size`` with no crop; train adds optional ``cutout`` (fraction
+  of the side, ASL's CutoutPIL uses 0.5) and ``auto_augment`` string.
+
+All end with ToTensor + Normalize(mean, std) (ImageNet statistics by default);
+``re_prob > 0`` adds random erasing to every train family. Keywords that a family
+does not use are accepted and ignored, so one augmentation dict can serve all
+kinds; a keyword no family knows raises ValueError.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+MULTILABEL_KINDS = frozenset({"coco", "nuswide", "digits_multilabel"})
+UFGIR_KINDS = frozenset({"ufgir"})
+
+_TIMM_KEYS = frozenset(inspect.signature(create_transform).parameters) - {
+    "input_size", "is_training", "interpolation", "mean", "std", "crop_pct",
+}
+_EXTRA_KEYS = frozenset({"cutout", "trivial_augment"})
+
+
+def _interp(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name)
+    except ValueError:
+        raise ValueError(f"unknown interpolation {name!r}; use bilinear, bicubic or nearest") from None
+
+
+class Cutout:
+    """Fill one random square (side ``factor`` x image side, clipped at the
+    border) of a PIL image with a random colour (ASL's CutoutPIL)."""
+
+    def __init__(self, factor: float = 0.5) -> None:
+        self.factor = factor
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        ch, cw = int(self.factor * h + 0.5), int(self.factor * w + 0.5)
+        yc, xc = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
+        y0, y1 = max(0, yc - ch // 2), min(h, yc + ch // 2)
+        x0, x1 = max(0, xc - cw // 2), min(w, xc + cw // 2)
+        colour = tuple(int(v) for v in torch.randint(0, 256, (3,)))
+        img = img.copy()
+        ImageDraw.Draw(img).rectangle([x0, y0, x1, y1], fill=colour)
+        return img
+
+    def __repr__(self) -> str:
+        return f"Cutout(factor={self.factor})"
+
+
+def _auto_augment(spec: str, img_size: int, mean: Sequence[float], interpolation: str):
+    params = dict(
+        translate_const=int(img_size * 0.45),
+        img_mean=tuple(min(255, round(255 * m)) for m in mean),
+        interpolation=Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR,
+    )
+    return rand_augment_transform(spec, params) if spec.startswith("rand") else auto_augment_transform(spec, params)
+
+
+def build_transform(
+    is_train: bool,
+    img_size: int,
+    kind: str = "imagenet",
+    *,
+    crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    **aug,
+):
+    """Transform PIL RGB image -> float tensor (3, img_size, img_size) for ``kind``.
+
+    ``aug``: timm ``create_transform`` keywords (auto_augment, re_prob, re_mode,
+    re_count, color_jitter, hflip, vflip, scale, ratio, ...) plus ``cutout``
+    (multi-label) and ``trivial_augment`` (ufgir); used only when ``is_train``.
+    """
+    img_size = int(img_size)
+    if img_size < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    unknown = sorted(set(aug) - _TIMM_KEYS - _EXTRA_KEYS)
+    if unknown:
+        raise ValueError(f"unknown augmentation option(s) {unknown}")
+    mode = _interp(interpolation)
+    normalize = [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
+    re_prob = float(aug.get("re_prob", 0.0) or 0.0)
+    erase = [RandomErasing(re_prob, mode=aug.get("re_mode", "const"), max_count=aug.get("re_count", 1), device="cpu")] if re_prob > 0 else []
+    aa = aug.get("auto_augment")
+
+    if kind in MULTILABEL_KINDS:
+        ops = [T.Resize((img_size, img_size), interpolation=mode)]
+        if is_train:
+            if aug.get("cutout"):
+                ops.append(Cutout(float(aug["cutout"])))
+            if aa:
+                ops.append(_auto_augment(aa, img_size, mean, interpolation))
+            return T.Compose(ops + normalize + erase)
+        return T.Compose(ops + normalize)
+
+    if kind in UFGIR_KINDS:
+        resize = int(img_size / crop_pct)
+        ops = [T.Resize((resize, resize), interpolation=mode)]
+        if is_train:
+            ops += [T.RandomCrop(img_size), T.RandomHorizontalFlip(float(aug.get("hflip", 0.5)))]
+            if aug.get("trivial_augment"):
+                ops.append(T.TrivialAugmentWide(interpolation=mode))
+            if aa:
+                ops.append(_auto_augment(aa, img_size, mean, interpolation))
+            return T.Compose(ops + normalize + erase)
+        return T.Compose(ops + [T.CenterCrop(img_size)] + normalize)
+
+    if is_train:
+        timm_aug = {k: v for k, v in aug.items() if k in _TIMM_KEYS}
+        return create_transform(
+            img_size, is_training=True, interpolation=interpolation, mean=tuple(mean), std=tuple(std), **timm_aug
+        )
+    return T.Compose(
+        [T.Resize(int(img_size / crop_pct), interpolation=mode), T.CenterCrop(img_size)] + normalize
+    )

@@ -1,0 +1,135 @@
+"""The fine-tuning recipe as one flat dataclass.
+
+Defaults follow the recipe of "Which Tokens to Use?" (DeiT fine-tuning:
+AdamW, weight decay 0.05, cosine schedule with warm-up, lr scaled by the
+global batch over ``lr_batch_normalizer``, RandAugment, mixup 0.8, cutmix 1.0,
+label smoothing 0.1, random erasing 0.25, drop path 0.1, model EMA), scaled
+down where a full value would make no sense as a default (epochs).
+
+``TrainConfig.from_dict`` is the only way configs from YAML/JSON come in: it
+rejects unknown keys by name and checks values, so a typo fails at once.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Sequence, Union
+
+#: keys whose change does not alter the trajectory of a run (a resumed run may differ in them)
+RUNTIME_KEYS = frozenset(
+    {"num_workers", "device", "log_every", "wandb_project", "checkpoint_every_steps", "keep_effective_batch"}
+)
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "deit_small_patch16_224"
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+    init_checkpoint: Optional[str] = None
+    # reduction (see tokenreduction.create_model)
+    method: Optional[str] = None
+    keep_rate: Optional[Union[float, Sequence[float]]] = None
+    reduction_loc: Optional[Sequence[int]] = None
+    budget: Optional[str] = None
+    r: Optional[Union[int, Sequence[int]]] = None
+    r_schedule: Union[str, float] = "constant"
+    prop_attn: Optional[bool] = None
+    method_kwargs: dict = field(default_factory=dict)
+    #: extra arguments of the method's training loss (DynamicViTLoss weights)
+    method_loss_kwargs: dict = field(default_factory=dict)
+    teacher_checkpoint: Optional[str] = None
+    # data
+    dataset: str = "imagefolder"
+    data_root: str = "data"
+    train_split: str = "train"
+    val_split: str = "val"
+    img_size: int = 224
+    num_classes: Optional[int] = None
+    # schedule
+    epochs: int = 30
+    warmup_epochs: int = 20
+    max_steps: Optional[int] = None
+    batch_size: int = 256
+    grad_accum_steps: int = 1
+    #: with torchrun: batch_size * grad_accum_steps is the global batch; the
+    #: accumulation is divided by the world size (which must divide it)
+    keep_effective_batch: bool = False
+    opt: str = "adamw"
+    lr: float = 1e-3
+    #: lr is multiplied by global batch / lr_batch_normalizer (None: lr as given)
+    lr_batch_normalizer: Optional[float] = 1024
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    sched: str = "cosine"
+    sched_in_steps: bool = True
+    amp: bool = False
+    clip_grad: Optional[float] = None
+    backbone_lr_scale: float = 1.0
+    # regularisation / augmentation
+    drop_path: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    reprob: float = 0.25
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    model_ema: bool = True
+    model_ema_decay: float = 0.99996
+    multilabel_loss: str = "asl"
+    # runtime
+    seed: int = 0
+    num_workers: int = 4
+    device: str = "auto"
+    wandb_project: Optional[str] = None
+    log_every: int = 50
+    checkpoint_every_steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value."""
+        positive = ("epochs", "batch_size", "grad_accum_steps", "img_size", "log_every")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every_steps", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {value}")
+        if self.warmup_epochs < 0 or self.num_workers < 0:
+            raise ValueError("warmup_epochs and num_workers must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_batch_normalizer is not None and self.lr_batch_normalizer <= 0:
+            raise ValueError(f"lr_batch_normalizer must be > 0 or null, got {self.lr_batch_normalizer}")
+        if self.backbone_lr_scale < 0:
+            raise ValueError(f"backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}")
+        if self.multilabel_loss not in ("asl", "bce"):
+            raise ValueError(f"multilabel_loss must be 'asl' or 'bce', got {self.multilabel_loss!r}")
+        for name in ("mixup", "cutmix", "smoothing", "reprob", "drop_path"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.model_ema_decay <= 1.0:
+            raise ValueError(f"model_ema_decay must lie in [0, 1], got {self.model_ema_decay}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not isinstance(self.model_kwargs, dict) or not isinstance(self.method_kwargs, dict):
+            raise ValueError("model_kwargs and method_kwargs must be mappings")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a mapping; unknown keys are a ValueError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training config key(s): {', '.join(unknown)}")
+        values = dict(values)
+        for name in ("reduction_loc", "keep_rate", "r"):
+            if isinstance(values.get(name), tuple):
+                values[name] = list(values[name])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
