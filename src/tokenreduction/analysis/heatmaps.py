@@ -115,6 +115,9 @@ def similarity(a, b) -> float:
     return float(np.sum(np.minimum(p / p.sum(), q / q.sum())))
 
 
+histogram_intersection = similarity
+
+
 def grid_distance(h: int, w: int) -> np.ndarray:
     """(h*w, h*w) Euclidean distance between the cell centres of an h x w grid
     (row-major cell order), 1 between neighbours."""

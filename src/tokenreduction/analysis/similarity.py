@@ -36,6 +36,11 @@ Differences from the reference code (deliberate):
   directions). The canonical correlations are the min(rank A, rank B)
   non-trivial ones; the reference divides by min(D_A, D_B), which differs
   only for rank-deficient inputs.
+* PWCCA weights are normalised over A's min(r_A, r_B) canonical variates
+  that have a correlation. The reference normalised over all D_A variates,
+  which is the same when D_A <= D_B; when D_A > D_B its extra variates span
+  a null space whose basis the SVD picks arbitrarily, so its value was not
+  well defined (e.g. the capacity comparisons, tiny vs small widths).
 * ``lin_cka_prime_dist`` is the *debiased* linear CKA (unbiased HSIC
   estimator of Song et al. 2012, as used by Kornblith et al. 2019). The
   reference's function of that name (unused in the study) computed another
@@ -94,7 +99,7 @@ class CCAResult(NamedTuple):
     len(rho) paired with rho. r_* = numerical ranks."""
 
     rho: np.ndarray
-    variates_a: np.ndarray
+    variates_a: np.ndarray  # (r_A, N)
 
 
 def _whiten(A: np.ndarray, rtol: float) -> np.ndarray:
@@ -138,14 +143,14 @@ def mean_sq_cca_corr(A, B, rtol: float = DEFAULT_RTOL) -> float:
 
 
 def _pwcca(A: np.ndarray, cca: CCAResult) -> float:
-    # weight of each canonical variate of A: summed |inner product| with A's
-    # features (Morcos et al. 2018), normalised over all of A's variates.
-    weights = np.abs(cca.variates_a @ A.T).sum(axis=1)
+    # weight of each paired canonical variate of A: summed |inner product|
+    # with A's features (Morcos et al. 2018), normalised over the paired ones.
+    k = cca.rho.size
+    weights = np.abs(cca.variates_a[:k] @ A.T).sum(axis=1)
     total = weights.sum()
     if total == 0:
         return float("nan")
-    k = cca.rho.size
-    return float(1.0 - (weights[:k] / total) @ cca.rho)
+    return float(1.0 - (weights / total) @ cca.rho)
 
 
 def pwcca_dist(A, B, rtol: float = DEFAULT_RTOL) -> float:

@@ -125,14 +125,6 @@ class ImageListDataset(Dataset):
 
 
 # ----------------------------------------------------------------- file helpers
-def require_dir(path: Path, what: str) -> Path:
-    """``path`` must be an existing directory, else DatasetError with ``what``."""
-    if not path.is_dir():
-        state = "is not a directory" if path.exists() else "does not exist"
-        raise DatasetError(f"{what}: {path} {state}")
-    return path
-
-
 def require_entries(root: Path, needed: Iterable[str], label: str, layout: str) -> None:
     """Every name in ``needed`` (a trailing '/' marks a folder) must exist under
     ``root``; otherwise raise one DatasetError naming the first missing one and

@@ -24,6 +24,7 @@ sibling directory and renamed into place, so an interrupted run never leaves
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import shutil
 import tempfile
@@ -40,12 +41,18 @@ MOSAIC_CSV = "labels.csv"
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
-def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn digits: (1797, 8, 8) float images in 0..16, (1797,) int labels."""
+@functools.lru_cache(maxsize=1)
+def _digits_cached() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     return d.images, d.target.astype(np.int64)
+
+
+def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn digits: (1797, 8, 8) float images in 0..16, (1797,) int labels (copies)."""
+    images, labels = _digits_cached()
+    return images.copy(), labels.copy()
 
 
 def render_digit(pixels: np.ndarray, size: int) -> np.ndarray:

@@ -17,7 +17,8 @@ trainer treats all formats alike. Formats (see REFERENCES.md 1.5 and 5.2):
   ``val`` is the official test split.
 * ``coco``: COCO-2014 multi-label: ``{train,val}2014/`` and
   ``annotations/instances_{train,val}2014.json``; images without annotations
-  are left out; the 80 categories map to 0..79 in ascending order of their ids.
+  are left out; every annotation (crowd ones too) marks its category present;
+  the 80 categories map to 0..79 in ascending order of their ids.
 * ``nuswide``: ASL's ``nus_wid_data.csv`` (filepath, label = stringified list of
   names, split train/val); classes = sorted label names of the whole csv (81),
   or the ``classes`` option.
@@ -47,7 +48,6 @@ from .base import (
     parse_int,
     read_csv_rows,
     read_pairs,
-    require_dir,
     require_entries,
 )
 from .demo import DIGIT_CLASSES, DIGITS_MARKER, MOSAIC_CSV
@@ -290,13 +290,13 @@ def read_ufgir(root: Path, split: str, images_dir: str = "images", num_classes: 
 # ---------------------------------------------------------------- demo digits
 def read_digits(root: Path, split: str) -> ImageListDataset:
     check_split("digits", split, TRAIN_VAL)
-    require_entries(root, [f"{split}/", DIGITS_MARKER], "digits", f"{{train,val}}/<digit>/*.png and {DIGITS_MARKER} (made by make_digits_dataset)")
+    require_entries(root, [DIGITS_MARKER, f"{split}/"], "digits", f"{{train,val}}/<digit>/*.png and {DIGITS_MARKER} (made by make_digits_dataset)")
     return _scan_class_folders(root, split, "digits", DIGIT_CLASSES, TRAIN_VAL)
 
 
 def read_digits_multilabel(root: Path, split: str) -> ImageListDataset:
     check_split("digits_multilabel", split, TRAIN_VAL)
-    require_entries(root, ["images/", MOSAIC_CSV], "digits_multilabel", f"images/ and {MOSAIC_CSV} (made by make_digits_mosaic_dataset)")
+    require_entries(root, [MOSAIC_CSV, "images/"], "digits_multilabel", f"images/ and {MOSAIC_CSV} (made by make_digits_mosaic_dataset)")
     csv_path = root / MOSAIC_CSV
     chosen = [(n, r) for n, r in read_csv_rows(csv_path, ["file", "labels", "split"]) if r["split"] == split]
     targets = np.zeros((len(chosen), 10), dtype=np.uint8)

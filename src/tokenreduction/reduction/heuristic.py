@@ -18,6 +18,7 @@ its shrinking-radius and non-contiguous options are not implemented.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -53,9 +54,11 @@ def centre_rank(grid_size: Sequence[int], pattern: str = "l2") -> torch.Tensor:
     return rank
 
 
-def heuristic_keep_index(grid_size: Sequence[int], num_tokens: int, k: int, pattern: str = "l2") -> torch.Tensor:
+@lru_cache(maxsize=64)
+def heuristic_keep_index(grid_size: tuple[int, int], num_tokens: int, k: int, pattern: str = "l2") -> torch.Tensor:
     """Indices (k,), ascending, among the `num_tokens` current tokens (the
-    `num_tokens` best-ranked patches in raster order) of the k to keep."""
+    `num_tokens` best-ranked patches in raster order) of the k to keep.
+    Cached (the result is a CPU tensor: do not modify it in place)."""
     rank = centre_rank(grid_size, pattern)
     if not 1 <= num_tokens <= rank.numel():
         raise ValueError(f"heuristic got {num_tokens} tokens for a grid of {rank.numel()} patches")
@@ -85,7 +88,7 @@ class Heuristic(TokenReducer):
             if side * side != N:
                 raise ValueError(f"heuristic without grid_size needs a square grid of tokens, got {N}")
             grid = (side, side)
-        keep = heuristic_keep_index(grid, N, k, self.pattern).to(x.device)
+        keep = heuristic_keep_index(tuple(grid), N, k, self.pattern).to(x.device)
         keep_idx = keep.expand(B, k)
         assignment = torch.full((B, N), -1, dtype=torch.long, device=x.device)
         assignment[:, keep] = torch.arange(k, device=x.device)

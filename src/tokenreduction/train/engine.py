@@ -23,9 +23,10 @@ Resume is exact on one process: the data order and every augmentation depend
 only on (seed, epoch, sample index) -- a seeded sampler per epoch and a per-sample
 RNG for the transforms -- and the global RNGs (dropout, drop path, mixup) are
 restored from the checkpoint, so a run stopped after any optimizer step and
-resumed reaches bit-identical weights on CPU. Under torchrun each rank
-restores the RNG state it saved... rank 0 only writes, so other ranks reseed
-from (seed, rank, step): resumed multi-GPU runs are equivalent, not identical.
+resumed reaches bit-identical weights on CPU. Under torchrun only rank 0
+writes the checkpoint, so on resume rank 0 restores its RNG states and the
+other ranks reseed from (seed, rank, step): a resumed multi-GPU run is
+equivalent to, not bit-identical with, an uninterrupted one.
 
 Batch and learning rate: the global batch is batch_size x grad_accum_steps x
 world size, and lr is multiplied by global batch / lr_batch_normalizer. With
@@ -290,10 +291,6 @@ def _autocast(device: torch.device, enabled: bool):
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _collate_batches(loader) -> None:  # pragma: no cover - doc anchor
-    pass
 
 
 @torch.no_grad()
@@ -637,7 +634,7 @@ def train(
                 scheduler.step(epoch)
             sampler.set_epoch(epoch, start=batch_in_epoch * cfg.batch_size)
             seeded_train.epoch = epoch
-            loader_gen.manual_seed(_mix_seed(cfg.seed, epoch, rt.rank, batch_in_epoch))
+            loader_gen.manual_seed(_mix_seed(cfg.seed, epoch, rt.rank))
             epoch_start = time.time()
             reached_max = False
             bar = None
