@@ -53,6 +53,8 @@ write_config() {
   for ((i = 0; i < NUM_GPUS; i++)); do
     [ -c "$GPU_DIR/gpu$i" ] || mknod "$GPU_DIR/gpu$i" c 195 "$i"
   done
+  local old_conf=""
+  [ -f "$ETC/slurm.conf" ] && old_conf=$(cat "$ETC/slurm.conf" "$ETC/gres.conf" 2>/dev/null || true)
   cat >"$ETC/slurm.conf" <<EOF
 # written by .ci/slurm.sh: one node on localhost, no accounting, no cgroups
 ClusterName=ci
@@ -89,6 +91,9 @@ GresTypes=gpu
 DefMemPerCPU=$def_mem
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mb Gres=gpu:$NUM_GPUS State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+# not the default: the tests install the site profile with --partition ci and
+# check every job ran there (the profile's partition really reached sbatch)
+PartitionName=ci Nodes=$host Default=NO MaxTime=INFINITE State=UP
 EOF
   {
     echo "# written by .ci/slurm.sh: fake GPUs (mknod character devices)"
@@ -97,6 +102,11 @@ EOF
       echo "NodeName=$host Name=gpu File=$GPU_DIR/gpu$i"
     done
   } >"$ETC/gres.conf"
+  if [ "$old_conf" != "$(cat "$ETC/slurm.conf" "$ETC/gres.conf")" ]; then
+    # a changed configuration needs fresh daemons
+    stop_pidfile "$STATE/slurmd.pid" slurmd
+    stop_pidfile "$STATE/slurmctld.pid" slurmctld
+  fi
 }
 
 start_munge() {
@@ -140,11 +150,11 @@ wait_idle() {
   local host state
   host=$(hostname -s)
   for _ in $(seq 1 60); do
-    state=$(sinfo -h -n "$host" -o '%t' 2>/dev/null || true)
+    state=$(sinfo -h -N -n "$host" -o '%t' 2>/dev/null | head -n 1 || true)
     case "$state" in
       idle | mix | alloc)
         echo "slurm: node $host is $state"
-        sinfo -N -o '%N %t %c %m %G'
+        sinfo -N -o '%N %P %t %c %m %G'
         return 0
         ;;
       down* | drain* | inval*)
@@ -200,7 +210,7 @@ case "${1:-start}" in
     stop
     ;;
   status)
-    sinfo -N -o '%N %t %c %m %G'
+    sinfo -N -o '%N %P %t %c %m %G'
     squeue
     ;;
   *)

@@ -17,6 +17,15 @@ B, N, C, K = 3, 20, 16, 6
 SOFT = ["sit", "patchmerger", "sinkhorn"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest, and the test machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make(name: str, k: int = K, **kwargs):
     torch.manual_seed(0)
     module = get_method(name)(dim=C, num_out=k, num_in=N, **kwargs)

@@ -215,6 +215,34 @@ def test_gradient_accumulation_matches_a_larger_batch(data_root, tmp_path):
     assert not torch.equal(a["head.weight"], init["head.weight"])  # it trained
 
 
+def test_amp_on_cpu_and_per_epoch_schedule(data_root, tmp_path):
+    cfg = tiny_config(data_root, amp=True, sched_in_steps=False, epochs=2, warmup_epochs=1, warmup_lr=1e-6,
+                      min_lr=1e-5, model_ema=False)
+    result = train(cfg, tmp_path)  # bf16 autocast on CPU
+    with open(tmp_path / "log.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    # epoch 0 is the warm-up start, epoch 1 the cosine at t = 1 of 2
+    assert lrs == pytest.approx([1e-6, 1e-5 + 0.5 * (1e-3 - 1e-5)])
+    assert np.isfinite(result["final"]["top1"])
+    assert all(v.dtype == torch.float32 for v in final_weights(tmp_path).values() if v.is_floating_point())
+
+
+def test_max_steps_and_step_checkpoints(data_root, tmp_path):
+    seen = {}
+
+    def on_step(step):
+        if step == 5:
+            seen["ckpt_step"] = torch.load(tmp_path / "checkpoint_last.pth", weights_only=False)["step"]
+
+    result = train(tiny_config(data_root, epochs=5, max_steps=5, checkpoint_every_steps=2), tmp_path, on_step=on_step)
+    assert seen["ckpt_step"] == 4
+    assert result["steps"] == 5 and result["epochs_completed"] == 1
+    assert (tmp_path / "final.pth").exists() and json.loads((tmp_path / "train_metrics.json").read_text())["steps"] == 5
+    # a finished run called again only rewrites its outputs
+    again = train(tiny_config(data_root, epochs=5, max_steps=5, checkpoint_every_steps=2), tmp_path)
+    assert again["steps"] == 5 and again["final"] == result["final"]
+
+
 def test_epoch_sampler_depends_only_on_seed_and_epoch():
     s = EpochSampler(10, seed=3)
     s.set_epoch(1)

@@ -125,16 +125,18 @@ def agglomerative_labels(distance: torch.Tensor, num_clusters: int, linkage: str
         partner_rows = base + nn_idx.view(-1)[lead_rows]
         fi, fj = torch.minimum(lead_rows, partner_rows), torch.maximum(lead_rows, partner_rows)
         i, j = fi - base, fj - base
-        si, sj = size[fi, None], size[fj, None]
+        si, sj = size.index_select(0, fi)[:, None], size.index_select(0, fj)[:, None]
         # rows of all pairs first, then their columns (reads before writes)
-        flat.index_copy_(0, fi, _combine(linkage, flat[fi], flat[fj], si, sj))
+        flat.index_copy_(0, fi, _combine(linkage, flat.index_select(0, fi), flat.index_select(0, fj), si, sj))
         col_base = (base * N)[:, None] + cols * N  # (P, N) flat id of D[b, r, 0]
         col_i, col_j = (col_base + i[:, None]).view(-1), (col_base + j[:, None]).view(-1)
-        merged_col = _combine(linkage, cells[col_i].view(-1, N), cells[col_j].view(-1, N), si, sj)
+        merged_col = _combine(
+            linkage, cells.index_select(0, col_i).view(-1, N), cells.index_select(0, col_j).view(-1, N), si, sj
+        )
         cells.index_copy_(0, col_i, merged_col.view(-1))
         cells.index_fill_(0, col_j, inf)
         cells.index_fill_(0, base * N + i * (N + 1), inf)  # the diagonal entry (i, i)
-        size.index_add_(0, fi, size[fj])
+        size.index_add_(0, fi, size.index_select(0, fj))
         size.index_fill_(0, fj, 0.0)
         parent.index_copy_(0, fj, i)
         active.view(-1).index_fill_(0, fj, False)
@@ -145,12 +147,12 @@ def agglomerative_labels(distance: torch.Tensor, num_clusters: int, linkage: str
 
         # recompute the two neighbours of rows that had a merged cluster among them
         touched = torch.zeros(B * N, dtype=torch.bool, device=device)
-        touched[fi] = True
-        touched[fj] = True
+        touched.index_fill_(0, fi, True)
+        touched.index_fill_(0, fj, True)
         touched = touched.view(B, N)
         stale = (touched | touched.gather(1, nn_idx) | touched.gather(1, nn2_idx)) & active
         rows = stale.view(-1).nonzero().squeeze(1)
-        near_d, near_i = flat[rows].topk(2, dim=1, largest=False)
+        near_d, near_i = flat.index_select(0, rows).topk(2, dim=1, largest=False)
         nn_dist.view(-1).index_copy_(0, rows, near_d[:, 0].contiguous())
         nn2_dist.view(-1).index_copy_(0, rows, near_d[:, 1].contiguous())
         nn_idx.view(-1).index_copy_(0, rows, near_i[:, 0].contiguous())

@@ -90,10 +90,11 @@ def labels_to_assignment(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
 def soft_assignment_output(
     x_out: torch.Tensor, weights: torch.Tensor, size: torch.Tensor
 ) -> ReductionOutput:
-    """Wrap a soft merge: weights (B, N, M) with columns that sum to one over N
-    (each output is a convex combination of inputs); the size of output m is
-    the size mass it draws, sum_n size_n * w_nm / sum_m' w_nm', so sizes still
-    sum to the input total."""
+    """Wrap a soft merge: weights (B, N, M), w_nm the coefficient of input n in
+    output m (columns sum to one over N for SiT and PatchMerger, whose outputs
+    are convex combinations; rows sum to one for Sinkhorn); the size of output
+    m is the size mass it draws, sum_n size_n * w_nm / sum_m' w_nm', so sizes
+    still sum to the input total. The assignment is the argmax over M."""
     share = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
     out_size = torch.einsum("bn,bnm->bm", size.to(share.dtype), share)
     return ReductionOutput(

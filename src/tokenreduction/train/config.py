@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, Union
 
 #: keys whose change does not alter the trajectory of a run (a resumed run may differ in them)
 RUNTIME_KEYS = frozenset(
-    {"num_workers", "device", "log_every", "wandb_project", "checkpoint_every_steps", "keep_effective_batch"}
+    {"num_workers", "device", "log_every", "wandb_project", "checkpoint_every_steps"}
 )
 
 
