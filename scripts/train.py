@@ -10,7 +10,9 @@ def main() -> None:
     parser.add_argument("--spec", required=True, help="TrainConfig fields as a JSON object")
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args()
-    train(TrainConfig.from_dict(json.loads(args.spec)), args.out_dir)
+    # a job rerun because its parameters changed starts afresh; a retried or
+    # requeued job with the same parameters resumes from checkpoint_last.pth
+    train(TrainConfig.from_dict(json.loads(args.spec)), args.out_dir, on_config_change="restart")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,12 @@ def test_resume_refuses_a_changed_config(data_root, tmp_path):
         train(cfg, tmp_path, stop_after_steps=1)
     with pytest.raises(ValueError, match="lr"):
         train(dict(cfg, lr=5e-4), tmp_path)
+    # the DAG's choice: a rerun with changed parameters starts afresh
+    fresh = train(dict(cfg, lr=5e-4), tmp_path, on_config_change="restart")
+    assert (tmp_path / "checkpoint_stale.pth").exists()
+    reference = train(dict(cfg, lr=5e-4), tmp_path / "reference")
+    assert_same_weights(final_weights(tmp_path / "reference"), final_weights(tmp_path))
+    assert fresh["steps"] == reference["steps"]
 
 
 def test_gradient_accumulation_matches_a_larger_batch(data_root, tmp_path):

@@ -96,8 +96,8 @@ class ReductionContext:
         if out.keep_score is not None:
             prefix_keep = torch.ones(x.shape[0], p, dtype=out.keep_score.dtype, device=x.device)
             self.keep_score = torch.cat([prefix_keep, out.keep_score], dim=1)
-        if reducer.uses_sizes:
-            self.merged = True
+        if reducer.uses_sizes and out.x.shape[1] < patches.shape[1]:
+            self.merged = True  # sizes differ from 1 from here on
         kept = None
         if out.mask is not None:
             kept = out.mask.sum(1)

@@ -23,6 +23,8 @@ def bipartite_assignment(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, in
     B, N, _ = metric.shape
     r = max(0, min(r, N // 2))
     device = metric.device
+    if r == 0:  # nothing to merge: keep the order, so r=0 is the unreduced model
+        return torch.arange(N, device=device).expand(B, N).clone(), N
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = metric[:, ::2], metric[:, 1::2]
     n_a, n_b = a.shape[1], b.shape[1]

@@ -373,6 +373,7 @@ def train(
     *,
     stop_after_steps: Optional[int] = None,
     on_step: Optional[Callable[[int], None]] = None,
+    on_config_change: str = "error",
 ) -> dict[str, Any]:
     """Fine-tune as `cfg` says, writing into `out_dir`; resumes from
     ``out_dir/checkpoint_last.pth`` when it exists. Returns the content of
@@ -380,7 +381,10 @@ def train(
 
     stop_after_steps: test hook, behaves like a SIGTERM after that optimizer
     step (checkpoint, then TrainingInterrupted). on_step(step) is called after
-    every optimizer step on rank 0.
+    every optimizer step on rank 0. on_config_change: what to do when
+    checkpoint_last.pth was written under another config: "error", or
+    "restart" (the DAG's choice: a job rerun for changed parameters starts
+    afresh; the stale checkpoint is kept as checkpoint_stale.pth).
     """
     from .. import create_model
     from ..data import build_dataset, build_transform
@@ -534,14 +538,21 @@ def train(
     last_val: dict[str, Any] = {}
     elapsed_before = 0.0
     finished = False
+    state = None
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         diff = _config_diff(state["config"], cfg.to_dict())
-        if diff:
+        if diff and on_config_change == "restart":
+            if rt.is_main:
+                ckpt_path.replace(out_dir / "checkpoint_stale.pth")
+                print(f"{ckpt_path} was written under another config ({', '.join(diff)}): starting afresh", flush=True)
+            state = None
+        elif diff:
             raise ValueError(
                 f"{ckpt_path} was written by a run with another config (differs in {', '.join(diff)}); "
                 "delete it to start afresh"
             )
+    if state is not None:
         model_without_ddp.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
