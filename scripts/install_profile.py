@@ -108,9 +108,9 @@ def render(
                 out.append("set-resources:")
                 continue
             if in_gpu_block:
-                m = re.match(r"^#(\s+)(\w+): \{gpu_model: \"\w+\"\}", line)
+                m = re.match(r"^#\s+(\w+): \{gpu_model: \"\w+\"\}", line)
                 if m:
-                    out.append(f'{m.group(1)}{m.group(2)}: {{gpu_model: "{gpu_model}"}}')
+                    out.append(f'  {m.group(1)}: {{gpu_model: "{gpu_model}"}}')
                     continue
                 in_gpu_block = False
         out.append(line)

@@ -143,5 +143,4 @@ def test_reduced_demo_runs_reruns_nothing_and_reruns_only_what_changed(tmp_path)
     assert jobs.get("finetune") == 1 and jobs.get("evaluate") == 1, out
     assert all("method=evit" in w for w in planned_wildcards(out, "finetune"))
     assert "pretrain" not in jobs and "prepare_dataset" not in jobs
-    listed = snakemake(["--list-changes", "params", "--configfile", str(path2)], tmp_path).stdout
-    assert "topk" not in listed and "evit" in listed
+    assert "Params have changed" in out  # the reason Snakemake gives

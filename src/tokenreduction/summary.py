@@ -34,16 +34,15 @@ def summarise_runs(
         if not path.exists():
             raise FileNotFoundError(f"run {run_dir(run)} produced no metrics ({path} is missing)")
         m = json.loads(path.read_text())
-        multilabel = "mAP" in m
         rows.append({
             "dataset": run["dataset"],
             "backbone": run["backbone"],
             "method": run["method"],
             "keep_rate": float(run["keep_rate"]),
             "seed": int(run["seed"]),
-            "metric_name": "mAP" if multilabel else "acc1",
-            "metric": m["mAP"] if multilabel else m["acc1"],
-            "acc5": m.get("acc5"),
+            "metric_name": m["metric"],
+            "metric": m["value"],
+            "acc5": m.get("top5"),
             "params_m": m.get("params_m"),
             "gflops": m.get("gflops"),
             "throughput": m.get("throughput"),

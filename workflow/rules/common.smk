@@ -228,7 +228,7 @@ def _data_fields(dataset):
     }
 
 
-def finetune_spec(wildcards, input):
+def finetune_spec(wildcards):
     recipe = {
         **config["finetune"],
         **(config["datasets"][wildcards.dataset].get("recipe") or {}),
@@ -240,9 +240,10 @@ def finetune_spec(wildcards, input):
     }
     fields.update(_method_fields(wildcards.method, wildcards.keep_rate))
     fields["seed"] = int(wildcards.seed)
-    fields["init_checkpoint"] = input.init[0] if input.init else None
-    if input.teacher:
-        fields["teacher_checkpoint"] = input.teacher[0]
+    init, teacher = init_input(wildcards), teacher_input(wildcards)
+    fields["init_checkpoint"] = init[0] if init else None
+    if teacher:
+        fields["teacher_checkpoint"] = teacher[0]
     fields["wandb_project"] = config.get("wandb_project")
     return json.dumps(fields, sort_keys=True)
 

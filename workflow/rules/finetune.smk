@@ -21,10 +21,9 @@ rule pretrain:
         runtime=train_runtime,
     params:
         spec=pretrain_spec,
-        out_dir=lambda w, output: Path(output.model).parent,
         code=lambda w: provenance.code_hash(("model", "data", "train")),
     shell:
-        "python {input.script} --spec {params.spec:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python {input.script} --spec {params.spec:q} --final {output.model:q} > {log:q} 2>&1"
 
 
 rule finetune:
@@ -50,7 +49,6 @@ rule finetune:
         runtime=train_runtime,
     params:
         spec=finetune_spec,
-        out_dir=lambda w, output: Path(output.model).parent,
         code=finetune_code,
     shell:
-        "python {input.script} --spec {params.spec:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python {input.script} --spec {params.spec:q} --final {output.model:q} > {log:q} 2>&1"

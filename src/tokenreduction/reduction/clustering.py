@@ -5,38 +5,25 @@ single, complete or average linkage until K clusters remain. The reference
 runs scikit-learn once per image on the CPU; here all images of a batch are
 clustered at once in tensor code, on the device the distances live on.
 
-Algorithm. The textbook greedy scheme merges, N - K times, the closest pair of
-clusters and updates the distances by the Lance-Williams formula of the
-linkage (single: min, complete: max, average: size-weighted mean). Cutting
-its dendrogram after N - K merges is what SciPy's
-``fcluster(linkage(d, method), K, criterion="maxclust")`` returns when the
-merge distances are distinct (these three linkages are monotone). This module
-gives the same merges with far fewer steps, all images at once:
-
-* Every row keeps its nearest and second-nearest active neighbour (index and
-  distance), so no N x N search is done after the first one.
-* The three linkages are *reducible*: d(A u B, C) >= min(d(A, C), d(B, C)).
-  Hence a mutual-nearest-neighbour pair (a, b) stays mutual until it merges,
-  at height d(a, b), and every other future merge happens at a height of at
-  least tau = the smallest distance between two clusters that are *not*
-  mutual nearest neighbours (read off the neighbour lists: the second-nearest
-  distance of rows in a mutual pair, the nearest distance of the others).
-  So the greedy algorithm's next merges are exactly the mutual pairs closer
-  than tau, in order of distance: one step merges all of them (at most the
-  number of merges still to do, the closest first). The closest pair of an
-  image always qualifies, so each step merges at least one pair (with exact
-  ties, where tau can equal it, the step falls back to merging that pair).
-* A merge of (i, j), i < j, into i updates row i, then column i, of the
-  distance matrix (doing all pairs' rows, then all their columns, composes
-  the formula of merged-with-merged pairs correctly) and removes j. Only rows
-  whose nearest or second-nearest neighbour took part in a merge can change
-  their two neighbours (the others are at least as close to both members as
-  to their second neighbour): those rows are gathered across the batch and
-  recomputed, O(R x N) for R rows.
-
-On random tokens (N = 196) going to K = 137 clusters takes about 10 steps
-where the greedy scheme takes 59. Membership is a (B, N) parent array (j
-points to i) resolved at the end by pointer jumping.
+Algorithm (the greedy scheme with a nearest-neighbour list): every row keeps
+its nearest active neighbour and that distance, (B, N) each; only the first
+search is over N x N. A step takes, per image, the row with the smallest
+nearest-neighbour distance, which with its neighbour is the closest pair of
+clusters, merges the pair (i < j) into i, writes row and column i by the
+Lance-Williams formula of the linkage (single: min, complete: max, average:
+size-weighted mean) and removes column j. Only rows whose nearest neighbour
+was i or j can change it: under single linkage their distance to the merged
+cluster equals their old minimum, so they just point to i; under complete and
+average linkage it can only grow, so those rows (and row i) are recomputed,
+gathered across the batch with ``nonzero``, O(R x N) for R rows. Every other
+row keeps its neighbour, since d(r, i u j) >= min(d(r, i), d(r, j)) for these
+three linkages. Each step merges the globally closest pair, as SciPy's
+``linkage`` does, so cutting after N - K merges gives the partition of
+``fcluster(linkage(d, method), K, criterion="maxclust")`` when the merge
+distances are distinct (the three linkages are monotone). With exact ties the
+result is still a valid partition into K clusters. Membership is a (B, N)
+parent array (j points to i when j merges into i), resolved at the end by
+pointer jumping.
 
 Shapes: B images, N points (tokens).
 """
@@ -54,27 +41,17 @@ def check_linkage(linkage: str) -> str:
     return linkage
 
 
-def _combine(linkage: str, a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
-    """Lance-Williams update: distance to the union of clusters A and B from
-    the distances a, b to each (any shape); sa, sb broadcastable sizes."""
-    if linkage == "single":
-        return torch.minimum(a, b)
-    if linkage == "complete":
-        return torch.maximum(a, b)
-    return torch.addcmul(a * sa, b, sb).div_(sa + sb)
-
-
 def agglomerative_labels(distance: torch.Tensor, num_clusters: int, linkage: str = "average") -> torch.Tensor:
     """Cluster each image's points bottom-up until `num_clusters` remain.
 
-    distance:     (B, N, N) symmetric pairwise distances, finite (the
-                  diagonal is ignored); any float dtype, computed in float32
-                  (float64 stays float64).
-    num_clusters: K >= 1; K >= N leaves every point on its own.
+    distance:     (B, N, N) symmetric pairwise distances (the diagonal is
+                  ignored); any float dtype, computed in float32 (float64
+                  stays float64).
+    num_clusters: K in [1, N]; K >= N leaves every point on its own.
     linkage:      "single", "complete" or "average".
     Returns (B, N) long labels: each point's cluster, named by the smallest
-    point index in that cluster (so ``labels[b, n] <= n``); exactly min(K, N)
-    distinct labels per image. The labels carry no gradient.
+    point index in that cluster (so ``labels[b, n] <= n``). Exactly K distinct
+    labels per image. The labels carry no gradient.
     """
     check_linkage(linkage)
     if distance.dim() != 3 or distance.shape[1] != distance.shape[2]:
@@ -93,74 +70,57 @@ def agglomerative_labels(distance: torch.Tensor, num_clusters: int, linkage: str
     D.diagonal(dim1=1, dim2=2).fill_(inf)
     flat = D.view(B * N, N)  # row r of image b is flat row b * N + r
     cells = D.view(-1)
-    cols = torch.arange(N, device=device)
-    size = torch.ones(B * N, dtype=dtype, device=device)
-    active = torch.ones(B, N, dtype=torch.bool, device=device)
-    parent = torch.arange(N, device=device).repeat(B)  # flat; j -> i when j merges into i
-    near_d, near_i = D.topk(2, dim=2, largest=False)  # (B, N, 2) two nearest neighbours
-    nn_dist, nn2_dist = near_d[..., 0].contiguous(), near_d[..., 1].contiguous()
-    nn_idx, nn2_idx = near_i[..., 0].contiguous(), near_i[..., 1].contiguous()
-    remaining = torch.full((B,), steps, dtype=torch.long, device=device)
+    row_base = (torch.arange(B, device=device) * N)[:, None]  # (B, 1)
+    col_base = (row_base * N + torch.arange(N, device=device) * N)[:, None, :]  # (B, 1, N): flat id of D[b, r, 0]
+    inf_cols = torch.full((B, N), inf, dtype=dtype, device=device)
+    keep_i = torch.tensor([True, False], device=device).expand(B, 2)
+    size = torch.ones(B, N, dtype=dtype, device=device)
+    nn_dist, nn_idx = D.min(dim=2)  # (B, N) nearest neighbour of every row
+    parent = torch.arange(N, device=device).expand(B, N).contiguous()
 
-    while bool((remaining > 0).any()):
-        # mutual nearest-neighbour pairs closer than tau merge in this step
-        mutual = (nn_idx.gather(1, nn_idx) == cols) & active
-        tau = torch.where(mutual, nn2_dist, nn_dist).amin(dim=1, keepdim=True)
-        lead = mutual & (cols < nn_idx) & (nn_dist < tau)  # the smaller index leads
-        count = lead.sum(dim=1)
-        # exact ties can leave no such pair: merge the closest pair then
-        closest = nn_dist.argmin(dim=1, keepdim=True)
-        force = (count == 0) & (remaining > 0)
-        lead.scatter_(1, closest, lead.gather(1, closest) | force[:, None])
-        count = count + force
-        if bool((count > remaining).any()):  # the closest `remaining` only
-            order = torch.where(lead, nn_dist, inf).argsort(dim=1)
-            first = cols < remaining[:, None]
-            lead &= torch.zeros_like(lead).scatter_(1, order, first)
-            count = torch.minimum(count, remaining)
-        remaining -= count
+    for _ in range(steps):
+        # the closest pair of each image: the row with the smallest NN distance
+        a = nn_dist.argmin(dim=1, keepdim=True)  # (B, 1)
+        ij = torch.cat([a, nn_idx.gather(1, a)], dim=1).sort(dim=1).values  # (B, 2): i < j
+        i, j = ij[:, :1], ij[:, 1:]
+        rows = flat.index_select(0, (row_base + ij).view(-1)).view(B, 2, N)  # rows i and j
+        if linkage == "single":
+            new = rows.amin(dim=1)
+        elif linkage == "complete":
+            new = rows.amax(dim=1)
+        else:
+            w = size.gather(1, ij)  # (B, 2) cluster sizes
+            si, sj = w[:, :1], w[:, 1:]
+            new = torch.addcmul(rows[:, 0] * si, rows[:, 1], sj).div_(si + sj)
+            size.scatter_add_(1, i, sj)
+        new.scatter_(1, ij, inf)  # no self-distance; j is gone
+        # row i and column i take the merged distances, column j is removed
+        # (row j is never read again: no row points to j and j is never picked)
+        flat.index_copy_(0, (row_base + i).view(-1), new)
+        cells.scatter_(0, (col_base + ij[:, :, None]).view(-1), torch.stack([new, inf_cols], 1).view(-1))
+        parent.scatter_(1, j, i)
 
-        lead_rows = lead.view(-1).nonzero().squeeze(1)  # flat b * N + leader
-        base = lead_rows - lead_rows % N
-        partner_rows = base + nn_idx.view(-1)[lead_rows]
-        fi, fj = torch.minimum(lead_rows, partner_rows), torch.maximum(lead_rows, partner_rows)
-        i, j = fi - base, fj - base
-        si, sj = size.index_select(0, fi)[:, None], size.index_select(0, fj)[:, None]
-        # rows of all pairs first, then their columns (reads before writes)
-        flat.index_copy_(0, fi, _combine(linkage, flat.index_select(0, fi), flat.index_select(0, fj), si, sj))
-        col_base = (base * N)[:, None] + cols * N  # (P, N) flat id of D[b, r, 0]
-        col_i, col_j = (col_base + i[:, None]).view(-1), (col_base + j[:, None]).view(-1)
-        merged_col = _combine(
-            linkage, cells.index_select(0, col_i).view(-1, N), cells.index_select(0, col_j).view(-1, N), si, sj
-        )
-        cells.index_copy_(0, col_i, merged_col.view(-1))
-        cells.index_fill_(0, col_j, inf)
-        cells.index_fill_(0, base * N + i * (N + 1), inf)  # the diagonal entry (i, i)
-        size.index_add_(0, fi, size.index_select(0, fj))
-        size.index_fill_(0, fj, 0.0)
-        parent.index_copy_(0, fj, i)
-        active.view(-1).index_fill_(0, fj, False)
-        nn_dist.view(-1).index_fill_(0, fj, inf)
-        nn2_dist.view(-1).index_fill_(0, fj, inf)
-        nn_idx.view(-1).index_copy_(0, fj, j)  # removed rows point to themselves
-        nn2_idx.view(-1).index_copy_(0, fj, j)
-
-        # recompute the two neighbours of rows that had a merged cluster among them
-        touched = torch.zeros(B * N, dtype=torch.bool, device=device)
-        touched.index_fill_(0, fi, True)
-        touched.index_fill_(0, fj, True)
-        touched = touched.view(B, N)
-        stale = (touched | touched.gather(1, nn_idx) | touched.gather(1, nn2_idx)) & active
-        rows = stale.view(-1).nonzero().squeeze(1)
-        near_d, near_i = flat.index_select(0, rows).topk(2, dim=1, largest=False)
-        nn_dist.view(-1).index_copy_(0, rows, near_d[:, 0].contiguous())
-        nn2_dist.view(-1).index_copy_(0, rows, near_d[:, 1].contiguous())
-        nn_idx.view(-1).index_copy_(0, rows, near_i[:, 0].contiguous())
-        nn2_idx.view(-1).index_copy_(0, rows, near_i[:, 1].contiguous())
-
+        # nearest neighbours: only rows that pointed to i or j can change
+        stale = (nn_idx == i).logical_or_(nn_idx == j)  # (B, N)
+        if linkage == "single":
+            # min(d(r, i), d(r, j)) is r's old NN distance: r now points to i
+            nn_idx = torch.where(stale, i, nn_idx)
+            best, arg = new.min(dim=1, keepdim=True)
+            nn_dist.scatter_(1, ij, torch.cat([best, inf_cols[:, :1]], dim=1))
+            nn_idx.scatter_(1, ij, torch.cat([arg, torch.full_like(arg, -1)], dim=1))
+        else:
+            # the distance to the merged cluster can only grow: recompute those
+            # rows and row i, gathered over the batch (R rows, O(R x N))
+            stale.scatter_(1, ij, keep_i)
+            flagged = stale.view(-1).nonzero().squeeze(1)  # flat row ids b * N + r
+            best, arg = flat.index_select(0, flagged).min(dim=1)
+            nn_dist.view(-1).index_copy_(0, flagged, best)
+            nn_idx.view(-1).index_copy_(0, flagged, arg)
+            nn_dist.scatter_(1, j, inf)
+            nn_idx.scatter_(1, j, -1)
     # every merge points j to i < j: follow the pointers to the cluster root,
     # the smallest index of the cluster
-    labels = parent.view(B, N)
+    labels = parent
     while True:
         nxt = labels.gather(1, labels)
         if torch.equal(nxt, labels):
