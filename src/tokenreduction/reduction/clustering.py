@@ -68,16 +68,52 @@ def agglomerative_labels(distance: torch.Tensor, num_clusters: int, linkage: str
     inf = float("inf")
     D = distance.detach().to(dtype=dtype, copy=True).contiguous()
     D.diagonal(dim1=1, dim2=2).fill_(inf)
+    size = torch.ones(B, N, dtype=dtype, device=device)
+    nn_dist, nn_idx = D.min(dim=2)  # (B, N) nearest neighbour of every row
+    parent = torch.arange(N, device=device).expand(B, N).contiguous()
+    # The loop runs many small ops (B x N elements): on the CPU intra-op
+    # threads only add start-up latency (and stall badly when the cores are
+    # shared), so it runs on one thread and restores the setting after.
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        _merge_steps(D, steps, linkage, size, nn_dist, nn_idx, parent)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    # every merge points j to i < j: follow the pointers to the cluster root,
+    # the smallest index of the cluster
+    labels = parent
+    while True:
+        nxt = labels.gather(1, labels)
+        if torch.equal(nxt, labels):
+            return labels
+        labels = nxt
+
+
+def _merge_steps(
+    D: torch.Tensor,
+    steps: int,
+    linkage: str,
+    size: torch.Tensor,
+    nn_dist: torch.Tensor,
+    nn_idx: torch.Tensor,
+    parent: torch.Tensor,
+) -> None:
+    """Run `steps` greedy merges: D (B, N, N) distances with inf on the
+    diagonal, size / nn_dist / nn_idx (B, N) its cluster sizes and nearest
+    neighbours (all scratch, overwritten); parent (B, N) receives j -> i for
+    every merge of j into i."""
+    B, N, _ = D.shape
+    device, dtype = D.device, D.dtype
+    inf = float("inf")
     flat = D.view(B * N, N)  # row r of image b is flat row b * N + r
     cells = D.view(-1)
     row_base = (torch.arange(B, device=device) * N)[:, None]  # (B, 1)
     col_base = (row_base * N + torch.arange(N, device=device) * N)[:, None, :]  # (B, 1, N): flat id of D[b, r, 0]
     inf_cols = torch.full((B, N), inf, dtype=dtype, device=device)
     keep_i = torch.tensor([True, False], device=device).expand(B, 2)
-    size = torch.ones(B, N, dtype=dtype, device=device)
-    nn_dist, nn_idx = D.min(dim=2)  # (B, N) nearest neighbour of every row
-    parent = torch.arange(N, device=device).expand(B, N).contiguous()
-
     for _ in range(steps):
         # the closest pair of each image: the row with the smallest NN distance
         a = nn_dist.argmin(dim=1, keepdim=True)  # (B, 1)
@@ -118,11 +154,3 @@ def agglomerative_labels(distance: torch.Tensor, num_clusters: int, linkage: str
             nn_idx.view(-1).index_copy_(0, flagged, arg)
             nn_dist.scatter_(1, j, inf)
             nn_idx.scatter_(1, j, -1)
-    # every merge points j to i < j: follow the pointers to the cluster root,
-    # the smallest index of the cluster
-    labels = parent
-    while True:
-        nxt = labels.gather(1, labels)
-        if torch.equal(nxt, labels):
-            return labels
-        labels = nxt
