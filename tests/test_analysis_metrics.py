@@ -484,7 +484,19 @@ def test_token_statistics_from_a_real_evit_forward():
     p = {"stage_blocks": np.array([3, 6, 9]), "composed": composed, "kind": "prune",
          "image_ids": np.array(["x", "y", "z"])}
     st = compare.token_statistics(p, depth=12)
-    # the fused token is not a kept patch: kept = tokens kept - 1 per stage
-    np.testing.assert_allclose(st["reduction_mean"], (np.array(m.tokens_kept) - 1) / 64)
+    # a kept patch is a token of its own: EViT's fused token (and patches
+    # fused earlier and carried on inside it) are not kept
+    from collections import Counter
+
+    expected = []
+    for s in range(3):
+        per_image = []
+        for row in composed[s]:
+            counts = Counter(row.tolist())
+            per_image.append(sum(1 for t in row.tolist() if t >= 0 and counts[t] == 1) / 64)
+        expected.append(np.mean(per_image))
+    np.testing.assert_allclose(st["reduction_mean"], expected)
+    assert st["reduction_mean"][0] == (m.tokens_kept[0] - 1) / 64  # stage 1: all but the fused token
+    assert (st["reduction_mean"] <= (np.array(m.tokens_kept) - 1) / 64).all()
     np.testing.assert_allclose(st["depth_map_mean"].mean(), st["mean_depth"])
     assert st["depth_map_mean"].shape == (8, 8)

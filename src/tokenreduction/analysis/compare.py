@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ._arrays import as_numpy
-from .patterns import cluster_agreement, count_tokens, kept_iou, kept_patches, token_depth_from_kept, token_depth_map
+from .patterns import _grid_shape, cluster_agreement, count_tokens, kept_iou, kept_patches, token_depth_from_kept, token_depth_map
 from .similarity import DEFAULT_RTOL, FEATURE_METRICS, feature_similarities
 
 PATTERN_KINDS = ("prune", "merge", "soft", "none")
@@ -224,7 +224,7 @@ def token_statistics(patterns: Mapping, depth: int, grid=None, name: str = "run"
     kept = kept_patches(composed)
     alive = kept.sum(axis=-1) if prune else count_tokens(composed)  # (S, N_img)
     frac = alive / P
-    h, w = token_depth_map(np.zeros((1, P)), grid)[0].shape
+    h, w = _grid_shape(P, grid)
     out = {
         "kind": kind,
         "stage_blocks": [int(b) for b in blocks],

@@ -164,7 +164,7 @@ def emd(a, b, ground_distance: np.ndarray | None = None) -> float:
         return 0.0
     ps = surplus[src] / total
     qs = deficit[dst] / deficit[dst].sum()
-    return total * _transport(ps, qs, d[np.ix_(src, dst)])
+    return float(total * _transport(ps, qs, d[np.ix_(src, dst)]))
 
 
 def heatmap_metrics(a, b, kl_base: float = np.e) -> dict[str, float]:

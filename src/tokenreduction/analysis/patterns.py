@@ -158,10 +158,12 @@ def token_depth_from_kept(kept, stage_blocks: Sequence[int], depth: int) -> np.n
     blocks = np.asarray(stage_blocks, dtype=np.int64)
     if k.ndim != 3 or k.shape[0] != blocks.size:
         raise ValueError(f"kept must be (S, B, P) with S = {blocks.size} stages, got {k.shape}")
+    if blocks.size == 0:
+        return np.full(k.shape[1:], depth, dtype=np.int64)
     dropped = ~k
     any_dropped = dropped.any(axis=0)
     first = dropped.argmax(axis=0)  # first stage where dropped (0 when never)
-    return np.where(any_dropped, blocks[first] if blocks.size else depth, depth).astype(np.int64)
+    return np.where(any_dropped, blocks[first], depth).astype(np.int64)
 
 
 def token_depth_map(depth, grid=None) -> tuple[np.ndarray, np.ndarray]:
