@@ -130,6 +130,21 @@ def test_reduced_demo_runs_reruns_nothing_and_reruns_only_what_changed(tmp_path)
         assert (run / name).stat().st_size > 0
     assert (results / "finetune" / "digits" / "tiny" / "topk" / "kr0.5" / "seed0" / "log.csv").exists()
 
+    # analysis: topk and evit at the same keep rate are the one "models" pair (both orders)
+    analysis = results / "analysis" / "digits"
+    collated = pd.read_csv(analysis / "collated_models.csv")
+    assert sorted(zip(collated.method_a, collated.method_b)) == [("evit", "topk"), ("topk", "evit")]
+    assert {"IoU_mean@3", "IoU_mean@9", "LinCKA@11", "metric_diff"} <= set(collated.columns)
+    assert collated["IoU_mean@3"].between(0, 1).all()
+    row = collated.iloc[0]
+    assert row.metric_diff == pytest.approx(row.metric_a - row.metric_b)
+    correlations = pd.read_csv(analysis / "correlations_models.csv")
+    assert list(correlations.columns[:3]) == ["measure", "n", "spearman_rho"]
+    assert pd.read_csv(analysis / "collated_rates.csv").empty  # one keep rate: no rate pairs
+    stats = json.loads((analysis / "token_stats.json").read_text())
+    assert stats["digits/tiny/topk/kr0.5/seed0"]["stage_blocks"] == [3, 6, 9]
+    assert (results / "analysis" / "heatmap_comparison.csv").exists()
+
     # a second run has nothing to do
     out = snakemake(["-n", "--configfile", str(path)], tmp_path).stdout
     assert "Nothing to be done" in out, out

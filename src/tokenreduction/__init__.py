@@ -1,9 +1,24 @@
-"""tokenreduction: token reduction methods for Vision Transformers."""
-from .models import count_flops, create_model, load_checkpoint, patch_model, r_schedule
+"""tokenreduction: token reduction methods for Vision Transformers.
+
+The timm model builders (create_model, patch_model, ...) are imported on first
+use (PEP 562), so the torch-only parts (tokenreduction.reduction,
+tokenreduction.detection) also import where timm is not installed.
+"""
+from . import models
+from .models import r_schedule
 from .patterns import compose_assignments, model_patterns, token_depth
 from .reduction import get_method, list_methods
 
 __version__ = "0.1.0"
+
+_FROM_MODELS = ("count_flops", "create_model", "load_checkpoint", "patch_model")
+
+
+def __getattr__(name: str):
+    if name in _FROM_MODELS:
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "compose_assignments",

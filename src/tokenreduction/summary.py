@@ -11,7 +11,7 @@ from .io import atomic_path
 
 #: columns of results/summary/metrics.csv, in order
 COLUMNS = [
-    "dataset", "backbone", "method", "keep_rate", "seed", "metric_name", "metric", "acc5",
+    "dataset", "backbone", "capacity", "method", "keep_rate", "seed", "metric_name", "metric", "acc5",
     "params_m", "gflops", "throughput", "tokens_kept", "tokens_expected",
 ]
 
@@ -37,6 +37,7 @@ def summarise_runs(
         rows.append({
             "dataset": run["dataset"],
             "backbone": run["backbone"],
+            "capacity": run.get("capacity", run["backbone"]),
             "method": run["method"],
             "keep_rate": float(run["keep_rate"]),
             "seed": int(run["seed"]),

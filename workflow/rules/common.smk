@@ -137,7 +137,10 @@ def _runs():
                         for kr in exp["keep_rates"]:
                             runs[(d, b, m, fmt_rate(kr), s)] = None
     keys = ("dataset", "backbone", "method", "keep_rate", "seed")
-    return [dict(zip(keys, run)) for run in runs]
+    return [
+        {**dict(zip(keys, run)), "capacity": config["backbones"][run[1]]["capacity"]}
+        for run in runs
+    ]
 
 
 RUNS = _runs()
@@ -302,3 +305,46 @@ def train_runtime(wildcards, attempt):
 
 def train_mem(wildcards, attempt):
     return int(min(4000 + 2000 * _scale(wildcards.backbone), 120000) * attempt)
+
+
+# ---------------------------------------------------------------- analysis
+
+ANALYSIS_AXES = config.get("analysis", {}).get("axes", ["rates", "capacity", "models"])
+
+
+wildcard_constraints:
+    axis="|".join(ANALYSIS_AXES),
+
+
+def analysis_datasets():
+    return sorted({run["dataset"] for run in RUNS})
+
+
+def dataset_eval_files(wildcards):
+    runs = [r for r in RUNS if r["dataset"] == wildcards.dataset]
+    return [
+        f"{RESULTS}/eval/{RUN_DIR}/{name}".format(**r)
+        for r in runs
+        for name in ("patterns.npz", "cls_features.npz")
+    ]
+
+
+def eval_root(wildcards, input):
+    return str(Path(input.summary).parent.parent / "eval")
+
+
+def backbone_depths():
+    return json.dumps({name: backbone_depth(name) for name in config["backbones"]})
+
+
+def analysis_code(wildcards):
+    return provenance.code_hash(("analysis",))
+
+
+def analysis_targets():
+    per_dataset = [
+        f"{RESULTS}/analysis/{{dataset}}/correlations_{axis}.csv"
+        for axis in ANALYSIS_AXES
+    ] + [f"{RESULTS}/analysis/{{dataset}}/token_stats.json"]
+    targets = expand(per_dataset, dataset=analysis_datasets())
+    return targets + [f"{RESULTS}/analysis/heatmap_comparison.csv"]

@@ -213,7 +213,10 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], strict_backbone: b
     ``state_dict`` or ``model_ema`` (DeiT, MAE and this project's own
     checkpoints), strips DDP's ``module.`` prefix and converts through timm's
     own ``checkpoint_filter_fn`` (original DeiT/MAE layouts, position embedding
-    resizing). Missing backbone weights are an error naming them; the
+    resizing). MAE's decoder weights are ignored; a model with global average
+    pooling (``fc_norm``) loading a checkpoint with the final ``norm`` drops
+    that norm and keeps ``fc_norm`` as initialised, as MAE's fine-tuning
+    does. Missing backbone weights are an error naming them; the
     classifier head may differ in size (fine-tuning on another dataset) and is
     then left as initialised.
     """
@@ -230,10 +233,17 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], strict_backbone: b
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path} holds no state dict (looked for keys model, state_dict, model_ema)")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    # MAE pre-training files may carry the decoder (and its mask_token, which
+    # timm's filter would take for a DINOv2 checkpoint): the encoder is all we load
+    state = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("decoder")}
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = checkpoint_filter_fn(state, model)
     own = model.state_dict()
+    if "fc_norm.weight" in own and "norm.weight" not in own and "fc_norm.weight" not in state:
+        # global average pooling (MAE fine-tuning) on a checkpoint with the final
+        # norm: as MAE does, drop that norm and start fc_norm afresh
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     for key in list(state):
         if key.startswith("head") and key in own and state[key].shape != own[key].shape:
             del state[key]  # another number of classes: keep the new head

@@ -67,6 +67,12 @@ class TrainConfig:
     amp: bool = False
     clip_grad: Optional[float] = None
     backbone_lr_scale: float = 1.0
+    #: MAE fine-tuning: layer-wise lr decay (block i of L trains at lr x
+    #: layer_decay ** (L - i), the patch embedding at layer_decay ** (L + 1),
+    #: the head at lr), through timm's param_groups_layer_decay. MAE's "blr"
+    #: (base lr per 256 images) is lr with lr_batch_normalizer 256: the lr used
+    #: is blr x batch_size x grad_accum_steps x world size / 256, as MAE computes it.
+    layer_decay: Optional[float] = None
     # regularisation / augmentation
     drop_path: float = 0.1
     mixup: float = 0.8
@@ -106,6 +112,11 @@ class TrainConfig:
             raise ValueError(f"lr_batch_normalizer must be > 0 or null, got {self.lr_batch_normalizer}")
         if self.backbone_lr_scale < 0:
             raise ValueError(f"backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}")
+        if self.layer_decay is not None:
+            if not 0.0 < float(self.layer_decay) <= 1.0:
+                raise ValueError(f"layer_decay must lie in (0, 1] or be null, got {self.layer_decay}")
+            if self.backbone_lr_scale != 1.0:
+                raise ValueError("layer_decay and backbone_lr_scale cannot be combined: set one of them")
         if self.multilabel_loss not in ("asl", "bce"):
             raise ValueError(f"multilabel_loss must be 'asl' or 'bce', got {self.multilabel_loss!r}")
         for name in ("mixup", "cutmix", "smoothing", "reprob", "drop_path"):

@@ -29,7 +29,9 @@ other ranks reseed from (seed, rank, step): a resumed multi-GPU run is
 equivalent to, not bit-identical with, an uninterrupted one.
 
 Batch and learning rate: the global batch is batch_size x grad_accum_steps x
-world size, and lr is multiplied by global batch / lr_batch_normalizer. With
+world size, and lr is multiplied by global batch / lr_batch_normalizer (MAE's
+``blr`` is lr with lr_batch_normalizer 256; ``layer_decay`` gives MAE's
+layer-wise lr decay, :func:`layer_decay_groups`). With
 ``keep_effective_batch`` the recipe's batch_size x grad_accum_steps is kept as
 the global batch under torchrun: grad_accum_steps is divided by the world size
 (which must divide it).
@@ -261,6 +263,19 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
     return out
 
 
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """MAE's layer-wise lr decay through timm's ``param_groups_layer_decay``:
+    with L blocks, block i gets ``lr_scale = layer_decay ** (L - i)``, the stem
+    (patch embedding, cls token, position embedding) ``layer_decay ** (L + 1)``,
+    the final norm / fc_norm and head 1; no weight decay on 1-d parameters
+    and ``no_weight_decay()`` names. A reduction module inside block i decays
+    with that block."""
+    from timm.optim import param_groups_layer_decay
+
+    skip = list(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else []
+    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+
+
 def _build_criterion(cfg: TrainConfig, multilabel: bool, mixup_active: bool) -> nn.Module:
     from timm.loss import AsymmetricLossMultiLabel, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -484,7 +499,12 @@ def train(
     from timm.utils import ModelEmaV3
 
     optimizer = create_optimizer_v2(
-        param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale), opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay
+        layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
+        if cfg.layer_decay is not None
+        else param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale),
+        opt=cfg.opt,
+        lr=lr,
+        weight_decay=cfg.weight_decay,
     )
     scheduler, _ = create_scheduler_v2(
         optimizer,

@@ -1,0 +1,250 @@
+"""The analysis stages of the DAG (Which Tokens to Use?, sections 1.6-1.7 of
+the references): compare -> collate -> correlate, token statistics and the
+heatmap comparison. Each function reads the evaluation stage's per-run files,
+writes its table atomically and returns it.
+
+A run is named by its results path, ``<dataset>/<backbone>/<method>/kr<rate>/seed<s>``;
+the runs table is the summary table (``results/summary/metrics.csv``) whose
+columns give dataset, backbone, capacity, method, keep_rate, seed and metric.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Mapping, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from ..io import atomic_path, write_json
+from .compare import AXES, compare_features, compare_patterns, load_npz, pairs, token_statistics
+from .correlate import correlate
+from .heatmaps import heatmap_metrics
+
+PathLike = Union[str, Path]
+#: per-pair measures that the collated tables keep (the study's columns)
+PATTERN_MEASURES = ("IoU_mean", "Homogeneity_mean", "Completeness_mean", "NMI_mean", "ARI_mean")
+FEATURE_MEASURES = ("PWCCA", "MeanSqCCA", "MeanCCA", "LinCKA", "LinCKAPrime", "Procrustes")
+
+
+def run_name(row: Mapping) -> str:
+    return f"{row['dataset']}/{row['backbone']}/{row['method']}/kr{_rate(row['keep_rate'])}/seed{int(row['seed'])}"
+
+
+def _rate(value) -> str:
+    return f"{float(value):g}"
+
+
+def runs_table(summary: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The runs of one dataset as `pairs` expects them (run, method,
+    capacity, keep_rate, dataset, seed, metric)."""
+    sub = summary[summary["dataset"] == dataset].copy()
+    if sub.empty:
+        raise ValueError(f"the summary table has no runs of dataset {dataset!r}")
+    sub["run"] = [run_name(r) for r in sub.to_dict("records")]
+    return sub[["run", "method", "capacity", "keep_rate", "dataset", "seed", "metric"]].reset_index(drop=True)
+
+
+def _load(eval_dir: Path, run: str, name: str) -> dict:
+    path = eval_dir / run / name
+    if not path.exists():
+        raise FileNotFoundError(f"run {run} did not produce {name} ({path} is missing)")
+    return load_npz(path)
+
+
+def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathLike, out_csv: PathLike,
+                 progress: Callable = lambda it, **kw: it) -> pd.DataFrame:
+    """Compare every pair of runs of `dataset` along `axis` (rates, capacity,
+    models): reduction patterns per reduction block and CLS features per
+    feature block. Long table: axis, run_a, run_b, block, source (pattern or
+    feature) and the measures of compare_patterns / compare_features."""
+    if axis not in AXES:
+        raise ValueError(f"unknown comparison axis {axis!r}, expected one of {AXES}")
+    eval_dir = Path(eval_dir)
+    runs = runs_table(pd.read_csv(summary_csv), dataset)
+    todo = pairs(runs, axis, match=("seed",))
+    frames = []
+    cache: dict = {}
+
+    def get(run: str, name: str) -> dict:
+        if (run, name) not in cache:
+            cache[(run, name)] = _load(eval_dir, run, name)
+        return cache[(run, name)]
+
+    for pair in progress(todo.to_dict("records"), desc=f"compare {dataset} {axis}"):
+        a, b = pair["run_a"], pair["run_b"]
+        pat = compare_patterns(get(a, "patterns.npz"), get(b, "patterns.npz"), names=(a, b))
+        feat = compare_features(get(a, "cls_features.npz"), get(b, "cls_features.npz"), names=(a, b))
+        for table, source in ((pat, "pattern"), (feat, "feature")):
+            if len(table):
+                frames.append(table.assign(axis=axis, run_a=a, run_b=b, source=source))
+    columns = ["axis", "run_a", "run_b", "source", "block", "n_images", *PATTERN_MEASURES, *FEATURE_MEASURES]
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    out = out.reindex(columns=[c for c in columns if c in out.columns] + [c for c in out.columns if c not in columns])
+    with atomic_path(out_csv) as tmp:
+        out.to_csv(tmp, index=False)
+    return out
+
+
+def collate(summary_csv: PathLike, dataset: str, axis: str, compare_csv: PathLike, out_csv: PathLike) -> pd.DataFrame:
+    """One row per pair: the two runs, their metrics, ``metric_diff`` =
+    metric A - metric B (the study's Acc Diff), and every measure per block as
+    ``<measure>@<block>`` (e.g. IoU_mean@3, LinCKA@11). Columns that are all
+    NaN (a comparison that did not apply) are dropped."""
+    runs = runs_table(pd.read_csv(summary_csv), dataset).set_index("run")
+    cmp = pd.read_csv(compare_csv)
+    base_cols = ["axis", "run_a", "run_b", "method_a", "method_b", "capacity_a", "capacity_b",
+                 "keep_rate_a", "keep_rate_b", "metric_a", "metric_b", "metric_diff"]
+    if cmp.empty:
+        out = pd.DataFrame(columns=base_cols)
+    else:
+        measures = [c for c in (*PATTERN_MEASURES, *FEATURE_MEASURES) if c in cmp.columns]
+        wide = cmp.pivot_table(index=["run_a", "run_b"], columns="block", values=measures, aggfunc="first")
+        wide.columns = [f"{m}@{int(b)}" for m, b in wide.columns]
+        wide = wide.dropna(axis=1, how="all").reset_index()
+        for side in ("a", "b"):
+            info = runs.loc[wide[f"run_{side}"]]
+            for col in ("method", "capacity", "keep_rate", "metric"):
+                wide[f"{col}_{side}"] = info[col].to_numpy()
+        wide["metric_diff"] = wide["metric_a"] - wide["metric_b"]
+        wide["axis"] = axis
+        out = wide[base_cols + [c for c in wide.columns if "@" in c]]
+    with atomic_path(out_csv) as tmp:
+        out.to_csv(tmp, index=False)
+    return out
+
+
+def correlate_axis(collated_csv: PathLike, out_csv: PathLike, out_png: PathLike) -> pd.DataFrame:
+    """Spearman's and Kendall's rank correlation (with p-values) between the
+    metric difference and each similarity measure of the collated table, and a
+    figure: one scatter per measure with its least-squares trend line."""
+    table = pd.read_csv(collated_csv)
+    measures = [c for c in table.columns if "@" in c]
+    result = correlate(table, "metric_diff", measures) if len(table) else pd.DataFrame(
+        columns=["measure", "n", "spearman_rho", "spearman_p", "kendall_tau", "kendall_p"]
+    )
+    with atomic_path(out_csv) as tmp:
+        result.to_csv(tmp, index=False)
+    _scatter(table, measures, result, out_png)
+    return result
+
+
+def _scatter(table: pd.DataFrame, measures: Sequence[str], stats: pd.DataFrame, out_png: PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(measures))
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    by_measure = stats.set_index("measure") if len(stats) else None
+    for ax, measure in zip(axes.flat, measures):
+        sub = table[["metric_diff", measure]].dropna()
+        ax.scatter(sub[measure], sub["metric_diff"], s=12, alpha=0.7)
+        if len(sub) >= 2 and sub[measure].nunique() > 1:
+            slope, icept = np.polyfit(sub[measure], sub["metric_diff"], 1)
+            xs = np.linspace(sub[measure].min(), sub[measure].max(), 20)
+            ax.plot(xs, slope * xs + icept, color="C3")
+        title = measure
+        if by_measure is not None and measure in by_measure.index:
+            rho = by_measure.loc[measure, "spearman_rho"]
+            title += f"\nrho={rho:.2f}" if np.isfinite(rho) else "\nrho=n/a"
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_ylabel("metric difference", fontsize=7)
+    for ax in list(axes.flat)[len(measures):]:
+        ax.axis("off")
+    if not measures:
+        axes[0][0].text(0.5, 0.5, "no pairs on this axis", ha="center", va="center")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def token_stats(summary_csv: PathLike, dataset: str, eval_dir: PathLike, depth_of: Mapping[str, int],
+                out_json: PathLike, out_png: PathLike) -> dict:
+    """Token statistics of every run of `dataset` (accuracy, reduction rate
+    per stage, token depth and its per-patch heatmap); depth_of maps a
+    backbone name to its number of blocks. Writes JSON and a figure of the
+    depth heatmaps of the pruning-type runs."""
+    summary = pd.read_csv(summary_csv)
+    runs = summary[summary["dataset"] == dataset]
+    stats = {}
+    for row in runs.to_dict("records"):
+        name = run_name(row)
+        pat = _load(Path(eval_dir), name, "patterns.npz")
+        grid = tuple(int(v) for v in pat["grid"]) if "grid" in pat else None
+        s = token_statistics(pat, depth_of[row["backbone"]], grid=grid, name=name)
+        stats[name] = {"metric": float(row["metric"]), "method": row["method"], "backbone": row["backbone"],
+                       "capacity": row["capacity"], "keep_rate": float(row["keep_rate"]), **s}
+    write_json(out_json, stats)
+    _depth_figure(stats, out_png)
+    return stats
+
+
+def _depth_figure(stats: Mapping[str, dict], out_png: PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = {k: v for k, v in stats.items() if v["prune_like"] and v["stage_blocks"]}
+    n = max(1, len(shown))
+    cols = min(6, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, (name, s) in zip(axes.flat, shown.items()):
+        image = ax.imshow(np.asarray(s["depth_map_mean"], dtype=float), cmap="viridis")
+        ax.set_title("\n".join(name.split("/")[1:4]), fontsize=7)
+        ax.axis("off")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.suptitle("mean token depth per patch (block at which a patch is dropped)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def compare_heatmaps(token_stats_files: Sequence[PathLike], out_csv: PathLike) -> pd.DataFrame:
+    """Global pruning patterns compared with the saliency metrics (KLD12,
+    KLD21, JSD, PCC, SCC, EMD, SIM): the same method, capacity and keep rate
+    across datasets, and within each dataset across keep rates, capacities
+    and methods. Only runs whose depth map is defined (pruning-type) count."""
+    entries = []
+    for path in token_stats_files:
+        for name, s in json.loads(Path(path).read_text()).items():
+            if s["prune_like"] and s["stage_blocks"]:
+                entries.append((name, s))
+    rows = []
+    for i, (name_a, a) in enumerate(entries):
+        for name_b, b in entries[i + 1:]:
+            relation = _relation(name_a, a, name_b, b)
+            if relation is None:
+                continue
+            metrics = heatmap_metrics(np.asarray(a["depth_map_mean"]), np.asarray(b["depth_map_mean"]))
+            rows.append({"comparison": relation, "run_a": name_a, "run_b": name_b, **metrics})
+    out = pd.DataFrame(rows, columns=["comparison", "run_a", "run_b", "KLD12", "KLD21", "JSD", "PCC", "SCC", "EMD", "SIM"])
+    with atomic_path(out_csv) as tmp:
+        out.to_csv(tmp, index=False)
+    return out
+
+
+def _relation(name_a: str, a: dict, name_b: str, b: dict):
+    same = {k: a[k] == b[k] for k in ("method", "capacity", "keep_rate")}
+    dataset_a, dataset_b = name_a.split("/")[0], name_b.split("/")[0]
+    if np.asarray(a["depth_map_mean"]).shape != np.asarray(b["depth_map_mean"]).shape:
+        return None
+    if dataset_a != dataset_b:
+        return "datasets" if all(same.values()) else None
+    if same["method"] and same["capacity"]:
+        return "rates"
+    if same["method"] and same["keep_rate"]:
+        return "capacity"
+    if same["capacity"] and same["keep_rate"]:
+        return "models"
+    return None

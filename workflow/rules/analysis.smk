@@ -1,0 +1,154 @@
+# Analysis (Which Tokens to Use?): reduction patterns and CLS features compared
+# across keep rates, capacities and methods; collated with the metric
+# difference of each pair; rank-correlated. One job per (dataset, axis) loops
+# over that axis's pairs, so a study's thousands of pairs make a handful of jobs.
+
+
+rule analysis_compare:
+    input:
+        script=script_path("analysis.py"),
+        summary=f"{RESULTS}/summary/metrics.csv",
+        runs=dataset_eval_files,
+    output:
+        f"{RESULTS}/analysis/{{dataset}}/compare_{{axis}}.csv",
+    log:
+        f"{RESULTS}/logs/analysis/{{dataset}}/compare_{{axis}}.log",
+    group:
+        "analysis"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda w, attempt: 8000 * attempt,
+        runtime=lambda w, attempt: 60 * attempt,
+    params:
+        eval_dir=eval_root,
+        code=analysis_code,
+    shell:
+        "python {input.script} compare --summary {input.summary:q} --dataset {wildcards.dataset}"
+        " --axis {wildcards.axis} --eval-dir {params.eval_dir:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule analysis_collate:
+    input:
+        script=script_path("analysis.py"),
+        summary=f"{RESULTS}/summary/metrics.csv",
+        compare=f"{RESULTS}/analysis/{{dataset}}/compare_{{axis}}.csv",
+    output:
+        report(
+            f"{RESULTS}/analysis/{{dataset}}/collated_{{axis}}.csv",
+            caption="../report/collated.rst",
+            category="Analysis",
+            subcategory="{dataset}",
+        ),
+    log:
+        f"{RESULTS}/logs/analysis/{{dataset}}/collate_{{axis}}.log",
+    group:
+        "analysis"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        code=analysis_code,
+    shell:
+        "python {input.script} collate --summary {input.summary:q} --dataset {wildcards.dataset}"
+        " --axis {wildcards.axis} --compare {input.compare:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule analysis_correlate:
+    input:
+        script=script_path("analysis.py"),
+        collated=f"{RESULTS}/analysis/{{dataset}}/collated_{{axis}}.csv",
+    output:
+        table=report(
+            f"{RESULTS}/analysis/{{dataset}}/correlations_{{axis}}.csv",
+            caption="../report/correlations.rst",
+            category="Analysis",
+            subcategory="{dataset}",
+        ),
+        figure=report(
+            f"{RESULTS}/analysis/{{dataset}}/correlations_{{axis}}.png",
+            caption="../report/correlations.rst",
+            category="Analysis",
+            subcategory="{dataset}",
+        ),
+    log:
+        f"{RESULTS}/logs/analysis/{{dataset}}/correlate_{{axis}}.log",
+    group:
+        "analysis"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        code=analysis_code,
+    shell:
+        "python {input.script} correlate --collated {input.collated:q} --out {output.table:q}"
+        " --figure {output.figure:q} > {log:q} 2>&1"
+
+
+rule token_statistics:
+    input:
+        script=script_path("analysis.py"),
+        summary=f"{RESULTS}/summary/metrics.csv",
+        runs=dataset_eval_files,
+    output:
+        stats=f"{RESULTS}/analysis/{{dataset}}/token_stats.json",
+        figure=report(
+            f"{RESULTS}/analysis/{{dataset}}/depth_heatmaps.png",
+            caption="../report/depth_heatmaps.rst",
+            category="Analysis",
+            subcategory="{dataset}",
+        ),
+    log:
+        f"{RESULTS}/logs/analysis/{{dataset}}/token_stats.log",
+    group:
+        "analysis"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        eval_dir=eval_root,
+        depths=backbone_depths(),
+        code=analysis_code,
+    shell:
+        "python {input.script} token-stats --summary {input.summary:q} --dataset {wildcards.dataset}"
+        " --eval-dir {params.eval_dir:q} --depths {params.depths:q} --out {output.stats:q}"
+        " --figure {output.figure:q} > {log:q} 2>&1"
+
+
+rule compare_heatmaps:
+    input:
+        script=script_path("analysis.py"),
+        stats=expand(
+            f"{RESULTS}/analysis/{{dataset}}/token_stats.json",
+            dataset=analysis_datasets(),
+        ),
+    output:
+        report(
+            f"{RESULTS}/analysis/heatmap_comparison.csv",
+            caption="../report/heatmap_comparison.rst",
+            category="Analysis",
+        ),
+    log:
+        f"{RESULTS}/logs/analysis/heatmaps.log",
+    group:
+        "analysis"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        code=analysis_code,
+    shell:
+        "python {input.script} heatmaps --token-stats {input.stats:q} --out {output:q} > {log:q} 2>&1"
