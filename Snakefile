@@ -12,12 +12,20 @@ if not config:
     configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+# snakemake --report results/report.html: the global description of the report
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/ots.smk"
+include: "workflow/rules/detection.smk"
+include: "workflow/rules/benchmark.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -25,3 +33,7 @@ rule all:
     input:
         f"{RESULTS}/summary/metrics.csv",
         analysis_targets(),
+        ots_targets(),
+        mae_targets(),
+        detection_targets(),
+        report_targets,

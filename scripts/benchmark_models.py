@@ -43,8 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    specs = [ModelSpec(**{**s, "reduction_loc": tuple(s["reduction_loc"]) if s.get("reduction_loc") else None})
-             for s in json.loads(args.specs)]
+    specs = [ModelSpec.from_dict(s) for s in json.loads(args.specs)]
     models = build_models(args.model, specs, json.loads(args.model_kwargs), seed=args.seed)
     by_label = {s.label: s for s in specs}
     baseline = next((s.label for s in specs if s.is_baseline), "baseline")

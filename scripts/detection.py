@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
+
+if importlib.util.find_spec("tokenreduction") is None:  # conda env: the repository's source
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def _value(text: str):

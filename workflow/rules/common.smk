@@ -281,6 +281,11 @@ def evaluate_code(wildcards):
 # ---------------------------------------------------------------- resources
 
 
+def job_threads():
+    """Threads of each training/evaluation job (torch's intra-op threads)."""
+    return int(config.get("resources", {}).get("threads_per_job", 2))
+
+
 def _gpus(kind):
     return int(config.get("resources", {}).get(f"gpus_per_{kind}_job", 0))
 

@@ -17,7 +17,7 @@ rule evaluate:
         f"{RESULTS}/benchmarks/evaluate/{RUN_DIR}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    threads: job_threads()
     resources:
         gpu=lambda w: _gpus("eval"),
         mem_mb=lambda w, attempt: int(4000 * _scale(w.backbone) ** 0.5 * attempt),
@@ -31,7 +31,7 @@ rule evaluate:
         throughput_batch=config["evaluate"].get("throughput_batch") or 0,
         code=evaluate_code,
     shell:
-        "python {input.script} --checkpoint {input.model:q} --kind {params.kind}"
+        "OMP_NUM_THREADS={threads} python {input.script} --checkpoint {input.model:q} --kind {params.kind}"
         " --root {params.root:q} --img-size {params.img_size} --batch-size {params.batch_size}"
         " --num-pattern-images {params.num_images} --throughput-batch {params.throughput_batch}"
         " --metrics {output.metrics:q} --patterns {output.patterns:q} --features {output.features:q}"

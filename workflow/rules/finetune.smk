@@ -14,7 +14,7 @@ rule pretrain:
         f"{RESULTS}/benchmarks/pretrain/{{backbone}}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    threads: job_threads()
     resources:
         gpu=lambda w: _gpus("train"),
         mem_mb=train_mem,
@@ -23,7 +23,10 @@ rule pretrain:
         spec=pretrain_spec,
         code=lambda w: provenance.code_hash(("model", "data", "train")),
     shell:
-        "python {input.script} --spec {params.spec:q} --final {output.model:q} > {log:q} 2>&1"
+        "launch=python; if [ {resources.gpu} -gt 1 ]; then"
+        " launch='torchrun --standalone --nproc_per_node={resources.gpu}'; fi;"
+        " OMP_NUM_THREADS={threads} $launch {input.script} --spec {params.spec:q}"
+        " --final {output.model:q} > {log:q} 2>&1"
 
 
 rule finetune:
@@ -42,7 +45,7 @@ rule finetune:
         f"{RESULTS}/benchmarks/finetune/{RUN_DIR}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    threads: job_threads()
     resources:
         gpu=lambda w: _gpus("train"),
         mem_mb=train_mem,
@@ -51,4 +54,7 @@ rule finetune:
         spec=finetune_spec,
         code=finetune_code,
     shell:
-        "python {input.script} --spec {params.spec:q} --final {output.model:q} > {log:q} 2>&1"
+        "launch=python; if [ {resources.gpu} -gt 1 ]; then"
+        " launch='torchrun --standalone --nproc_per_node={resources.gpu}'; fi;"
+        " OMP_NUM_THREADS={threads} $launch {input.script} --spec {params.spec:q}"
+        " --final {output.model:q} > {log:q} 2>&1"

@@ -3,7 +3,8 @@ unreduced baseline, FLOPs-implied against achieved speed-up, and the
 clustering back ends of ATC checked against SciPy."""
 from .clustering import BACKENDS, Backend, ClusteringInput, agreement, benchmark_clustering, canonical_labels
 from .flops import model_flops, speed_table
-from .throughput import BASELINE, ModelSpec, benchmark_throughput, build_models, peak_memory, specs_from_config
+from .specs import BASELINE, ModelSpec, specs_from_config
+from .throughput import benchmark_throughput, build_models, peak_memory
 from .timing import interleaved_times, num_thrown_out, paired_ratio, summarize
 
 __all__ = [

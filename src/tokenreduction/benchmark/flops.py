@@ -18,7 +18,7 @@ import pandas as pd
 from torch import nn
 
 from ..models import count_flops
-from .throughput import BASELINE, ModelSpec
+from .specs import BASELINE, ModelSpec
 
 FLOPS_COLUMNS = ["backbone", "model", "method", "keep_rate", "r", "gflops", "baseline_gflops", "flops_ratio",
                  "flops_implied_speedup", "tokens_kept"]

@@ -32,7 +32,6 @@ counts of data-dependent methods (ATS) are those of these random weights.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
@@ -40,9 +39,8 @@ import torch
 from torch import nn
 
 from ..models import create_model
+from .specs import BASELINE, ModelSpec
 from .timing import Clock, default_clock, interleaved_times, num_thrown_out, paired_ratio, summarize, synchronize
-
-BASELINE = "baseline"
 
 #: columns of the throughput CSV, in order
 COLUMNS = [
@@ -53,25 +51,6 @@ COLUMNS = [
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One configured model: a method at a keep rate (or ToMe-style r), or
-    the unreduced baseline (``method=None``)."""
-
-    label: str
-    method: Optional[str] = None
-    keep_rate: Optional[float] = None
-    r: Optional[int] = None
-    r_schedule: str = "constant"
-    reduction_loc: Optional[Tuple[int, ...]] = None
-    budget: Optional[str] = None
-    method_kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.method in (None, "none", "deit", "baseline")
 
 
 def build_models(
@@ -285,51 +264,3 @@ def _one_batch_size(models, order, batch, img_size, warmup, runs, throw_out, dev
                 "tokens_kept": " ".join(str(v) for v in kept),
             })
     return rows
-
-
-# ------------------------------------------------------------------ configured models
-
-
-def specs_from_config(config: Mapping[str, Any], backbone: str) -> List[ModelSpec]:
-    """The models the workflow config asks to benchmark on `backbone`: the
-    baseline, then every (method, keep rate) of the experiments that use the
-    backbone (narrowed by ``benchmark.methods`` / ``benchmark.keep_rates``
-    when given), then ``benchmark.r_models`` (ToMe-style r per block)."""
-    bench = config.get("benchmark") or {}
-    only_methods = bench.get("methods")
-    only_rates = bench.get("keep_rates")
-    specs = [ModelSpec(BASELINE)]
-    seen = {BASELINE}
-    for exp in config["experiments"]:
-        if backbone not in exp["backbones"]:
-            continue
-        for name in exp["methods"]:
-            if only_methods is not None and name not in only_methods:
-                continue
-            spec = dict(config["methods"][name])
-            method = spec.pop("method")
-            if method == "none":
-                continue
-            for rate in exp["keep_rates"]:
-                if only_rates is not None and float(rate) not in [float(v) for v in only_rates]:
-                    continue
-                label = f"{name} kr{float(rate):g}"
-                if label in seen:
-                    continue
-                seen.add(label)
-                specs.append(ModelSpec(label, method=method, keep_rate=float(rate),
-                                       reduction_loc=tuple(config["reduction_loc"]), budget=config["budget"],
-                                       method_kwargs=spec))
-    for item in bench.get("r_models") or []:
-        name = item["method"]
-        spec = dict(config["methods"][name])
-        method = spec.pop("method")
-        schedule = item.get("schedule", "constant")
-        label = f"{name} r{int(item['r'])}" + ("" if schedule == "constant" else f" {schedule}")
-        if label in seen:
-            continue
-        seen.add(label)
-        specs.append(ModelSpec(label, method=method, r=int(item["r"]), r_schedule=schedule, budget="r",
-                               method_kwargs=spec))
-    return specs
-

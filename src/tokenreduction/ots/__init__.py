@@ -1,5 +1,7 @@
 """Off-the-shelf evaluation of pretrained backbones (AugReg, SWAG, MAE) under
-ToMe-style r sweeps: presets, checkpoint conversion, the sweep and its plot."""
+ToMe-style r sweeps: presets, checkpoint conversion, the sweep and its plot;
+and the table of the MAE fine-tuning stage (the ATC study's SSL-backbone stages)."""
+from .mae import MAE_COLUMNS, summarise_mae_runs
 from .presets import (
     PRESETS,
     BackbonePreset,
@@ -8,6 +10,7 @@ from .presets import (
     feasible_r,
     get_preset,
     load_swag_checkpoint,
+    preset_from_spec,
     trained_preset,
     transform_for,
 )
@@ -15,6 +18,7 @@ from .sweep import COLUMNS, collect_tables, patch_for_r, plot_sweep, sweep, writ
 
 __all__ = [
     "COLUMNS",
+    "MAE_COLUMNS",
     "PRESETS",
     "BackbonePreset",
     "build_backbone",
@@ -25,6 +29,8 @@ __all__ = [
     "load_swag_checkpoint",
     "patch_for_r",
     "plot_sweep",
+    "preset_from_spec",
+    "summarise_mae_runs",
     "sweep",
     "trained_preset",
     "transform_for",

@@ -159,6 +159,25 @@ def trained_preset(checkpoint: PathLike, name: Optional[str] = None, prop_attn: 
     )
 
 
+def preset_from_spec(spec: dict[str, Any]) -> BackbonePreset:
+    """A preset from a config entry: ``{"name", "preset": <PRESETS key>,
+    "checkpoint": path or null, <field overrides>}``, or ``{"name",
+    "trained": <final.pth of this project's trainer>}`` (the demo's own
+    pretrained backbone). Unknown keys are a ValueError naming them."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if "trained" in spec:
+        path = spec.pop("trained")
+        extra = sorted(set(spec) - {"prop_attn", "crop_pct"})
+        if extra:
+            raise ValueError(f"backbone {name!r}: a trained backbone takes only prop_attn and crop_pct, got {extra}")
+        return trained_preset(path, name=name, **spec)
+    if "preset" not in spec:
+        raise ValueError(f"backbone {name!r}: give 'preset' (one of {', '.join(PRESETS)}) or 'trained'")
+    preset = get_preset(spec.pop("preset"), checkpoint=spec.pop("checkpoint", None), **spec)
+    return replace(preset, name=name) if name else preset
+
+
 def _load(path: PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -325,5 +344,5 @@ def transform_for(preset: BackbonePreset):
 
 __all__ = [
     "BackbonePreset", "PRESETS", "build_backbone", "convert_swag_state_dict", "feasible_r", "get_preset",
-    "load_swag_checkpoint", "trained_preset", "transform_for",
+    "load_swag_checkpoint", "preset_from_spec", "trained_preset", "transform_for",
 ]

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from ..evaluate.evaluate import _resolve_device, measure_throughput
 from ..evaluate.metrics import topk_accuracy
 from ..io import atomic_path
+from ..models.budget import r_schedule as per_block_r
 from .presets import BackbonePreset, build_backbone, transform_for
 
 PathLike = Union[str, Path]
@@ -41,14 +42,22 @@ _NONE = (None, "none", "deit", "baseline")
 
 def patch_for_r(model: nn.Module, preset: BackbonePreset, method: Optional[str], r: int,
                 schedule: Union[str, float], method_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
-    """Patch `model` in place: `method` removing r tokens per block (all
-    blocks, `schedule`), proportional attention as the preset says."""
+    """Patch `model` in place: `method` removing r tokens per block with
+    `schedule`, proportional attention as the preset says.
+
+    As in ToMe, a block whose r is 0 does no reduction work at all (no
+    similarity computed), so r = 0 is exactly the unreduced model, in accuracy
+    and in GFLOPs, whatever the method."""
     from ..models import patch_model
 
     if method in _NONE:
         return patch_model(model, method=None)
+    per_block = per_block_r(int(r), len(model.blocks), schedule)
+    locs = [b for b, v in enumerate(per_block) if v > 0]
+    if not locs:
+        return patch_model(model, method=None)
     return patch_model(
-        model, method=method, r=int(r), r_schedule_name=schedule, prop_attn=preset.prop_attn,
+        model, method=method, r=per_block, reduction_loc=locs, prop_attn=preset.prop_attn,
         method_kwargs=method_kwargs,
     )
 
@@ -124,7 +133,8 @@ def sweep(
         model.eval()
         top1, top5 = _accuracy(model, loader, dev, amp)
         config = model.reduction_config
-        kept = model.tokens_kept
+        gflops = count_flops(model, img_size=preset.img_size)
+        kept = model.tokens_kept  # of that forward
         rows.append({
             "backbone": preset.name,
             "family": preset.family,
@@ -134,20 +144,20 @@ def sweep(
             "reducer": method if method not in _NONE else "none",
             "schedule": str(r_schedule),
             "r": r,
-            "r_per_block": " ".join(str(v) for v in (config["r"] or [])),
+            "r_per_block": " ".join(str(v) for v in per_block_r(r, len(model.blocks), r_schedule)),
             "top1": top1,
             "top5": top5,
-            "gflops": count_flops(model, img_size=preset.img_size),
+            "gflops": gflops,
             "throughput": measure_throughput(model, preset.img_size, tp_batch, dev, amp=amp) if tp_batch > 0 else math.nan,
             "throughput_batch": tp_batch,
             "params_m": params_m,
             "tokens_left": int(kept[-1]) if kept else int(model.patch_embed.num_patches),
-            "prop_attn": bool(config["prop_attn"]),
+            "prop_attn": bool(preset.prop_attn),
             "num_images": len(ds),
             "device": str(dev),
         })
         print(f"{preset.name} {label or method} {r_schedule} r={r}: top1 {top1:.2f} "
-              f"gflops {rows[-1]['gflops']:.4g}", flush=True)
+              f"gflops {gflops:.4g}", flush=True)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

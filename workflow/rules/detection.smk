@@ -1,0 +1,154 @@
+# Detection and instance segmentation (ATC study): ViT-Adapter Mask R-CNN with
+# ToMe / ATC merging, trained, evaluated (COCO bbox + segm mAP) and benchmarked
+# per (size, method, ratio), then one table. The jobs run in the detection
+# environment: envs/mmdet.yaml under --sdm conda, else the interpreter of
+# detection.python (default .venv-mmdet/bin/python, made by
+# envs/install_mmdet.sh).
+
+
+include: "detection_common.smk"
+
+
+rule make_detection_demo_data:
+    input:
+        script=script_path("detection.py"),
+    output:
+        directory(DET_DEMO_DATA),
+    log:
+        f"{RESULTS}/logs/detection/make_demo_data.log",
+    conda:
+        "../../envs/mmdet.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        python=DETECTION_PYTHON,
+        check=DET_CHECK,
+        num_images=DET.get("demo_data", {}).get("num_images", 8),
+        image_size=DET.get("demo_data", {}).get("image_size", 128),
+        code=lambda w: provenance.code_hash(("detection",)),
+    shell:
+        "{params.check}{params.python} {input.script} make-data --root {output:q}"
+        " --num-images {params.num_images} --image-size {params.image_size} > {log:q} 2>&1"
+
+
+rule detection_train:
+    input:
+        script=script_path("detection.py"),
+        configs=det_config_files,
+        data=det_data_input,
+        init=det_init_input,
+    output:
+        model=f"{DET_RUN}/final.pth",
+    log:
+        f"{RESULTS}/logs/detection/train/{DET_LOG}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/detection/train/{DET_LOG}.tsv"
+    conda:
+        "../../envs/mmdet.yaml"
+    threads: 2
+    resources:
+        gpu=lambda w: _det_gpus(),
+        mem_mb=det_mem,
+        runtime=det_runtime,
+    params:
+        python=DETECTION_PYTHON,
+        check=DET_CHECK,
+        launch=det_launch,
+        options=det_train_options,
+        work_dir=det_work_dir,
+        code=det_code,
+    shell:
+        "{params.check}{params.python} {params.launch} {input.script} train --config {input.configs[0]:q}"
+        " --work-dir {params.work_dir:q} --final {output.model:q} {params.options} > {log:q} 2>&1"
+
+
+rule detection_eval:
+    input:
+        script=script_path("detection.py"),
+        configs=det_config_files,
+        data=det_data_input,
+        model=f"{DET_RUN}/final.pth",
+    output:
+        metrics=f"{DET_RUN}/metrics.json",
+    log:
+        f"{RESULTS}/logs/detection/eval/{DET_LOG}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/detection/eval/{DET_LOG}.tsv"
+    conda:
+        "../../envs/mmdet.yaml"
+    threads: 2
+    resources:
+        gpu=lambda w: int(DET.get("gpus_per_eval_job", 0)),
+        mem_mb=det_mem,
+        runtime=lambda w, attempt: max(10, det_runtime(w, attempt) // 6),
+    params:
+        python=DETECTION_PYTHON,
+        check=DET_CHECK,
+        options=det_run_options,
+        work_dir=lambda w: det_work_dir(w, "work_eval"),
+        code=det_code,
+    shell:
+        "{params.check}{params.python} {input.script} eval --config {input.configs[0]:q}"
+        " --work-dir {params.work_dir:q} --checkpoint {input.model:q} --out {output.metrics:q}"
+        " {params.options} > {log:q} 2>&1"
+
+
+rule detection_benchmark:
+    input:
+        script=script_path("detection.py"),
+        configs=det_config_files,
+        data=det_data_input,
+        model=f"{DET_RUN}/final.pth",
+    output:
+        result=f"{DET_RUN}/benchmark.json",
+    log:
+        f"{RESULTS}/logs/detection/benchmark/{DET_LOG}.log",
+    conda:
+        "../../envs/mmdet.yaml"
+    threads: 2
+    resources:
+        gpu=lambda w: int(DET.get("gpus_per_eval_job", 0)),
+        mem_mb=det_mem,
+        runtime=lambda w, attempt: 30 * attempt,
+    params:
+        python=DETECTION_PYTHON,
+        check=DET_CHECK,
+        options=det_run_options,
+        work_dir=lambda w: det_work_dir(w, "work_benchmark"),
+        batch=DET.get("benchmark", {}).get("batch_size", 1),
+        runs=DET.get("benchmark", {}).get("runs", 20),
+        warmup=DET.get("benchmark", {}).get("warmup", 5),
+        code=det_code,
+    shell:
+        "{params.check}{params.python} {input.script} benchmark --config {input.configs[0]:q}"
+        " --work-dir {params.work_dir:q} --checkpoint {input.model:q} --out {output.result:q}"
+        " --bench-batch {params.batch} --runs {params.runs} --warmup {params.warmup}"
+        " {params.options} > {log:q} 2>&1"
+
+
+rule detection_summary:
+    input:
+        script=script_path("detection.py"),
+        metrics=[_det_path(f"{DET_RUN}/metrics.json", *run) for run in DET_RUNS],
+        benchmarks=[_det_path(f"{DET_RUN}/benchmark.json", *run) for run in DET_RUNS],
+    output:
+        table=f"{RESULTS}/detection/summary.csv",
+    log:
+        f"{RESULTS}/logs/detection/summary.log",
+    localrule: True
+    conda:
+        "../../envs/mmdet.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        python=DETECTION_PYTHON,
+        check=DET_CHECK,
+        runs=det_summary_runs(),
+        code=lambda w: provenance.code_hash(("detection",)),
+    shell:
+        "{params.check}{params.python} {input.script} summary --runs {params.runs:q}"
+        " --out {output.table:q} > {log:q} 2>&1"

@@ -1,0 +1,176 @@
+# Helpers of detection.smk: the run table, input functions, run options.
+
+import shlex
+
+from snakemake.settings.types import DeploymentMethod
+
+DET = config.get("detection") or {}
+DET_RUN = f"{RESULTS}/detection/{{det_size}}/{{det_method}}/r{{det_ratio}}"
+DET_LOG = "{det_size}/{det_method}/r{det_ratio}"
+DET_DEMO_DATA = f"{RESULTS}/detection/data/shapes"
+
+
+def _detection_python():
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return "python"
+    python = DET.get("python", ".venv-mmdet/bin/python")
+    if "/" in python and not Path(python).is_absolute():
+        python = str(ROOT / python)
+    return python
+
+
+DETECTION_PYTHON = _detection_python()
+# shell prefix: fail the job with a clear message when the interpreter is missing
+DET_CHECK = (
+    f"command -v {shlex.quote(DETECTION_PYTHON)} > /dev/null || {{ echo 'detection"
+    f" environment missing ({DETECTION_PYTHON}): run envs/install_mmdet.sh or use"
+    " --sdm conda' >&2; exit 1; }; "
+)
+
+
+def _det_runs():
+    """(size, method, ratio) of every detection run: each method at each
+    ratio, and the unreduced model (method none, ratio 0) per size."""
+    runs = []
+    for size in DET.get("sizes", {}):
+        if DET.get("baseline", True):
+            runs.append((size, BASELINE, "0"))
+        for method in DET.get("methods", {}):
+            for ratio in DET.get("ratios", []):
+                runs.append((size, method, fmt_rate(ratio)))
+    return runs
+
+
+DET_RUNS = _det_runs() if DET.get("enabled", True) else []
+if DET_RUNS and DET.get("data_root") and not Path(DET["data_root"]).exists():
+    _fail("detection.data_root", f"{DET['data_root']} does not exist (a COCO-layout root)")
+
+
+wildcard_constraints:
+    det_size="|".join(DET.get("sizes", {})) or "none",
+    det_method="|".join(list(DET.get("methods", {})) + [BASELINE]),
+    det_ratio=r"[0-9.]+",
+
+
+def detection_targets():
+    if not DET_RUNS:
+        return []
+    return [f"{RESULTS}/detection/summary.csv"]
+
+
+def _det_path(pattern, size, method, ratio):
+    return pattern.format(det_size=size, det_method=method, det_ratio=ratio)
+
+
+def _repo_path(path):
+    return path if Path(path).is_absolute() else str(ROOT / path)
+
+
+def det_config_files(wildcards):
+    """The run's mmdet config and the shared base configs (edits rerun)."""
+    main = _repo_path(DET["sizes"][wildcards.det_size]["config"])
+    return [main] + sorted(
+        str(p) for p in (ROOT / "configs" / "detection" / "_base_").glob("*.py")
+    )
+
+
+def det_data_input(wildcards):
+    return [] if DET.get("data_root") else [DET_DEMO_DATA]
+
+
+def det_init_input(wildcards):
+    load_from = DET["sizes"][wildcards.det_size].get("load_from")
+    return [_repo_path(load_from)] if load_from else []
+
+
+def det_run_options(wildcards):
+    """Command-line run options of scripts/detection.py for this run."""
+    size = DET["sizes"][wildcards.det_size]
+    method = wildcards.det_method
+    linkage = "tome" if method == BASELINE else DET["methods"][method]
+    ratio = 0.0 if method == BASELINE else float(wildcards.det_ratio)
+    data_root = DET.get("data_root") or DET_DEMO_DATA
+    options = [
+        f"--linkage {linkage}",
+        f"--ratio {ratio:g}",
+        f"--data-root {data_root}",
+        "--seed 0",
+    ]
+    if size.get("load_from"):
+        options.append(f"--load-from {_repo_path(size['load_from'])}")
+    if size.get("batch_size"):
+        options.append(f"--batch-size {int(size['batch_size'])}")
+    extra = dict(size.get("cfg_options") or {})
+    if size.get("pretrained"):
+        extra["model.backbone.pretrained"] = _repo_path(size["pretrained"])
+    if extra:
+        options.append(
+            "--cfg-options "
+            + " ".join(f"{k}={json.dumps(v)}" for k, v in extra.items())
+        )
+    return " ".join(options)
+
+
+def det_train_options(wildcards):
+    accum = int(DET["sizes"][wildcards.det_size].get("cumulative_iters", 1))
+    launcher = "pytorch" if _det_gpus() > 1 else "none"
+    return (
+        f"{det_run_options(wildcards)} --cumulative-iters {accum} --launcher {launcher}"
+    )
+
+
+def _det_gpus():
+    return int(DET.get("gpus_per_train_job", 0))
+
+
+def det_launch(wildcards):
+    """Several GPUs: torch's launcher, one process per GPU."""
+    gpus = _det_gpus()
+    return (
+        f"-m torch.distributed.run --standalone --nproc_per_node={gpus}"
+        if gpus > 1
+        else ""
+    )
+
+
+def det_runtime(wildcards, attempt):
+    return int(DET["sizes"][wildcards.det_size].get("runtime", 30)) * attempt
+
+
+def det_mem(wildcards, attempt):
+    return int(DET["sizes"][wildcards.det_size].get("mem_mb", 8000)) * attempt
+
+
+def det_work_dir(wildcards, kind="work"):
+    """mmengine's work dir of a run's train / eval / benchmark job."""
+    return _det_path(
+        f"{DET_RUN}/{kind}",
+        wildcards.det_size,
+        wildcards.det_method,
+        wildcards.det_ratio,
+    )
+
+
+def det_code(wildcards):
+    method = wildcards.det_method
+    name = "tome" if method == BASELINE or DET["methods"][method] == "tome" else "atc"
+    return provenance.code_hash(
+        ("model", "detection"), None if method == BASELINE else name
+    )
+
+
+def det_summary_runs():
+    return json.dumps(
+        [
+            {
+                "size": size,
+                "method": method,
+                "ratio": ratio,
+                "metrics": _det_path(f"{DET_RUN}/metrics.json", size, method, ratio),
+                "benchmark": _det_path(
+                    f"{DET_RUN}/benchmark.json", size, method, ratio
+                ),
+            }
+            for size, method, ratio in DET_RUNS
+        ]
+    )
