@@ -122,14 +122,19 @@ start_munge() {
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
   chmod 755 /run/munge
   runuser -u munge -- /usr/sbin/munged
-  munge -n | unmunge >/dev/null
+  for _ in $(seq 1 20); do
+    munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  echo "slurm: munged does not answer" >&2
+  return 1
 }
 
 start_slurm() {
   if [ -f "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null; then
     :
   else
-    slurmctld -i || { # -i: ignore state left by an earlier run
+    slurmctld -i || { # -i: ignore errors in state left by an earlier run
       echo "slurm: slurmctld failed to start" >&2
       tail -n 20 "$LOGDIR/slurmctld.log" >&2
       return 1

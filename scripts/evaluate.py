@@ -10,6 +10,7 @@ def main() -> None:
     parser.add_argument("--kind", required=True)
     parser.add_argument("--root", required=True)
     parser.add_argument("--img-size", type=int, required=True)
+    parser.add_argument("--split", default=None, help="default: the split the run validated on (test with train_trainval)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-pattern-images", type=int, default=256)
     parser.add_argument("--throughput-batch", type=int, default=0, help="0 skips the throughput measurement")
@@ -21,6 +22,7 @@ def main() -> None:
         checkpoint=args.checkpoint,
         dataset=args.kind,
         data_root=args.root,
+        split=args.split,
         img_size=args.img_size,
         batch_size=args.batch_size,
         num_pattern_images=args.num_pattern_images,

@@ -12,7 +12,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "detection"
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models; threads only add latency on shared cores
 
 TINY = dict(
     pretrain_size=128, embed_dim=64, depth=12, num_heads=2, deform_num_heads=4, conv_inplane=16,

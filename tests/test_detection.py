@@ -35,7 +35,7 @@ def mmdet_python() -> Path:
 
 
 def run_check(python: Path, name: str, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
         [str(python), str(CHECKS), name, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
     )

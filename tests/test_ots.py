@@ -365,3 +365,70 @@ def test_layer_decay_config_is_checked():
         TrainConfig(layer_decay=1.5)
     with pytest.raises(ValueError, match="cannot be combined"):
         TrainConfig(layer_decay=0.65, backbone_lr_scale=0.1)
+
+
+# ---------------------------------------------------------------- the DAG
+def test_schema_presets_match_the_library():
+    import yaml
+
+    from workflow_utils import REPO
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    entry = schema["properties"]["ots"]["properties"]["backbones"]["additionalProperties"]
+    assert entry["properties"]["preset"]["enum"] == list(PRESETS)
+
+
+@pytest.mark.slow
+def test_atc_study_config_dry_run(tmp_path):
+    from workflow_utils import load_config, planned_jobs, snakemake, with_existing_roots, write_config
+
+    config = with_existing_roots(load_config("atc.yaml"), tmp_path)
+    for other in ("detection", "diffusion"):  # other stages' sections (tested with their stages)
+        config.pop(other, None)
+    for spec in config["ots"]["backbones"].values():  # local checkpoints must exist (rule inputs)
+        if "checkpoint" in spec:
+            path = tmp_path / spec["checkpoint"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    path = write_config(tmp_path / "atc.yaml", config)
+    jobs = planned_jobs(snakemake(["-n", "--configfile", str(path)], tmp_path).stdout)
+    assert jobs["ots_sweep"] == 11 * 4 * 2  # backbones x methods x schedules, each looping over its r sweep
+    assert jobs["ots_plot"] == 11
+    assert jobs["mae_finetune"] == jobs["mae_evaluate"] == 1 + 4 * 2  # unreduced + methods x schedules (r 16)
+    assert jobs["finetune"] == 4 * 3 * (5 * 4 + 1)  # the DeiT grid
+    assert "pretrain" not in jobs
+
+
+@pytest.mark.slow
+def test_bad_ots_config_is_rejected_with_its_key(tmp_path):
+    from workflow_utils import load_config, snakemake, write_config
+
+    config = load_config("config.yaml")
+    config["ots"]["dataset"] = "mosaic"  # multi-label
+    path = write_config(tmp_path / "bad.yaml", config)
+    proc = snakemake(["-n", "--configfile", str(path)], tmp_path, check=False)
+    assert proc.returncode != 0 and "ots.dataset" in proc.stdout + proc.stderr and "multi-label" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_ots_and_mae_stages_run(tmp_path):
+    """The demo's off-the-shelf and MAE stages through the real Snakefile (reduced config)."""
+    from test_workflow import tiny_demo_config
+    from workflow_utils import snakemake, write_config
+
+    config = tiny_demo_config(tmp_path)
+    config["ots"].update(methods=["tome", "atc-single", "topk"], r=[0, 3])
+    config["mae"].update(methods=["deit", "atc-average"])
+    path = write_config(tmp_path / "demo.yaml", config)
+    results = tmp_path / "results"
+    targets = [str(results / "ots" / "tiny" / "sweep.csv"), str(results / "mae" / "metrics.csv")]
+    snakemake(["--cores", "2", "--configfile", str(path), *targets], tmp_path, timeout=1500)
+    table = pd.read_csv(results / "ots" / "tiny" / "sweep.csv")
+    assert list(table.columns) == COLUMNS and len(table) == 3 * 2 * 2
+    r0 = table[table.r == 0]
+    assert r0["top1"].nunique() == 1 and r0["gflops"].nunique() == 1  # r 0 is the unreduced model
+    assert (table[table.r == 3]["gflops"] < r0["gflops"].iloc[0]).all()
+    assert (results / "ots" / "tiny" / "accuracy_vs_gflops.png").read_bytes()[:4] == b"\x89PNG"
+    mae = pd.read_csv(results / "mae" / "metrics.csv")
+    assert sorted(mae.method) == ["atc-average", "deit"] and mae.top1.between(0, 100).all()
+    assert mae.set_index("method").loc["atc-average", "r"] == 4

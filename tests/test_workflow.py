@@ -31,14 +31,22 @@ def test_demo_dry_run_builds_every_stage(tmp_path):
     assert jobs["summarise"] == 1
 
 
-@pytest.mark.parametrize("name", ["which-tokens.yaml"])
+#: fine-tuning jobs each study config plans
+STUDY_FINETUNE_JOBS = {
+    # 4 datasets x 3 capacities x (11 methods x 4 keep rates + baseline)
+    "which-tokens.yaml": 4 * 3 * (11 * 4 + 1),
+    # 5 datasets x 2 backbones x (8 methods x with/without CLCA x 5 keep rates + baseline)
+    "clca.yaml": 5 * 2 * (8 * 2 * 5 + 1),
+}
+
+
+@pytest.mark.parametrize("name", ["which-tokens.yaml", "clca.yaml"])
 def test_study_configs_dry_run(tmp_path, name):
     config = with_existing_roots(load_config(name), tmp_path)
     path = write_config(tmp_path / name, config)
     out = snakemake(["-n", "--configfile", str(path)], tmp_path).stdout
     jobs = planned_jobs(out)
-    # 4 datasets x 3 capacities x (11 methods x 4 keep rates + baseline)
-    assert jobs["finetune"] == 4 * 3 * (11 * 4 + 1)
+    assert jobs["finetune"] == STUDY_FINETUNE_JOBS[name]
     assert "pretrain" not in jobs  # real runs start from timm's weights
 
 

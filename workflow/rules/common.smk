@@ -32,7 +32,7 @@ def _load_provenance():
 
 
 provenance = _load_provenance()
-DEMO_KINDS = {"digits", "digits_multilabel"}
+DEMO_KINDS = {"digits", "digits_multilabel", "digits_ufgir"}
 BASELINE = "none"
 
 
@@ -209,17 +209,30 @@ def _model_fields(backbone):
 
 
 def _method_fields(method_name, keep_rate):
+    """TrainConfig fields of a method (variant): a variant may carry its own
+    ``budget`` and ``clca`` options (e.g. evit-clca: {method: evit, clca: {...}});
+    the rest of its keys are the method's keyword arguments."""
     spec = dict(method_spec(method_name))
     method = spec.pop("method")
+    budget = spec.pop("budget", None) or config["budget"]
+    clca = spec.pop("clca", None)
     if method == BASELINE:
         return {"method": None}
-    return {
+    fields = {
         "method": method,
         "keep_rate": float(keep_rate),
         "reduction_loc": list(config["reduction_loc"]),
-        "budget": config["budget"],
+        "budget": budget,
         "method_kwargs": spec,
     }
+    if clca:
+        fields["clca"] = clca
+    return fields
+
+
+def _stages(stages, method_name):
+    """The code stages of a job, with CLCA's package for CLCA variants."""
+    return stages + (("clca",) if method_spec(method_name).get("clca") else ())
 
 
 def _data_fields(dataset):
@@ -270,12 +283,14 @@ def pretrain_spec(wildcards):
 def finetune_code(wildcards):
     """Fingerprint of the code a fine-tuning job runs (see tokenreduction.provenance)."""
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(("model", "data", "train"), method)
+    return provenance.code_hash(_stages(("model", "data", "train"), wildcards.method), method)
 
 
 def evaluate_code(wildcards):
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(("model", "data", "train", "evaluate"), method)
+    return provenance.code_hash(
+        _stages(("model", "data", "train", "evaluate"), wildcards.method), method
+    )
 
 
 # ---------------------------------------------------------------- resources

@@ -6,155 +6,8 @@
 # MAE fine-tuning: the MAE recipe (blr per 256 images, layer-wise lr decay,
 # global average pooling) with a merging method at r per block, then evaluated.
 
-OTS = config.get("ots") or {}
-MAE = config.get("mae") or {}
-OTS_BACKBONES = list((OTS.get("backbones") or {}) if OTS else [])
-R_SCHEDULE_NAMES = ["constant", "decrease", "increase"]
 
-
-def _check_ots_config():
-    for section, spec in (("ots", OTS), ("mae", MAE)):
-        if not spec:
-            continue
-        dataset = spec["dataset"]
-        if dataset not in config["datasets"]:
-            _fail(
-                f"{section}.dataset",
-                f"{dataset!r} is not defined under datasets: ({', '.join(config['datasets'])})",
-            )
-        if config["datasets"][dataset]["kind"] in (
-            "coco",
-            "nuswide",
-            "digits_multilabel",
-        ):
-            _fail(
-                f"{section}.dataset",
-                f"{dataset!r} is multi-label; this stage reports top-1/top-5",
-            )
-        for m in spec["methods"]:
-            if m not in config["methods"]:
-                _fail(
-                    f"{section}.methods",
-                    f"{m!r} is not defined under methods: ({', '.join(config['methods'])})",
-                )
-    for name, spec in (OTS.get("backbones") or {}).items():
-        pre = spec.get("pretrain")
-        if (
-            pre is not None
-            and config["backbones"].get(pre, {}).get("init") != "pretrain"
-        ):
-            _fail(
-                f"ots.backbones.{name}.pretrain",
-                f"{pre!r} is not a backbone pretrained by the DAG (backbones.<name>.init: pretrain)",
-            )
-    for b in MAE.get("backbones", []):
-        if b not in config["backbones"]:
-            _fail(
-                "mae.backbones",
-                f"{b!r} is not defined under backbones: ({', '.join(config['backbones'])})",
-            )
-
-
-_check_ots_config()
-
-
-wildcard_constraints:
-    otsbackbone="|".join(OTS_BACKBONES) or "no-ots-backbone",
-    schedule="|".join(R_SCHEDULE_NAMES),
-    r=r"\d+",
-
-
-# ---------------------------------------------------------------- off the shelf
-
-
-def ots_r_values(name):
-    spec = OTS["backbones"][name]
-    if "r" in spec:
-        return [int(v) for v in spec["r"]]
-    if "r" in OTS:
-        return [int(v) for v in OTS["r"]]
-    _fail(f"ots.backbones.{name}.r", "no r sweep given (here or as ots.r)")
-
-
-def ots_checkpoint_input(wildcards):
-    """The DAG's pretrained backbone, or the local checkpoint file; nothing
-    for weights timm fetches itself (AugReg)."""
-    spec = OTS["backbones"][wildcards.otsbackbone]
-    if "pretrain" in spec:
-        return [f"{RESULTS}/pretrain/{spec['pretrain']}/final.pth"]
-    return [spec["checkpoint"]] if spec.get("checkpoint") else []
-
-
-def ots_backbone_spec(wildcards):
-    """The backbone entry for tokenreduction.ots.preset_from_spec (JSON)."""
-    spec = dict(OTS["backbones"][wildcards.otsbackbone])
-    spec.pop("r", None)
-    pre = spec.pop("pretrain", None)
-    if pre is not None:
-        spec["trained"] = f"{RESULTS}/pretrain/{pre}/final.pth"
-    return json.dumps({"name": wildcards.otsbackbone, **spec}, sort_keys=True)
-
-
-def ots_method_kwargs(wildcards):
-    spec = dict(method_spec(wildcards.method))
-    spec.pop("method")
-    return json.dumps(spec, sort_keys=True)
-
-
-def ots_code(wildcards):
-    method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(("model", "data", "evaluate", "ots"), method)
-
-
-def _ots_scale(name):
-    """Relative cost of one sweep point: model size x tokens (AugReg tiny = 1)."""
-    spec = OTS["backbones"][name]
-    if "pretrain" in spec:
-        return 0.1
-    preset = spec["preset"]
-    size = next(
-        (
-            v
-            for k, v in (
-                ("tiny", 1),
-                ("small", 3),
-                ("base", 8),
-                ("b16", 8),
-                ("large", 25),
-                ("l16", 25),
-            )
-            if k in preset
-        ),
-        60,
-    )
-    tokens = {"swag_b16": 3, "swag_l16": 5, "swag_h14": 7, "augreg_large_384": 3}.get(
-        preset, 1
-    )
-    return size * tokens
-
-
-def ots_runtime(wildcards, attempt):
-    """Minutes: points x cost per point (a pass over ImageNet val); doubles on retry."""
-    points = len(ots_r_values(wildcards.otsbackbone))
-    return int(max(10, 2 * points * _ots_scale(wildcards.otsbackbone)) * attempt)
-
-
-def ots_sweep_files(wildcards):
-    return expand(
-        f"{RESULTS}/ots/{wildcards.otsbackbone}/{{method}}/{{schedule}}.csv",
-        method=OTS["methods"],
-        schedule=OTS["schedules"],
-    )
-
-
-def ots_targets():
-    if not OTS:
-        return []
-    return expand(
-        f"{RESULTS}/ots/{{b}}/{{name}}",
-        b=OTS_BACKBONES,
-        name=["sweep.csv", "accuracy_vs_gflops.png"],
-    )
+include: "ots_common.smk"
 
 
 # One job per (backbone, method, schedule) that loops over the r sweep, not one
@@ -176,12 +29,10 @@ rule ots_sweep:
         f"{RESULTS}/benchmarks/ots/{{otsbackbone}}/{{method}}/{{schedule}}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    threads: job_threads()
     resources:
         gpu=lambda w: _gpus("eval"),
-        mem_mb=lambda w, attempt: int(
-            4000 * _ots_scale(w.otsbackbone) ** 0.5 * attempt + 2000
-        ),
+        mem_mb=ots_mem,
         runtime=ots_runtime,
     params:
         backbone=ots_backbone_spec,
@@ -240,75 +91,6 @@ rule ots_plot:
 
 # ---------------------------------------------------------------- MAE fine-tuning
 
-MAE_DIR = "{dataset}/{backbone}/{method}/r{r}-{schedule}/seed{seed}"
-
-
-def _mae_runs():
-    """Every MAE fine-tuning run; a method without reduction runs once, at r 0."""
-    if not MAE:
-        return []
-    runs = {}
-    for b in MAE["backbones"]:
-        for m in MAE["methods"]:
-            for s in MAE.get("seeds", config["seeds"]):
-                if method_spec(m)["method"] == BASELINE:
-                    runs[(MAE["dataset"], b, m, 0, "constant", s)] = None
-                    continue
-                for r in MAE["r"]:
-                    for sched in MAE["schedules"]:
-                        runs[(MAE["dataset"], b, m, int(r), sched, s)] = None
-    keys = ("dataset", "backbone", "method", "r", "schedule", "seed")
-    return [dict(zip(keys, run)) for run in runs]
-
-
-MAE_RUNS = _mae_runs()
-
-
-def mae_spec(wildcards):
-    """TrainConfig fields: finetune: < the dataset's recipe < mae.recipe; the
-    backbone with mae.model_kwargs (global_pool: avg); r per block."""
-    fields = {
-        **config["finetune"],
-        **(config["datasets"][wildcards.dataset].get("recipe") or {}),
-        **(MAE.get("recipe") or {}),
-    }
-    fields.update(_model_fields(wildcards.backbone))
-    fields["model_kwargs"] = {
-        **fields["model_kwargs"],
-        **(MAE.get("model_kwargs") or {}),
-    }
-    fields.update(_data_fields(wildcards.dataset))
-    spec = dict(method_spec(wildcards.method))
-    method = spec.pop("method")
-    if method == BASELINE:
-        fields["method"] = None
-    else:
-        fields.update(
-            method=method,
-            method_kwargs=spec,
-            budget="r",
-            r=int(wildcards.r),
-            r_schedule=wildcards.schedule,
-            reduction_loc=None,
-            prop_attn=MAE.get("prop_attn", False),
-        )
-    fields["seed"] = int(wildcards.seed)
-    init = init_input(wildcards)
-    fields["init_checkpoint"] = init[0] if init else None
-    fields["wandb_project"] = config.get("wandb_project")
-    return json.dumps(fields, sort_keys=True)
-
-
-def mae_runtime(wildcards, attempt):
-    epochs = float(
-        {**config["finetune"], **(MAE.get("recipe") or {})}.get("epochs", 100)
-    )
-    return int(max(10, 4 * epochs * _scale(wildcards.backbone)) * attempt)
-
-
-def mae_targets():
-    return [f"{RESULTS}/mae/metrics.csv"] if MAE_RUNS else []
-
 
 rule mae_finetune:
     input:
@@ -325,7 +107,7 @@ rule mae_finetune:
         f"{RESULTS}/benchmarks/mae_finetune/{MAE_DIR}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    threads: job_threads()
     resources:
         gpu=lambda w: _gpus("train"),
         mem_mb=train_mem,
@@ -352,7 +134,7 @@ rule mae_evaluate:
         f"{RESULTS}/benchmarks/mae_evaluate/{MAE_DIR}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    threads: job_threads()
     resources:
         gpu=lambda w: _gpus("eval"),
         mem_mb=lambda w, attempt: int(4000 * _scale(w.backbone) ** 0.5 * attempt),

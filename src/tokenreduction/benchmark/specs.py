@@ -26,6 +26,8 @@ class ModelSpec:
     reduction_loc: Optional[Tuple[int, ...]] = None
     budget: Optional[str] = None
     method_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: CLCA options (tokenreduction.clca.apply_clca) of a method variant, or None
+    clca: Optional[Mapping[str, Any]] = None
 
     @property
     def is_baseline(self) -> bool:
@@ -63,6 +65,8 @@ def specs_from_config(config: Mapping[str, Any], backbone: str) -> List[ModelSpe
                 continue
             options = dict(config["methods"][name])
             method = options.pop("method")
+            budget = options.pop("budget", None) or config["budget"]  # a variant may set its own
+            clca = options.pop("clca", None) or None
             if method == "none":
                 continue
             for rate in exp["keep_rates"]:
@@ -71,18 +75,20 @@ def specs_from_config(config: Mapping[str, Any], backbone: str) -> List[ModelSpe
                     continue
                 seen.add(label)
                 specs.append(ModelSpec(label, method=method, keep_rate=float(rate),
-                                       reduction_loc=tuple(config["reduction_loc"]), budget=config["budget"],
-                                       method_kwargs=options))
+                                       reduction_loc=tuple(config["reduction_loc"]), budget=budget,
+                                       method_kwargs=options, clca=clca))
     for item in bench.get("r_models") or []:
         options = dict(config["methods"][item["method"]])
         method = options.pop("method")
+        options.pop("budget", None)
+        clca = options.pop("clca", None) or None
         schedule = item.get("schedule", "constant")
         label = f"{item['method']} r{int(item['r'])}" + ("" if schedule == "constant" else f" {schedule}")
         if label in seen:
             continue
         seen.add(label)
         specs.append(ModelSpec(label, method=method, r=int(item["r"]), r_schedule=schedule, budget="r",
-                               method_kwargs=options))
+                               method_kwargs=options, clca=clca))
     return specs
 
 

@@ -86,6 +86,7 @@ def build_models(
             reduction_loc=spec.reduction_loc,
             budget=spec.budget,
             method_kwargs=dict(spec.method_kwargs),
+            clca=dict(spec.clca) if spec.clca else None,
             **model_kwargs,
         )
         model.load_state_dict(state, strict=False)

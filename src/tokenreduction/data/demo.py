@@ -17,7 +17,13 @@ inside scikit-learn, so the demo pipeline needs no download.
   mosaics draw only train digits of the stratified split, val mosaics only val
   digits. Read back with kind ``"digits_multilabel"``.
 
-Both are deterministic given their arguments: the tree is built in a temporary
+* :func:`make_digits_ufgir_dataset` writes the digits in the UFGIR leaves
+  format (CLCA): ``out_dir/images/<digit>/<index>.png`` plus ``train.csv``,
+  ``val.csv``, ``test.csv`` and ``train_val.csv`` (columns ``dir``,
+  ``class_id``), ``train_val.csv`` written last. Read back with kind
+  ``"ufgir"`` (or the demo kind ``"digits_ufgir"``, made by the DAG).
+
+All are deterministic given their arguments: the tree is built in a temporary
 sibling directory and renamed into place, so an interrupted run never leaves
 ``out_dir`` looking complete.
 """
@@ -197,3 +203,49 @@ def make_digits_mosaic_dataset(
         _write_csv(tmp / MOSAIC_CSV, ["file", "labels", "split", "cells", "sources"], rows)
 
     return _build_atomically(out_dir, MOSAIC_CSV, write)
+
+
+UFGIR_MARKER = "train_val.csv"
+
+
+def make_digits_ufgir_dataset(
+    out_dir: PathLike,
+    img_size: int = 32,
+    per_class: int = 100,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """Write a UFGIR-format copy of the digits (the first `per_class` images
+    of each digit in ``load_digits`` order); returns ``out_dir``.
+
+    Per class, a seeded permutation puts round(n * test_fraction) images in
+    test, round(n * val_fraction) in val and the rest in train; train_val is
+    train followed by val, as the leaves datasets ship it.
+    """
+    if img_size < 1 or per_class < 3:
+        raise ValueError(f"img_size must be >= 1 and per_class >= 3, got {img_size}, {per_class}")
+    if not (0.0 < val_fraction < 1.0 and 0.0 < test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+        raise ValueError(f"val_fraction and test_fraction must be in (0, 1) and sum below 1, got {val_fraction}, {test_fraction}")
+    images, labels = load_digit_arrays()
+    rng = np.random.default_rng(seed)
+    splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for c in range(len(DIGIT_CLASSES)):
+        idx = np.flatnonzero(labels == c)[:per_class]
+        idx = idx[rng.permutation(len(idx))]
+        n_test, n_val = int(round(len(idx) * test_fraction)), int(round(len(idx) * val_fraction))
+        splits["test"].extend(int(i) for i in idx[:n_test])
+        splits["val"].extend(int(i) for i in idx[n_test:n_test + n_val])
+        splits["train"].extend(int(i) for i in idx[n_test + n_val:])
+
+    def write(tmp: Path) -> None:
+        for d in DIGIT_CLASSES:
+            (tmp / "images" / d).mkdir(parents=True)
+        for i in sorted(i for part in splits.values() for i in part):
+            _save_png(render_digit(images[i], img_size), tmp / "images" / f"{labels[i]}/{i}.png")
+        rows = {s: [[f"{labels[i]}/{i}.png", int(labels[i])] for i in sorted(idx)] for s, idx in splits.items()}
+        for s in ("train", "val", "test"):
+            _write_csv(tmp / f"{s}.csv", ["dir", "class_id"], rows[s])
+        _write_csv(tmp / UFGIR_MARKER, ["dir", "class_id"], rows["train"] + rows["val"])
+
+    return _build_atomically(out_dir, UFGIR_MARKER, write)

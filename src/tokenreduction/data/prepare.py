@@ -7,17 +7,22 @@ from typing import Union
 
 from ..io import write_json
 
-DEMO_MAKERS = ("digits", "digits_multilabel")
+DEMO_MAKERS = ("digits", "digits_multilabel", "digits_ufgir")
 #: the splits each kind is read with (train first)
-SPLITS = {"ufgir": ("train", "val", "test", "train_val")}
+SPLITS = {"ufgir": ("train", "val", "test", "train_val"), "digits_ufgir": ("train", "val", "test", "train_val")}
 
 
 def prepare_dataset(kind: str, root: Union[str, Path], img_size: int, manifest: Union[str, Path]) -> dict:
     """Make (demo kinds) or open (real kinds) the dataset at `root`, check that
     every split reads, and write `manifest` atomically. Returns the manifest."""
     from . import DATASET_KINDS, build_dataset, make_digits_dataset, make_digits_mosaic_dataset
+    from .demo import make_digits_ufgir_dataset
 
-    makers = {"digits": make_digits_dataset, "digits_multilabel": make_digits_mosaic_dataset}
+    makers = {
+        "digits": make_digits_dataset,
+        "digits_multilabel": make_digits_mosaic_dataset,
+        "digits_ufgir": make_digits_ufgir_dataset,
+    }
 
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; known kinds: {', '.join(DATASET_KINDS)}")

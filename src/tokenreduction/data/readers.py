@@ -26,7 +26,8 @@ trainer treats all formats alike. Formats (see REFERENCES.md 1.5 and 5.2):
   with columns ``dir`` (path relative to ``images/``) and ``class_id`` (0-based);
   num_classes = 1 + the largest class_id over the csvs present (or the
   ``num_classes`` option).
-* ``digits`` / ``digits_multilabel``: the demo trees of :mod:`.demo`.
+* ``digits`` / ``digits_multilabel``: the demo trees of :mod:`.demo`;
+  ``digits_ufgir``: the digits in the ``ufgir`` format (same reader).
 """
 from __future__ import annotations
 
@@ -326,6 +327,7 @@ READERS: dict[str, Callable[..., ImageListDataset]] = {
     "coco": read_coco,
     "nuswide": read_nuswide,
     "ufgir": read_ufgir,
+    "digits_ufgir": read_ufgir,  # the demo leaves: UFGIR format, made by the DAG
 }
 DATASET_KINDS = tuple(READERS)
 

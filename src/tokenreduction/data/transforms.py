@@ -33,7 +33,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 MULTILABEL_KINDS = frozenset({"coco", "nuswide", "digits_multilabel"})
-UFGIR_KINDS = frozenset({"ufgir"})
+UFGIR_KINDS = frozenset({"ufgir", "digits_ufgir"})
 
 _TIMM_KEYS = frozenset(inspect.signature(create_transform).parameters) - {
     "input_size", "is_training", "interpolation", "mean", "std", "crop_pct",

@@ -48,6 +48,7 @@ from ..models.budget import TokenBudget
 from ..models.context import ReductionContext
 from ..reduction import get_method
 from ..reduction.base import BlockFeatures
+from ..reduction.clustering import check_linkage
 from ..reduction.ops import batch_gather, pool_by_assignment
 
 try:  # registering needs mmdet; the module itself only torch + mmcv + mmengine
@@ -339,7 +340,7 @@ class ViTAdapter(BaseModule):
         if linkage == "tome":
             method, options = get_method("tome"), {}
         else:
-            method, options = get_method("atc"), {"linkage": linkage}  # ATC validates the linkage
+            method, options = get_method("atc"), {"linkage": check_linkage(linkage)}
         active = [(b, r) for b, r in sorted(zip(loc, ratios)) if r > 0.0]
         for stage, (b, _) in enumerate(active):
             self.blocks[b].reduction = method(dim, **options)

@@ -116,7 +116,7 @@ def evaluate(
     checkpoint: PathLike,
     dataset: str,
     data_root: PathLike,
-    split: str = "val",
+    split: Optional[str] = None,
     img_size: Optional[int] = None,
     out_metrics: Optional[PathLike] = None,
     out_patterns: Optional[PathLike] = None,
@@ -132,7 +132,9 @@ def evaluate(
     """Evaluate the trained model in `checkpoint` (a final.pth) on `split` of
     `dataset`; returns the metrics dict (also written to `out_metrics`).
 
-    img_size defaults to the one the model was trained at; `blocks`
+    split defaults to the split the run validated on (the spec's
+    ``eval_split``: ``test`` for runs trained with ``train_trainval``, else
+    ``val``); img_size defaults to the one the model was trained at; `blocks`
     overrides the CLS-feature blocks (:func:`feature_blocks`);
     throughput_batch defaults to batch_size.
     """
@@ -146,6 +148,8 @@ def evaluate(
     model.to(dev).eval()
     if img_size is None:
         img_size = int(spec.get("img_size") or model.patch_embed.img_size[0])
+    if split is None:
+        split = str(spec.get("eval_split") or "val")
     ds = build_dataset(dataset, data_root, split, build_transform(False, img_size, dataset))
     if len(ds) == 0:
         raise ValueError(f"{dataset} split {split!r} at {data_root} has no images")
@@ -247,6 +251,8 @@ def evaluate(
         "keep_rate": config.get("keep_rate"),
         "reduction_loc": config.get("reduction_loc") if config.get("method") else [],
         "budget": config.get("budget") if config.get("method") else None,
+        "clca": config.get("clca"),
+        "tuning": spec.get("tuning") or "full",
         "stage_blocks": stage_blocks,
         "tokens_kept": kept_max,
         "tokens_kept_mean": [] if kept_sum is None else (kept_sum / len(ds)).tolist(),

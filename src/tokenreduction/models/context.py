@@ -52,6 +52,8 @@ class ReductionContext:
     merged: bool = False
     #: CLS token after every reduction block, kept when the model asks (CLCA)
     cls_per_stage: list = field(default_factory=list)
+    #: (B, T, C) final normed tokens of the forward (DynamicViT distillation)
+    features: Optional[torch.Tensor] = None
 
     @property
     def tokens_kept(self) -> list[int]:

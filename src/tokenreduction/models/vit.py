@@ -42,22 +42,36 @@ class ReducedViTMixin:
             size=torch.ones(B, T, dtype=x.dtype, device=x.device),
             prop_attn=self.reduction_config["prop_attn"],
         )
+        x = self._before_blocks(x, ctx)
         stage_blocks = set(self.reduction_config["reduction_loc"])
         for i, blk in enumerate(self.blocks):
             x = blk(x, ctx)
             if self.keep_cls_per_stage and i in stage_blocks and self.num_prefix_tokens:
                 ctx.cls_per_stage.append(x[:, 0])
+            x = self._after_block(i, x, ctx)
         x = self.norm(x)
         ctx.features = x
         self.reduction_state = ctx
         return x
 
+    def _before_blocks(self, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
+        """Extension point (CLCA, :mod:`tokenreduction.clca`): the embedded
+        tokens before block 0; extra non-patch tokens go after the prefix
+        and count in ``ctx.num_prefix``. The plain model returns x."""
+        return x
+
+    def _after_block(self, index: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
+        """Extension point: the output of block `index` (CLCA's cache and
+        recovery). The plain model returns x."""
+        return x
+
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
         ctx = self.reduction_state
-        if pool_type == "avg" and self.attn_pool is None and ctx is not None and ctx.stages:
+        extra = ctx is not None and ctx.num_prefix != self.num_prefix_tokens  # CLCA's extra tokens
+        if pool_type == "avg" and self.attn_pool is None and ctx is not None and (ctx.stages or extra):
             # mean over the original patches: each token counts by its size
-            p = self.num_prefix_tokens
+            p = ctx.num_prefix
             start = 0 if self.pool_include_prefix else p
             weight = ctx.size[:, start:].to(x.dtype)
             if ctx.mask is not None:
@@ -268,6 +282,7 @@ def create_model(
     method_kwargs: Optional[dict[str, Any]] = None,
     pretrained: bool = False,
     checkpoint_path: Optional[Union[str, Path]] = None,
+    clca: Optional[dict[str, Any]] = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(name, pretrained, **timm_kwargs)`` with `method`
@@ -278,6 +293,9 @@ def create_model(
     `budget` (see :mod:`tokenreduction.models.budget`). ``r`` with
     ``r_schedule`` removes r tokens per block ToMe-style. ``pretrained=True``
     uses timm's weight loading; ``checkpoint_path`` loads a local file.
+    ``clca`` (a dict of :func:`tokenreduction.clca.apply_clca` options, e.g.
+    ``dict(ifa_head=True, clc=True, num_clr=1)``) adds cross-layer cache
+    aggregation after the weights are loaded.
     Every bad argument raises one ValueError naming it, at build time.
     """
     if keep_rate is not None and not isinstance(keep_rate, (int, float)):
@@ -287,7 +305,7 @@ def create_model(
     model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
-    return patch_model(
+    model = patch_model(
         model,
         method=method,
         keep_rate=keep_rate,
@@ -298,6 +316,11 @@ def create_model(
         prop_attn=prop_attn,
         method_kwargs=method_kwargs,
     )
+    if clca:
+        from ..clca import apply_clca
+
+        apply_clca(model, **clca)
+    return model
 
 
 def count_flops(model: nn.Module, img_size: Optional[int] = None, batch_size: int = 1) -> float:

@@ -224,10 +224,15 @@ class DynamicViTLoss(nn.Module):
             teacher_state = getattr(teacher_model, "reduction_state", None)
             if teacher_state is None or getattr(teacher_state, "features", None) is None:
                 raise ValueError("the teacher must be a model from create_model (method None)")
+            features = state.features
+            p0 = getattr(student_model, "num_prefix_tokens", None)
+            if p0 is not None and state.num_prefix != p0:
+                # extra non-patch tokens (CLCA) sit between the prefix and the patches
+                features = torch.cat([features[:, :p0], features[:, state.num_prefix:]], dim=1)
             kl, tok = dynamicvit_distillation_loss(
                 outputs,
                 teacher_logits,
-                state.features,
+                features,
                 teacher_state.features,
                 policies[-1],
                 num_prefix=getattr(student_model, "num_prefix_tokens", None),

@@ -26,6 +26,9 @@ SPEC_KEYS = (
     "r_schedule",
     "prop_attn",
     "method_kwargs",
+    "clca",
+    "tuning",
+    "tuning_kwargs",
 )
 
 
@@ -53,7 +56,7 @@ def build_model_from_spec(spec: dict[str, Any], **overrides: Any) -> nn.Module:
         raise ValueError(f"model spec lacks {missing}")
     kwargs = dict(spec.get("model_kwargs") or {})
     kwargs.update(overrides)
-    return create_model(
+    model = create_model(
         spec["model"],
         method=spec.get("method"),
         keep_rate=spec.get("keep_rate"),
@@ -65,8 +68,15 @@ def build_model_from_spec(spec: dict[str, Any], **overrides: Any) -> nn.Module:
         method_kwargs=spec.get("method_kwargs") or None,
         pretrained=False,
         num_classes=spec["num_classes"],
+        clca=spec.get("clca") or None,
         **kwargs,
     )
+    tuning = spec.get("tuning") or "full"
+    if tuning != "full":
+        from ..clca import apply_tuning
+
+        model = apply_tuning(model, tuning, **(spec.get("tuning_kwargs") or {}))
+    return model
 
 
 def load_trained_model(path: Union[str, Path], map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -39,11 +39,21 @@ class TrainConfig:
     #: extra arguments of the method's training loss (DynamicViTLoss weights)
     method_loss_kwargs: dict = field(default_factory=dict)
     teacher_checkpoint: Optional[str] = None
+    #: CLCA plug-in options (tokenreduction.clca.apply_clca), e.g.
+    #: {ifa_head: true, clc: true, num_clr: 1}; null or {} = no CLCA
+    clca: Optional[dict] = None
+    #: which parameters train: full | head (frozen backbone, trainable
+    #: classifier) | h2t (Head2Toe) | vqt (visual query tuning); see
+    #: tokenreduction.clca.apply_tuning, whose options are tuning_kwargs
+    tuning: str = "full"
+    tuning_kwargs: dict = field(default_factory=dict)
     # data
     dataset: str = "imagefolder"
     data_root: str = "data"
     train_split: str = "train"
     val_split: str = "val"
+    #: CLCA's --train_trainval: train on train_val, validate (and evaluate) on test
+    train_trainval: bool = False
     img_size: int = 224
     num_classes: Optional[int] = None
     # schedule
@@ -128,6 +138,12 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not isinstance(self.model_kwargs, dict) or not isinstance(self.method_kwargs, dict):
             raise ValueError("model_kwargs and method_kwargs must be mappings")
+        if self.clca is not None and not isinstance(self.clca, dict):
+            raise ValueError(f"clca must be a mapping of CLCA options or null, got {self.clca!r}")
+        if self.tuning not in ("full", "head", "h2t", "vqt"):
+            raise ValueError(f"tuning must be full, head, h2t or vqt, got {self.tuning!r}")
+        if not isinstance(self.tuning_kwargs, dict):
+            raise ValueError("tuning_kwargs must be a mapping")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -144,3 +160,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def data_splits(self) -> tuple[str, str]:
+        """(train split, validation split): (train_val, test) with
+        ``train_trainval``, else (train_split, val_split)."""
+        return ("train_val", "test") if self.train_trainval else (self.train_split, self.val_split)

@@ -231,6 +231,10 @@ def model_spec(cfg: TrainConfig, num_classes: int, multilabel: bool) -> dict[str
         "img_size": cfg.img_size,
         "dataset": cfg.dataset,
         "multilabel": bool(multilabel),
+        "clca": dict(cfg.clca) if cfg.clca else None,
+        "tuning": cfg.tuning,
+        "tuning_kwargs": dict(cfg.tuning_kwargs),
+        "eval_split": cfg.data_splits()[1],
     }
 
 
@@ -416,8 +420,9 @@ def train(
 
     # ---- data
     aug = {"auto_augment": cfg.auto_augment or None, "re_prob": cfg.reprob}
-    train_ds = build_dataset(cfg.dataset, cfg.data_root, cfg.train_split, build_transform(True, cfg.img_size, cfg.dataset, **aug))
-    val_ds = build_dataset(cfg.dataset, cfg.data_root, cfg.val_split, build_transform(False, cfg.img_size, cfg.dataset))
+    train_split, val_split = cfg.data_splits()
+    train_ds = build_dataset(cfg.dataset, cfg.data_root, train_split, build_transform(True, cfg.img_size, cfg.dataset, **aug))
+    val_ds = build_dataset(cfg.dataset, cfg.data_root, val_split, build_transform(False, cfg.img_size, cfg.dataset))
     if len(val_ds) == 0 or len(train_ds) == 0:
         raise ValueError(f"dataset {cfg.dataset!r} at {cfg.data_root}: the train or val split is empty")
     multilabel = bool(train_ds.multilabel)
@@ -482,8 +487,13 @@ def train(
         checkpoint_path=cfg.init_checkpoint,
         num_classes=num_classes,
         drop_path_rate=cfg.drop_path,
+        clca=cfg.clca or None,
         **spec["model_kwargs"],
     ).to(device)
+    if cfg.tuning != "full":
+        from ..clca import apply_tuning
+
+        model = apply_tuning(model, cfg.tuning, **cfg.tuning_kwargs).to(device)
     _seed_all(cfg.seed + rt.rank)
 
     teacher = None
@@ -687,6 +697,8 @@ def train(
                             loss = criterion(model_without_ddp, images, outputs, targets, teacher)
                         else:
                             loss = criterion(outputs, targets)
+                        if hasattr(model_without_ddp, "regularization_loss"):  # Head2Toe's group lasso
+                            loss = loss + model_without_ddp.regularization_loss()
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
                     scaler.scale(loss / accum).backward()
@@ -754,6 +766,8 @@ def train(
                     f"val {val['metric']:.2f}" + ("" if val_ema is None else f", ema {val_ema['metric']:.2f}"),
                     flush=True,
                 )
+            if hasattr(model_without_ddp, "end_epoch"):  # Head2Toe's feature selection
+                model_without_ddp.end_epoch(epoch, cfg.epochs)
             epoch += 1
             batch_in_epoch = 0
             loss_sum, loss_count = 0.0, 0

@@ -1,0 +1,272 @@
+"""The parameter-efficient baselines of the CLCA study, as options of the trainer.
+
+``apply_tuning(model, tuning, **options)``:
+
+``full``
+    every parameter trains (the model is returned as is).
+``head``
+    parameter-efficient fine-tuning: the backbone is frozen; the classifier
+    (``head``, ``fc_norm``) and the CLCA plug-in's own parameters
+    (``model.clca``, when present) train.
+``h2t``
+    :class:`Head2ToeViT` (Evci et al., ICML 2022): a linear classifier on the
+    pooled features of every block of the frozen backbone, with group-lasso
+    feature selection.
+``vqt``
+    :class:`VisualQueryTuningViT` (Tu et al., CVPR 2023): learnable query
+    tokens per block that read each block's input without changing it; a
+    linear classifier on the final feature and every query output.
+
+The wrappers hold the frozen model as ``backbone`` and pass every other
+attribute through to it (``blocks``, ``patch_embed``, ``reduction_state``,
+``reduction_config``...), so the evaluator and ``count_flops`` treat them as
+the model. They read the blocks through forward hooks that are module-level
+functions writing into the forward's ReductionContext, so a deep copy (EMA)
+of a wrapper stays self-contained.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.context import ReductionContext
+from .cache import masked_mean
+
+TUNINGS = ("full", "head", "h2t", "vqt")
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameter elements that require gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def apply_tuning(model: nn.Module, tuning: str = "full", **options: Any) -> nn.Module:
+    """Set which parameters train (see the module docstring); returns the
+    model to train (a wrapper for ``h2t`` and ``vqt``)."""
+    if tuning not in TUNINGS:
+        raise ValueError(f"unknown tuning {tuning!r}; use one of {', '.join(TUNINGS)}")
+    if tuning in ("full", "head") and options:
+        raise ValueError(f"tuning {tuning!r} takes no options, got {sorted(options)}")
+    if tuning == "full":
+        return model
+    if tuning == "head":
+        _freeze(model)
+        for name in ("head", "fc_norm", "clca"):
+            module = getattr(model, name, None)
+            if isinstance(module, nn.Module):
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        return model
+    if tuning == "h2t":
+        return Head2ToeViT(model, **options)
+    return VisualQueryTuningViT(model, **options)
+
+
+class _FrozenBackbone(nn.Module):
+    """A frozen model at ``self.backbone``; other attributes pass through to it."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(backbone, "reduction_config"):
+            raise ValueError("the tuning baselines wrap a model built by tokenreduction.create_model")
+        _freeze(backbone)
+        self.backbone = backbone
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "backbone":
+                raise
+            return getattr(self._modules["backbone"], name)
+
+    def reduction_parameters(self) -> list:
+        return []
+
+    def no_weight_decay(self) -> set:
+        return set()
+
+
+# ---------------------------------------------------------------- hooks
+def _capture_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook: (block output, patch start, mask) into ``ctx.block_outputs``."""
+    if len(args) > 1 and isinstance(args[1], ReductionContext):
+        ctx = args[1]
+        ctx.__dict__.setdefault("block_outputs", []).append((output, ctx.num_prefix, ctx.mask))
+
+
+def _capture_input(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: (block input, its attention bias) into ``ctx.block_inputs``."""
+    if len(args) > 1 and isinstance(args[1], ReductionContext):
+        ctx = args[1]
+        ctx.__dict__.setdefault("block_inputs", []).append((args[0], ctx.attn_bias(args[0].dtype)))
+
+
+def _pop(ctx: Optional[ReductionContext], key: str) -> list:
+    if ctx is None or key not in ctx.__dict__:
+        raise RuntimeError(f"the backbone's blocks recorded no {key}: is it a tokenreduction model?")
+    return ctx.__dict__.pop(key)
+
+
+# ---------------------------------------------------------------- Head2Toe
+def head2toe_features(
+    outputs: list, has_cls: bool, pool_dim: Optional[int] = None
+) -> torch.Tensor:
+    """Features of every block: for each (output (B, T, D), patch start p,
+    mask (B, T) or None): the CLS token (if any) and the mean of the valid
+    patch tokens, average-pooled along channels to `pool_dim` when smaller,
+    normalised per block (LayerNorm without affine). Returns (B, L * F)."""
+    feats = []
+    for out, p, mask in outputs:
+        w = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device) if mask is None else mask.clone()
+        w[:, :p] = False
+        parts = [masked_mean(out, w)[:, 0]]
+        if has_cls:
+            parts.insert(0, out[:, 0])
+        f = torch.cat(parts, dim=1)
+        if pool_dim is not None and pool_dim < f.shape[1]:
+            f = F.adaptive_avg_pool1d(f[:, None], pool_dim)[:, 0]
+        feats.append(F.layer_norm(f, f.shape[1:]))
+    return torch.cat(feats, dim=1)
+
+
+class Head2ToeViT(_FrozenBackbone):
+    """Head2Toe: a linear head on the features of all blocks of a frozen ViT.
+
+    pool_dim: channels kept per block (feature-wise average pooling; None
+    keeps 2D, or D without a class token). group_lasso: weight of the group
+    lasso penalty sum_j ||W[:, j]||_2 over the head's input features
+    (:meth:`regularization_loss`, added by the trainer) until features are
+    selected. keep_fraction < 1: at the end of epoch ``select_epoch`` (default
+    half the epochs, :meth:`end_epoch`) keep that fraction of the features
+    with the largest group norms (``selected``, a bool buffer) and zero the
+    others from then on.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        pool_dim: Optional[int] = None,
+        keep_fraction: float = 1.0,
+        group_lasso: float = 0.0,
+        select_epoch: Optional[int] = None,
+    ) -> None:
+        super().__init__(backbone)
+        if not 0.0 < keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must lie in (0, 1], got {keep_fraction}")
+        if group_lasso < 0:
+            raise ValueError(f"group_lasso must be >= 0, got {group_lasso}")
+        if pool_dim is not None and pool_dim < 1:
+            raise ValueError(f"pool_dim must be >= 1 or null, got {pool_dim}")
+        self.has_cls = bool(getattr(backbone, "has_class_token", backbone.num_prefix_tokens > 0))
+        per_block = backbone.embed_dim * (2 if self.has_cls else 1)
+        if pool_dim is not None:
+            per_block = min(per_block, pool_dim)
+        self.pool_dim = pool_dim
+        self.keep_fraction = keep_fraction
+        self.group_lasso = group_lasso
+        self.select_epoch = select_epoch
+        num_features = per_block * len(backbone.blocks)
+        self.classifier = nn.Linear(num_features, backbone.num_classes)
+        self.register_buffer("selected", torch.ones(num_features, dtype=torch.bool))
+        self.register_buffer("selection_done", torch.tensor(False))
+        for blk in backbone.blocks:
+            blk.register_forward_hook(_capture_output)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        self.backbone.forward_features(x)
+        outputs = _pop(self.backbone.reduction_state, "block_outputs")
+        return head2toe_features(outputs, self.has_cls, self.pool_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return self.classifier(f * self.selected.to(f.dtype))
+
+    def regularization_loss(self) -> torch.Tensor:
+        """Group lasso over input features (0 once features are selected)."""
+        w = self.classifier.weight
+        if self.group_lasso == 0 or bool(self.selection_done):
+            return w.new_zeros(())
+        return self.group_lasso * w.norm(dim=0).sum()
+
+    @torch.no_grad()
+    def select_features(self) -> None:
+        """Keep the ``keep_fraction`` of features with the largest group norm."""
+        norms = self.classifier.weight.norm(dim=0)
+        k = max(1, int(round(self.keep_fraction * norms.numel())))
+        keep = torch.zeros_like(self.selected)
+        keep[norms.topk(k).indices] = True
+        self.selected.copy_(keep)
+        self.selection_done.fill_(True)
+
+    def end_epoch(self, epoch: int, epochs: int) -> None:
+        """Trainer hook after each epoch: select features once, at ``select_epoch``."""
+        if self.keep_fraction >= 1.0 or bool(self.selection_done):
+            return
+        at = self.select_epoch if self.select_epoch is not None else max(1, epochs // 2)
+        if epoch + 1 >= at:
+            self.select_features()
+
+
+# ---------------------------------------------------------------- VQT
+def query_block_forward(block: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
+    """One ViT block applied to query tokens only: queries (B, Q, C) attend to
+    the block input x (B, T, C) and to themselves (keys/values from both;
+    ``bias`` (B, 1, 1, T) is the context's attention bias over x); then the
+    block's MLP. The tokens of x are not changed. Returns (B, Q, C)."""
+    attn = block.attn
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("visual query tuning does not support gated attention")
+    B, T, _ = x.shape
+    Q = queries.shape[1]
+    seq = block.norm1(torch.cat([x, queries], dim=1))
+    qkv = attn.qkv(seq).reshape(B, T + Q, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    q = q[:, :, T:]
+    if bias is not None:
+        bias = torch.cat([bias, bias.new_zeros(B, 1, 1, Q)], dim=-1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = attn.proj(attn.norm(out.transpose(1, 2).reshape(B, Q, attn.attn_dim)))
+    z = queries + block.ls1(out)
+    return z + block.ls2(block.mlp(block.norm2(z)))
+
+
+class VisualQueryTuningViT(_FrozenBackbone):
+    """Visual query tuning: ``num_queries`` learnable queries per block
+    (``queries``, (depth, Q, D)) read each block's input (the tokens the
+    block receives, before any reduction at that block); the classifier sees
+    the backbone's final pooled feature and every query output (each
+    normalised by a LayerNorm without affine)."""
+
+    def __init__(self, backbone: nn.Module, num_queries: int = 1) -> None:
+        super().__init__(backbone)
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+        depth, dim = len(backbone.blocks), backbone.embed_dim
+        self.num_queries = num_queries
+        self.queries = nn.Parameter(nn.init.trunc_normal_(torch.zeros(depth, num_queries, dim), std=0.02))
+        head_in = backbone.num_features + depth * num_queries * dim
+        self.classifier = nn.Linear(head_in, backbone.num_classes)
+        for blk in backbone.blocks:
+            blk.register_forward_pre_hook(_capture_input)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        tokens = bb.forward_features(x)
+        inputs = _pop(bb.reduction_state, "block_inputs")
+        pooled = bb.forward_head(tokens, pre_logits=True)
+        B = x.shape[0]
+        outs = []
+        for blk, (xin, bias), q in zip(bb.blocks, inputs, self.queries):
+            z = query_block_forward(blk, xin, bias, q[None].expand(B, -1, -1).to(xin.dtype))
+            outs.append(F.layer_norm(z, z.shape[-1:]).flatten(1))
+        return self.classifier(torch.cat([pooled] + outs, dim=1))

@@ -1,0 +1,190 @@
+"""Merge functions for the spatial tokens of a diffusion UNet (ToMe for SD, ATC).
+
+Each function turns a metric (B, N, C) (the hidden states entering a
+transformer block) into an assignment: for every token the merged token it
+goes to. :func:`merge_closures` makes the pair used around attention and the
+MLP from it:
+
+* ``merge(x)``   (B, N, C) -> (B, M, C): unweighted mean of the tokens that
+  share a merged token (ToMe-SD averages a destination with its sources the
+  same way, ``scatter_reduce(mean)``).
+* ``unmerge(y)`` (B, M, C) -> (B, N, C): every token takes its merged token's
+  value, so the full token count is restored.
+
+Unlike a ViT, SD has no positional information inside attention and the MLP
+is per token, so the order of the merged tokens does not matter.
+
+Shapes: B images, N = h x w tokens of one resolution (row-major), M merged.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ..reduction.clustering import agglomerative_labels, check_linkage
+from ..reduction.ops import batch_gather, labels_to_assignment, pool_by_assignment
+
+MergeFn = Callable[[torch.Tensor], torch.Tensor]
+
+MERGE_FUNCTIONS = ("tome", "atc")
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def identity_closures() -> Tuple[MergeFn, MergeFn]:
+    """(merge, unmerge) that leave the tokens as they are."""
+    return _identity, _identity
+
+
+def tokens_to_remove(num_tokens: int, ratio: float) -> int:
+    """r = int(N x ratio) tokens removed (ToMe-SD's count; ratio in [0, 1))."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio (fraction of tokens removed) must be in [0, 1), got {ratio}")
+    return int(num_tokens * ratio)
+
+
+def grid_destinations(
+    h: int,
+    w: int,
+    sx: int,
+    sy: int,
+    use_rand: bool = True,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split an h x w token grid into sources and destinations, ToMe-SD style:
+    one destination per full sy x sx cell (random within the cell if
+    `use_rand`, drawn on the CPU from `generator`; else the top-left token).
+    Rows/columns beyond the last full cell are all sources.
+
+    Returns (src_idx (N - D,), dst_idx (D,)) row-major token indices, sorted,
+    with D = (h // sy) x (w // sx).
+    """
+    if sx < 1 or sy < 1:
+        raise ValueError(f"strides sx, sy must be >= 1, got sx={sx}, sy={sy}")
+    hsy, wsx = h // sy, w // sx
+    if use_rand:
+        choice = torch.randint(sy * sx, (hsy, wsx), generator=generator)
+    else:
+        choice = torch.zeros(hsy, wsx, dtype=torch.long)
+    rows = torch.arange(hsy)[:, None] * sy + choice // sx
+    cols = torch.arange(wsx)[None, :] * sx + choice % sx
+    is_dst = torch.zeros(h, w, dtype=torch.bool)
+    is_dst[rows, cols] = True
+    flat = is_dst.flatten().to(device)
+    return (~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1)
+
+
+def bipartite_grid_assignment(
+    metric: torch.Tensor,
+    h: int,
+    w: int,
+    r: int,
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, int]:
+    """ToMe for SD: bipartite soft matching with 2-D strided destinations.
+
+    metric (B, N = h*w, C). Every source proposes its most similar destination
+    (cosine); the r best proposals merge into their destination (r is capped
+    at the number of sources; the same src/dst split is used for every image).
+    Returns (assignment (B, N) into M = N - r outputs, M): the unmerged
+    sources in index order, then the destinations in index order.
+    """
+    B, N, _ = metric.shape
+    if N != h * w:
+        raise ValueError(f"metric has {N} tokens but the grid is {h} x {w}")
+    src_idx, dst_idx = grid_destinations(h, w, sx, sy, use_rand, generator, metric.device)
+    n_src, n_dst = src_idx.numel(), dst_idx.numel()
+    r = max(0, min(int(r), n_src if n_dst else 0))
+    if r == 0:
+        return torch.arange(N, device=metric.device).expand(B, N).contiguous(), N
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    a, b = m[:, src_idx], m[:, dst_idx]
+    best, best_dst = (a @ b.transpose(1, 2)).max(dim=-1)  # (B, n_src)
+    order = best.argsort(dim=-1, descending=True)
+    merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values
+    n_kept = n_src - r
+    device = metric.device
+    src_target = torch.empty(B, n_src, dtype=torch.long, device=device)
+    src_target.scatter_(1, kept, torch.arange(n_kept, device=device).expand(B, n_kept))
+    src_target.scatter_(1, merged, n_kept + best_dst.gather(1, merged))
+    assignment = torch.empty(B, N, dtype=torch.long, device=device)
+    assignment[:, src_idx] = src_target
+    assignment[:, dst_idx] = n_kept + torch.arange(n_dst, device=device)
+    return assignment, n_kept + n_dst
+
+
+def cosine_distance(metric: torch.Tensor) -> torch.Tensor:
+    """metric (B, N, C) -> (B, N, N) cosine distances 1 - cos, in float32."""
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (1.0 - m @ m.transpose(1, 2)).clamp_min_(0.0)
+
+
+def atc_assignment(metric: torch.Tensor, r: int, linkage: str = "average") -> Tuple[torch.Tensor, int]:
+    """ATC: agglomerative clustering of the tokens (cosine distance of the
+    metric (B, N, C)) down to N - r clusters with the given linkage.
+    Returns (assignment (B, N) into M = N - r clusters, M), clusters ordered
+    by their smallest member."""
+    check_linkage(linkage)
+    B, N, _ = metric.shape
+    r = max(0, min(int(r), N - 1))
+    if r == 0:
+        return torch.arange(N, device=metric.device).expand(B, N).contiguous(), N
+    labels = agglomerative_labels(cosine_distance(metric), N - r, linkage)
+    return labels_to_assignment(labels)
+
+
+def merge_closures(assignment: torch.Tensor, num_out: int) -> Tuple[MergeFn, MergeFn]:
+    """(merge, unmerge) for an assignment (B, N) into num_out tokens (see the
+    module docstring). Inputs must have the assignment's (B, N)."""
+    B, N = assignment.shape
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:2] != (B, N):
+            raise ValueError(f"merge expects tokens of shape ({B}, {N}, C), got {tuple(x.shape)}")
+        return pool_by_assignment(x, assignment, num_out)[0]
+
+    def unmerge(y: torch.Tensor) -> torch.Tensor:
+        if y.shape[:2] != (B, num_out):
+            raise ValueError(f"unmerge expects tokens of shape ({B}, {num_out}, C), got {tuple(y.shape)}")
+        return batch_gather(y, assignment)
+
+    return merge, unmerge
+
+
+def compute_merge(
+    metric: torch.Tensor,
+    h: int,
+    w: int,
+    ratio: float,
+    merge_fn: str = "tome",
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    generator: Optional[torch.Generator] = None,
+    linkage: str = "average",
+) -> Tuple[MergeFn, MergeFn, int]:
+    """Merge and unmerge closures for one block call: metric (B, h*w, C),
+    ratio = fraction of tokens removed. Returns (merge, unmerge, M); the
+    identity pair (and M = N) when nothing is removed."""
+    N = metric.shape[1]
+    r = tokens_to_remove(N, ratio)
+    if r == 0:
+        return _identity, _identity, N
+    if merge_fn == "tome":
+        assignment, num_out = bipartite_grid_assignment(metric, h, w, r, sx, sy, use_rand, generator)
+    elif merge_fn == "atc":
+        assignment, num_out = atc_assignment(metric, r, linkage)
+    else:
+        raise ValueError(f"unknown merge_fn {merge_fn!r}; use one of {', '.join(MERGE_FUNCTIONS)}")
+    if num_out == N:
+        return _identity, _identity, N
+    merge, unmerge = merge_closures(assignment, num_out)
+    return merge, unmerge, num_out

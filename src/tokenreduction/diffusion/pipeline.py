@@ -1,0 +1,243 @@
+"""Stable Diffusion pipelines: a tiny random-weight one for the demo and
+tests, loading (the same ``from_pretrained`` path for both), and the study's
+generation protocol with per-image timing.
+
+Protocol (ATC study, ``sd_generate.py``): prompt "A high quality photograph
+of a <class>." for every class, `images_per_class` images each, a fixed seed
+per (class, image), `steps` denoising steps, classifier-free guidance
+`guidance`, one image per pipeline call, the wall time of each call recorded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .patch import apply_patch, patch_state, remove_patch, reseed
+
+PathLike = Union[str, Path]
+PROMPT = "A high quality photograph of a {}."
+TINY_MARKER = "model_index.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _byte_level_tokenizer(folder: Path):
+    """A CLIPTokenizer over single bytes (no merges), made offline: vocab =
+    the 256 characters of the byte-level alphabet, each also with ``</w>``,
+    plus the start and end tokens; merges.txt holds only its version line."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def build_tiny_pipeline(img_size: int = 64, seed: int = 0):
+    """A random-weight StableDiffusionPipeline small enough for a CPU: UNet
+    (32, 64) channels with cross-attention at full latent resolution (so
+    merging at max_downsample 1 has blocks to act on), a 2-block VAE (latent
+    = img_size / 2), a 2-layer CLIP text model with a byte-level tokenizer,
+    DDIM scheduler, no safety checker."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if img_size < 16 or img_size % 8:
+        raise ValueError(f"img_size must be a multiple of 8 and >= 16, got {img_size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _byte_level_tokenizer(Path(tmp))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=img_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=img_size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def save_tiny_pipeline(out_dir: PathLike, img_size: int = 64, seed: int = 0) -> Path:
+    """Build the tiny pipeline and ``save_pretrained`` it to `out_dir` (built in
+    a temporary sibling folder, then renamed)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        build_tiny_pipeline(img_size, seed).save_pretrained(str(tmp))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
+    """auto: float16 on a GPU (the study), float32 on the CPU."""
+    if dtype in (None, "", "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_pipeline(source: PathLike, device: Optional[str] = None, dtype: Optional[str] = None):
+    """``StableDiffusionPipeline.from_pretrained`` from a local folder (read
+    offline) or a hub name (e.g. ``runwayml/stable-diffusion-v1-5``; uses the
+    Hugging Face cache, downloading if allowed). Returns the pipeline on the
+    device, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    dev = resolve_device(device)
+    source = str(source)
+    local = Path(source).exists()
+    if not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise ValueError(
+            f"pipeline {source!r} is neither an existing folder nor a hub name (owner/name)"
+        )
+    if local and not (Path(source) / TINY_MARKER).exists():
+        raise ValueError(f"pipeline folder {source} has no {TINY_MARKER}: not a diffusers pipeline folder")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        source, torch_dtype=resolve_dtype(dtype, dev), local_files_only=local
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)
+
+
+def image_seed(base_seed: int, class_index: int, image_index: int, images_per_class: int) -> int:
+    """The fixed seed of one image: base + class x images_per_class + image
+    (unique per (class, image); the study's base + int(f"{class}{image}")
+    collides once images_per_class > 10)."""
+    return int(base_seed) + int(class_index) * int(images_per_class) + int(image_index)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_images(
+    pipe: Any,
+    class_names: Sequence[str],
+    out_dir: PathLike,
+    images_per_class: int = 2,
+    steps: int = 50,
+    guidance: float = 7.5,
+    img_size: int = 512,
+    seed: int = 0,
+    merge: Optional[Dict[str, Any]] = None,
+    warmup: bool = True,
+) -> Dict[str, Any]:
+    """Generate `images_per_class` images per class into `out_dir` as
+    ``<class index:04d>_<image:02d>.png`` (folder built under a temporary name,
+    then renamed) and return the timing record.
+
+    merge: apply_patch options (merge_fn "none" or absent = no merging). The
+    merge generator is reseeded with each image's seed. One untimed 1-step
+    call warms the pipeline up first (if `warmup`). Timing: wall seconds of
+    each pipeline call (GPU synchronised), mean and population std.
+    """
+    if images_per_class < 1:
+        raise ValueError(f"images_per_class must be >= 1, got {images_per_class}")
+    if not class_names:
+        raise ValueError("no classes to generate")
+    device = pipe.device
+    merge = dict(merge or {})
+    merge_fn = merge.pop("merge_fn", "none")
+    remove_patch(pipe)
+    if merge_fn not in (None, "none"):
+        apply_patch(pipe, merge_fn=merge_fn, **merge)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+    def call(prompt: str, s: int, num_steps: int):
+        generator = torch.Generator(device="cpu").manual_seed(s)
+        reseed(pipe, s)
+        return pipe(
+            prompt, num_inference_steps=num_steps, guidance_scale=guidance, height=img_size,
+            width=img_size, generator=generator, output_type="pil",
+        ).images[0]
+
+    times: List[float] = []
+    files: List[str] = []
+    try:
+        if warmup:
+            call(PROMPT.format(class_names[0]), int(seed), 1)
+        for c, name in enumerate(class_names):
+            prompt = PROMPT.format(name)
+            for i in range(images_per_class):
+                _sync(device)
+                start = time.perf_counter()
+                image = call(prompt, image_seed(seed, c, i, images_per_class), steps)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+                fname = f"{c:04d}_{i:02d}.png"
+                image.save(tmp / fname)
+                files.append(fname)
+        state = patch_state(pipe)
+        tokens = {k: list(v) for k, v in state.tokens.items()} if state is not None else {}
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        remove_patch(pipe)
+    arr = np.asarray(times)
+    return {
+        "time_mean": float(arr.mean()),
+        "time_std": float(arr.std()),
+        "times": [float(t) for t in times],
+        "num_images": len(files),
+        "files": files,
+        "classes": list(class_names),
+        "prompt": PROMPT,
+        "steps": int(steps),
+        "guidance": float(guidance),
+        "img_size": int(img_size),
+        "seed": int(seed),
+        "device": str(device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "merge": {"merge_fn": merge_fn or "none", **merge},
+        "merged_tokens": tokens,
+    }
