@@ -26,6 +26,7 @@ include: "workflow/rules/ots.smk"
 include: "workflow/rules/detection.smk"
 include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/cluster.smk"
 
 
 rule all:

@@ -1,8 +1,9 @@
 """FID (clean-fid) of one experiment's generations against the reference set."""
 import argparse
 import json
+import sys
 
-from tokenreduction.diffusion import compute_fid
+from tokenreduction.diffusion import MissingWeightsError, compute_fid
 from tokenreduction.io import write_json
 
 
@@ -19,11 +20,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    result = compute_fid(
-        args.reference, args.generated, extractor=args.extractor, mode=args.mode,
-        inception_weights=args.inception_weights or None,
-        device=None if args.device == "auto" else args.device, pixel_dim=args.pixel_dim,
-    )
+    try:
+        result = compute_fid(
+            args.reference, args.generated, extractor=args.extractor, mode=args.mode,
+            inception_weights=args.inception_weights or None,
+            device=None if args.device == "auto" else args.device, pixel_dim=args.pixel_dim,
+        )
+    except MissingWeightsError as e:
+        sys.exit(f"error: {e}")
     with open(args.timing) as f:
         timing = json.load(f)
     result.update(

@@ -422,7 +422,7 @@ def test_demo_ots_and_mae_stages_run(tmp_path):
     path = write_config(tmp_path / "demo.yaml", config)
     results = tmp_path / "results"
     targets = [str(results / "ots" / "tiny" / "sweep.csv"), str(results / "mae" / "metrics.csv")]
-    snakemake(["--cores", "2", "--configfile", str(path), *targets], tmp_path, timeout=1500)
+    snakemake([*targets, "--cores", "2", "--configfile", str(path)], tmp_path, timeout=1500)
     table = pd.read_csv(results / "ots" / "tiny" / "sweep.csv")
     assert list(table.columns) == COLUMNS and len(table) == 3 * 2 * 2
     r0 = table[table.r == 0]

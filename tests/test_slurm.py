@@ -103,7 +103,7 @@ SLURM_ARGS = [
 
 
 def run_slurm(args: list[str], workdir: Path, config_home: Path, limit: int = 420) -> str:
-    cmd = snakemake_cmd(SLURM_ARGS + args, workdir, limit)
+    cmd = snakemake_cmd(args + SLURM_ARGS, workdir, limit)  # targets first
     proc = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(config_home))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{out[-8000:]}"
@@ -215,7 +215,8 @@ def test_demo_on_slurm_reruns_nothing_reruns_only_what_changed_and_resumes(tmp_p
 
     config = tiny_demo_config(tmp_path)
     config["experiments"][0]["methods"] = ["evit"]  # baseline + one method: 6 Slurm jobs
-    config["resources"] = {"gpus_per_train_job": 1, "gpus_per_eval_job": 0}  # GPU tags on the fake GPUs
+    # GPU tags on the fake GPUs (the trainer falls back to the CPU)
+    config.setdefault("resources", {}).update(gpus_per_train_job=1, gpus_per_eval_job=0)
     path = write_config(tmp_path / "demo.yaml", config)
 
     # ---- 1. the reduced demo: every non-local job through sbatch
@@ -251,18 +252,25 @@ def test_demo_on_slurm_reruns_nothing_reruns_only_what_changed_and_resumes(tmp_p
     # ---- 3. one method's option changed: only its jobs are submitted
     changed = copy.deepcopy(config)
     changed["methods"]["evit"]["fuse_token"] = False
+    # ... and it trains on two (fake) GPUs: --gpus=2 and torchrun, two processes
+    changed["resources"]["gpus_per_train_job"] = 2
     path2 = write_config(tmp_path / "demo2.yaml", changed)
     out = run_slurm([summary_target(tmp_path), "--configfile", str(path2)], tmp_path, config_home)
     subs = submissions(out)
     assert sorted(rule for _, rule in subs) == ["evaluate", "finetune"], out[-4000:]
     assert all(j["state"] == "COMPLETED" for j in slurm_jobs([i for i, _ in subs]).values())
     assert all("_evit_" in log for _, log in SUBMITTED.findall(out)), out[-4000:]
+    finetune_id = next(jobid for jobid, rule in subs if rule == "finetune")
+    assert "gpu:2" in job_field(finetune_id, "TresPerJob", "TresPerNode")
+    evit_run = results / "finetune" / FINETUNE_RUN.format(method="evit")
+    assert json.loads((evit_run / "train_metrics.json").read_text())["world_size"] == 2
 
     print(f"{time.time() - t0:.0f} s: scancel and resume", flush=True)
     # ---- 4. a training job killed with scancel resumes on the retry
     # a longer recipe for digits only: the pretraining spec stays the same
     longer = copy.deepcopy(changed)
     longer["datasets"]["digits"]["recipe"] = {"epochs": 2, "max_steps": None, "log_every": 5, "batch_size": 16}
+    longer["resources"]["gpus_per_train_job"] = 1
     path3 = write_config(tmp_path / "demo3.yaml", longer)
     run = FINETUNE_RUN.format(method="evit")
     target = results / "finetune" / run / "final.pth"

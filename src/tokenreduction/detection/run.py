@@ -110,6 +110,11 @@ def evaluate(cfg: Config, checkpoint: str) -> dict:
     cfg.resume = False
     runner = _runner(cfg)
     metrics = _plain(runner.test())
+    # CocoMetric returns nothing for a metric when no image has a detection:
+    # no detections is an AP of 0
+    metrics["empty_predictions"] = [m for m in ("bbox", "segm") if f"coco/{m}_mAP" not in metrics]
+    for m in metrics["empty_predictions"]:
+        metrics[f"coco/{m}_mAP"] = 0.0
     backbone = runner.model.module.backbone if hasattr(runner.model, "module") else runner.model.backbone
     metrics["tokens_kept"] = list(getattr(backbone, "tokens_kept", []))
     return metrics

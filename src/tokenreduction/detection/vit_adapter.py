@@ -332,6 +332,8 @@ class ViTAdapter(BaseModule):
         ratios = [float(ratio)] * len(loc) if isinstance(ratio, (int, float)) else [float(r) for r in ratio]
         if len(ratios) != len(loc):
             raise ValueError(f"reduction_ratio has {len(ratios)} values for {len(loc)} reduction locations")
+        if len(set(loc)) != len(loc):
+            raise ValueError(f"reduction_loc has repeated blocks: {loc}")
         for b, r in zip(loc, ratios):
             if not 0 <= b < depth:
                 raise ValueError(f"reduction location {b} is outside the {depth} blocks")

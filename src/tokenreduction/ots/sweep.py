@@ -5,7 +5,9 @@ The backbone is built and the validation set opened once; every sweep point
 re-patches the same model in place (:func:`tokenreduction.patch_model`) and
 passes over the split. Every r is checked before the first point is
 evaluated, so an r too large for some block fails at once (ValueError naming
-the block and the token count) instead of after hours of evaluation.
+the block and the token count) instead of after hours of evaluation. Blocks
+whose r is 0 get no reducer (as ToMe skips them), so r = 0 is the unreduced
+model for every method.
 
 Table columns (:data:`COLUMNS`), one row per r:
 ``backbone family model img_size method reducer schedule r r_per_block top1
@@ -38,6 +40,7 @@ COLUMNS = [
     "gflops", "throughput", "throughput_batch", "params_m", "tokens_left", "prop_attn", "num_images", "device",
 ]
 _NONE = (None, "none", "deit", "baseline")
+_LINESTYLES = {"constant": "-", "decrease": "--", "increase": ":"}
 
 
 def patch_for_r(model: nn.Module, preset: BackbonePreset, method: Optional[str], r: int,
@@ -206,7 +209,8 @@ def collect_tables(paths: Sequence[PathLike], out: Optional[PathLike] = None) ->
 
 def plot_sweep(table: pd.DataFrame, path: PathLike, metric: str = "top1") -> None:
     """Accuracy against GFLOPs per image: one panel per backbone, one line per
-    (method, schedule) through its r points (labelled with r), as the
+    (method, schedule) through its r points (labelled with r; colour by
+    method, line style by schedule), as the
     off-the-shelf figure of the ATC study. Written atomically (PNG)."""
     import matplotlib
 
@@ -219,9 +223,11 @@ def plot_sweep(table: pd.DataFrame, path: PathLike, metric: str = "top1") -> Non
     fig, axes = plt.subplots(1, len(backbones), figsize=(6 * len(backbones), 4.5), squeeze=False)
     for ax, backbone in zip(axes[0], backbones):
         sub = table[table["backbone"] == backbone]
+        colours = {m: f"C{i % 10}" for i, m in enumerate(sorted(sub["method"].unique()))}
         for (method, schedule), group in sub.groupby(["method", "schedule"], sort=True):
             group = group.sort_values("gflops")
-            (line,) = ax.plot(group["gflops"], group[metric], marker="o", label=f"{method} ({schedule})")
+            (line,) = ax.plot(group["gflops"], group[metric], marker="o", color=colours[method],
+                              linestyle=_LINESTYLES.get(str(schedule), "-."), label=f"{method} ({schedule})")
             for _, row in group.iterrows():
                 ax.annotate(str(int(row["r"])), (row["gflops"], row[metric]), fontsize=6, color=line.get_color(),
                             xytext=(2, 2), textcoords="offset points")

@@ -1,0 +1,87 @@
+# Helpers of diffusion.smk: settings, config checks, input functions (kept
+# apart from the rules, as the linter asks).
+
+DIFF = config.get("diffusion") or {}
+SD_DIR = f"{RESULTS}/diffusion"
+SD_TINY = f"{SD_DIR}/tiny-sd"
+SD_GEN = f"{SD_DIR}/generated/{{sd_experiment}}"
+SD_FID = DIFF.get("fid") or {}
+SD_CODE = provenance.code_hash(
+    ("diffusion",),
+    extra=[provenance.REDUCTION / "ops.py", provenance.REDUCTION / "clustering.py"],
+)
+
+
+def diffusion_enabled():
+    return bool(DIFF) and DIFF.get("enabled", True) is not False
+
+
+def _check_diffusion():
+    if not diffusion_enabled():
+        return
+    if DIFF["dataset"] not in config["datasets"]:
+        _fail(
+            "diffusion.dataset",
+            f"{DIFF['dataset']!r} is not defined under datasets: ({', '.join(config['datasets'])})",
+        )
+    for name, spec in DIFF["experiments"].items():
+        if spec.get("merge_fn", "none") != "none" and not 0 <= float(spec.get("ratio", 0.5)) < 1:
+            _fail(f"diffusion.experiments.{name}.ratio", "must be in [0, 1) (the fraction removed)")
+    weights = SD_FID.get("inception_weights")
+    if SD_FID.get("feature_extractor", "inception") == "inception" and weights:
+        if not Path(weights).exists():
+            _fail(
+                "diffusion.fid.inception_weights",
+                f"{weights} does not exist: download inception-2015-12-05.pt"
+                " (see README, 'FID offline') and put it there",
+            )
+
+
+_check_diffusion()
+SD_EXPERIMENTS = list(DIFF.get("experiments", {})) if diffusion_enabled() else []
+
+
+wildcard_constraints:
+    sd_experiment="|".join(SD_EXPERIMENTS) or "none",
+
+
+def diffusion_targets():
+    """The targets of this stage for the default run: the FID table (none when disabled)."""
+    return [f"{SD_DIR}/fid.csv"] if SD_EXPERIMENTS else []
+
+
+def sd_pipeline():
+    """The pipeline generate loads: the DAG's tiny one, a folder or a hub name."""
+    source = DIFF.get("pipeline", "tiny")
+    return SD_TINY if source == "tiny" else source
+
+
+def sd_pipeline_input(wildcards):
+    """The pipeline folder as an input (tiny or local); none for a hub name."""
+    source = sd_pipeline()
+    return [source] if source == SD_TINY or Path(source).exists() else []
+
+
+def sd_val_root():
+    spec = config["datasets"][DIFF["dataset"]]
+    return f"{spec['root']}/{spec.get('val_split', 'val')}"
+
+
+def sd_class_names():
+    """The --class-names argument: a JSON list, a file path, or '' (folder names)."""
+    names = DIFF.get("class_names")
+    if names is None:
+        return ""
+    return names if isinstance(names, str) else json.dumps(names)
+
+
+def sd_merge_spec(wildcards):
+    """apply_patch options of an experiment as JSON (merge_fn none = no merging)."""
+    spec = dict(DIFF["experiments"][wildcards.sd_experiment])
+    spec.setdefault("merge_fn", "none")
+    return json.dumps(spec, sort_keys=True)
+
+
+def sd_gen_runtime(wildcards, attempt):
+    """Minutes per generation job: config runtime (default 60), doubled per retry."""
+    return int(DIFF.get("runtime", 60) * attempt)
