@@ -1,7 +1,8 @@
 """Checks of tokenreduction.detection that run INSIDE the detection environment
 (mmcv, mmengine, mmdet; no timm, no pytest). tests/test_detection.py runs
-``<mmdet python> tests/detection_env_checks.py <check> <tmp dir>``; a check
-passes when it exits 0. Plain asserts with messages.
+``<mmdet python> tests/detection_env_checks.py <check>[,<check>...] <tmp dir>``,
+which prints ``check NAME: ok`` or ``check NAME: FAIL`` and the traceback for
+each. Plain asserts with messages.
 """
 from __future__ import annotations
 
@@ -172,6 +173,7 @@ def check_pretrained_and_layer_decay(tmp: Path) -> None:
 def check_configs() -> None:
     """Every config loads with mmengine and names only registered types; the
     study configs build their backbone and schedules as published."""
+    import mmcv.ops
     import mmdet.registry as registries
     from mmengine.config import Config
     from mmengine.registry import Registry
@@ -198,7 +200,10 @@ def check_configs() -> None:
         cfg = Config.fromfile(str(path))
         import_modules_from_strings(**cfg.custom_imports)
         names = set(types(cfg.to_dict()))
-        missing = sorted(t for t in names if not any(r.get(t) is not None for r in all_registries))
+        # RoI layers and nms are named by their mmcv.ops attribute, not a registry
+        missing = sorted(
+            t for t in names if not any(r.get(t) is not None for r in all_registries) and not hasattr(mmcv.ops, t)
+        )
         assert not missing, f"{path.name}: unregistered types {missing}"
         assert cfg.model.backbone.type == "ViTAdapter" and registries.MODELS.get("ViTAdapter") is not None
         assert cfg.optim_wrapper.constructor == "LayerDecayOptimWrapperConstructor"
@@ -259,9 +264,18 @@ CHECKS = {
 }
 
 if __name__ == "__main__":
+    import traceback
+
     names = sys.argv[1].split(",")
     tmp_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(".")
+    failed = False
     for name in names:
         fn = CHECKS[name]
-        fn(tmp_dir) if fn.__code__.co_argcount else fn()
-        print(f"check {name}: ok", flush=True)
+        try:
+            fn(tmp_dir) if fn.__code__.co_argcount else fn()
+        except Exception:  # report every check, then fail
+            failed = True
+            print(f"check {name}: FAIL\n{traceback.format_exc()}", flush=True)
+        else:
+            print(f"check {name}: ok", flush=True)
+    sys.exit(1 if failed else 0)

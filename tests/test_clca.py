@@ -236,7 +236,9 @@ def test_average_pooling_ignores_extra_tokens():
         feats = model.reduction_state.features
         p = model.reduction_state.num_prefix
         pooled = model.forward_head(feats, pre_logits=True)
-    assert p > 0 and torch.allclose(pooled, model.fc_norm(feats[:, p:].mean(1)), atol=1e-6)
+        size = model.reduction_state.size[:, p:, None]
+        expected = model.fc_norm((feats[:, p:] * size).sum(1) / size.sum(1))  # the original patches' mean
+    assert p > 0 and torch.allclose(pooled, expected, atol=1e-5)
 
 
 def test_bad_options_fail_clearly():
@@ -327,6 +329,11 @@ def test_visual_query_tuning_trains_queries_and_head_only():
         model(images())
         assert torch.equal(model.backbone(images()), before)  # the queries never change the tokens
         assert model.tokens_kept == [32, 16, 8]
+    # on a CLCA backbone the classifier reads the stacked CLS tokens (4 layers) and the queries
+    on_clca = apply_tuning(build("topk", clca=CLCA_ON), "vqt").eval()
+    assert on_clca.classifier.in_features == 4 * D + DEPTH * D
+    with torch.no_grad():
+        assert on_clca(images()).shape == (2, CLASSES)
 
 
 def test_query_block_matches_a_masked_block_on_the_joint_sequence():
@@ -348,8 +355,10 @@ def test_bad_tuning_is_rejected():
         apply_tuning(build("topk"), "lora")
     with pytest.raises(ValueError, match="keep_fraction"):
         Head2ToeViT(build("topk"), keep_fraction=0)
+    from tokenreduction.train import TrainConfig
+
     with pytest.raises(ValueError, match="tuning must be"):
-        tr.train.TrainConfig(tuning="lora")
+        TrainConfig(tuning="lora")
 
 
 # ---------------------------------------------------------------- trainer + data

@@ -34,37 +34,54 @@ def mmdet_python() -> Path:
     return MMDET_PYTHON
 
 
-def run_check(python: Path, name: str, tmp_path: Path) -> None:
+def run_checks(python: Path, names: list[str], tmp_path: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
-        [str(python), str(CHECKS), name, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+        [str(python), str(CHECKS), ",".join(names), str(tmp_path)],
+        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
     )
-    assert proc.returncode == 0, f"check {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    assert f"check {name}: ok" in proc.stdout
+    return proc.stdout + "\n" + proc.stderr[-6000:]
 
 
-def test_backbone_feature_maps_have_fpn_shapes_with_and_without_reduction(mmdet_python, tmp_path):
-    run_check(mmdet_python, "feature_shapes", tmp_path)
+@pytest.fixture(scope="module")
+def env_checks(tmp_path_factory) -> str:
+    """Every check in one detection-environment process (importing mmdet
+    dominates the time); each test below asserts its own checks' lines."""
+    if not MMDET_PYTHON.exists():
+        return ""
+    names = ["no_timm", "feature_shapes", "unmerge_merge", "ratio_zero_matches", "bfloat16",
+             "pretrained_and_layer_decay", "configs", "train_eval"]
+    return run_checks(MMDET_PYTHON, names, tmp_path_factory.mktemp("detection_checks"))
 
 
-def test_unmerge_and_merge_match_loops_and_detection_imports_no_timm(mmdet_python, tmp_path):
-    run_check(mmdet_python, "unmerge_merge,no_timm", tmp_path)
+def assert_check(output: str, name: str) -> None:
+    assert f"check {name}: ok" in output, f"check {name} did not pass:\n{output[-8000:]}"
 
 
-def test_ratio_zero_and_keep_all_match_the_unreduced_backbone(mmdet_python, tmp_path):
-    run_check(mmdet_python, "ratio_zero_matches,bfloat16", tmp_path)
+def test_backbone_feature_maps_have_fpn_shapes_with_and_without_reduction(mmdet_python, env_checks):
+    assert_check(env_checks, "feature_shapes")
 
 
-def test_deit_checkpoint_loading_and_layer_decay(mmdet_python, tmp_path):
-    run_check(mmdet_python, "pretrained_and_layer_decay", tmp_path)
+def test_unmerge_and_merge_match_loops_and_detection_imports_no_timm(mmdet_python, env_checks):
+    assert_check(env_checks, "unmerge_merge")
+    assert_check(env_checks, "no_timm")
 
 
-def test_configs_load_and_name_only_registered_types(mmdet_python, tmp_path):
-    run_check(mmdet_python, "configs", tmp_path)
+def test_ratio_zero_and_keep_all_match_the_unreduced_backbone(mmdet_python, env_checks):
+    assert_check(env_checks, "ratio_zero_matches")
+    assert_check(env_checks, "bfloat16")
 
 
-def test_training_iterations_and_coco_evaluation_run_end_to_end(mmdet_python, tmp_path):
-    run_check(mmdet_python, "train_eval", tmp_path)
+def test_deit_checkpoint_loading_and_layer_decay(mmdet_python, env_checks):
+    assert_check(env_checks, "pretrained_and_layer_decay")
+
+
+def test_configs_load_and_name_only_registered_types(mmdet_python, env_checks):
+    assert_check(env_checks, "configs")
+
+
+def test_training_iterations_and_coco_evaluation_run_end_to_end(mmdet_python, env_checks):
+    assert_check(env_checks, "train_eval")
 
 
 def test_detection_package_imports_without_timm():

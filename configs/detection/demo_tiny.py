@@ -75,8 +75,8 @@ val_evaluator = dict(type="CocoMetric", ann_file="data/shapes/annotations/instan
 test_evaluator = val_evaluator
 
 max_iters = 3
-# validation only in the evaluation rule (val_interval beyond the run)
-train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters + 1)
+# no validation while training (val_begin beyond the run): the evaluation rule evaluates
+train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters, val_begin=max_iters + 1)
 val_cfg = dict(type="ValLoop")
 test_cfg = dict(type="TestLoop")
 param_scheduler = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=max_iters)]

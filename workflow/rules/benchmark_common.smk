@@ -97,11 +97,10 @@ def benchmark_batch_sizes():
 
 def benchmark_code(wildcards):
     """Fingerprint of the model code and of every benchmarked method."""
-    methods = sorted(
-        {s.method for s in bench_specs.specs_from_config(config, wildcards.backbone)}
-        - {None}
-    )
-    parts = [provenance.code_hash(("model", "benchmark"))]
+    specs = bench_specs.specs_from_config(config, wildcards.backbone)
+    methods = sorted({s.method for s in specs} - {None})
+    stages = ("model", "benchmark") + (("clca",) if any(s.clca for s in specs) else ())
+    parts = [provenance.code_hash(stages)]
     parts += [provenance.code_hash((), m) for m in methods]
     return "-".join(parts)
 

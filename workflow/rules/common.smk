@@ -283,7 +283,9 @@ def pretrain_spec(wildcards):
 def finetune_code(wildcards):
     """Fingerprint of the code a fine-tuning job runs (see tokenreduction.provenance)."""
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(_stages(("model", "data", "train"), wildcards.method), method)
+    return provenance.code_hash(
+        _stages(("model", "data", "train"), wildcards.method), method
+    )
 
 
 def evaluate_code(wildcards):

@@ -76,7 +76,7 @@ rule sd_generate:
     params:
         pipeline=sd_pipeline(),
         val_root=lambda w: sd_val_root(),
-        class_names=sd_class_names(),
+        class_names=sd_class_names_arg(),
         num_classes=DIFF.get("num_classes") or 0,
         images_per_class=DIFF.get("images_per_class", 2),
         steps=DIFF.get("steps", 50),
@@ -89,7 +89,7 @@ rule sd_generate:
         code=SD_CODE,
     shell:
         "python {input.script} --pipeline {params.pipeline:q} --val-root {params.val_root:q}"
-        " --class-names {params.class_names:q} --num-classes {params.num_classes}"
+        " {params.class_names} --num-classes {params.num_classes}"
         " --images-per-class {params.images_per_class} --steps {params.steps}"
         " --guidance {params.guidance} --img-size {params.img_size} --seed {params.seed}"
         " --device {params.device} --dtype {params.dtype} --threads {threads}"
@@ -117,7 +117,7 @@ rule sd_fid:
     params:
         extractor=SD_FID.get("feature_extractor", "inception"),
         mode=SD_FID.get("mode", "clean"),
-        weights=SD_FID.get("inception_weights") or "",
+        weights=sd_weights_arg(),
         pixel_dim=SD_FID.get("pixel_dim", 8),
         device=DIFF.get("device", "auto"),
         code=SD_CODE,
@@ -125,7 +125,7 @@ rule sd_fid:
         "python {input.script} --reference {input.reference:q} --generated {input.images:q}"
         " --timing {input.timing:q} --experiment {wildcards.sd_experiment}"
         " --extractor {params.extractor} --mode {params.mode}"
-        " --inception-weights {params.weights:q} --pixel-dim {params.pixel_dim}"
+        " {params.weights} --pixel-dim {params.pixel_dim}"
         " --device {params.device} --out {output.fid:q} > {log:q} 2>&1"
 
 

@@ -1,6 +1,8 @@
 # Helpers of diffusion.smk: settings, config checks, input functions (kept
 # apart from the rules, as the linter asks).
 
+import shlex
+
 DIFF = config.get("diffusion") or {}
 SD_DIR = f"{RESULTS}/diffusion"
 SD_TINY = f"{SD_DIR}/tiny-sd"
@@ -27,6 +29,13 @@ def _check_diffusion():
     for name, spec in DIFF["experiments"].items():
         if spec.get("merge_fn", "none") != "none" and not 0 <= float(spec.get("ratio", 0.5)) < 1:
             _fail(f"diffusion.experiments.{name}.ratio", "must be in [0, 1) (the fraction removed)")
+    source = str(DIFF.get("pipeline", "tiny"))
+    if source != "tiny" and not Path(source).exists():
+        if source.startswith(("/", ".", "~")) or source.count("/") != 1:
+            _fail(
+                "diffusion.pipeline",
+                f"{source} is neither an existing pipeline folder nor a hub name (owner/name)",
+            )
     weights = SD_FID.get("inception_weights")
     if SD_FID.get("feature_extractor", "inception") == "inception" and weights:
         if not Path(weights).exists():
@@ -67,21 +76,31 @@ def sd_val_root():
     return f"{spec['root']}/{spec.get('val_split', 'val')}"
 
 
-def sd_class_names():
-    """The --class-names argument: a JSON list, a file path, or '' (folder names)."""
+def sd_class_names_arg():
+    """--class-names with a JSON list or a file path; nothing for folder names."""
     names = DIFF.get("class_names")
     if names is None:
         return ""
-    return names if isinstance(names, str) else json.dumps(names)
+    value = names if isinstance(names, str) else json.dumps(names)
+    return f"--class-names {shlex.quote(value)}"
+
+
+def sd_weights_arg():
+    """--inception-weights when the config names a file; nothing for clean-fid's default."""
+    weights = SD_FID.get("inception_weights")
+    return f"--inception-weights {shlex.quote(str(weights))}" if weights else ""
 
 
 def sd_merge_spec(wildcards):
     """apply_patch options of an experiment as JSON (merge_fn none = no merging)."""
     spec = dict(DIFF["experiments"][wildcards.sd_experiment])
+    spec.pop("runtime", None)
     spec.setdefault("merge_fn", "none")
     return json.dumps(spec, sort_keys=True)
 
 
 def sd_gen_runtime(wildcards, attempt):
-    """Minutes per generation job: config runtime (default 60), doubled per retry."""
-    return int(DIFF.get("runtime", 60) * attempt)
+    """Minutes per generation job: the experiment's runtime, else the section's
+    (default 60); doubled on each retry."""
+    spec = DIFF["experiments"][wildcards.sd_experiment]
+    return int(spec.get("runtime", DIFF.get("runtime", 60)) * attempt)

@@ -37,6 +37,7 @@ class ModelSpec:
         out = asdict(self)
         out["reduction_loc"] = None if self.reduction_loc is None else list(self.reduction_loc)
         out["method_kwargs"] = dict(self.method_kwargs)
+        out["clca"] = None if self.clca is None else dict(self.clca)
         return out
 
     @classmethod
@@ -51,7 +52,9 @@ def specs_from_config(config: Mapping[str, Any], backbone: str) -> List[ModelSpe
     """The models the workflow config asks to benchmark on `backbone`: the
     baseline, then every (method, keep rate) of the experiments that use the
     backbone (narrowed by ``benchmark.methods`` / ``benchmark.keep_rates``
-    when given), then ``benchmark.r_models`` (ToMe-style r per block)."""
+    when given), then ``benchmark.r_models`` (ToMe-style r per block). A
+    method variant's own ``budget`` and ``clca`` options are honoured as in
+    fine-tuning; its other keys are the method's keyword arguments."""
     bench = config.get("benchmark") or {}
     only_methods = bench.get("methods")
     only_rates = None if bench.get("keep_rates") is None else {float(v) for v in bench["keep_rates"]}

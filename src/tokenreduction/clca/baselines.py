@@ -254,7 +254,12 @@ class VisualQueryTuningViT(_FrozenBackbone):
         depth, dim = len(backbone.blocks), backbone.embed_dim
         self.num_queries = num_queries
         self.queries = nn.Parameter(nn.init.trunc_normal_(torch.zeros(depth, num_queries, dim), std=0.02))
-        head_in = backbone.num_features + depth * num_queries * dim
+        clca = getattr(backbone, "clca", None)
+        if getattr(clca, "head", None) is not None:  # CLCA's pre-logits: the stacked CLS tokens
+            pooled_dim = dim * len(clca.cls_layers)
+        else:
+            pooled_dim = backbone.num_features
+        head_in = pooled_dim + depth * num_queries * dim
         self.classifier = nn.Linear(head_in, backbone.num_classes)
         for blk in backbone.blocks:
             blk.register_forward_pre_hook(_capture_input)

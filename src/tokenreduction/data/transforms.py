@@ -79,6 +79,10 @@ def _auto_augment(spec: str, img_size: int, mean: Sequence[float], interpolation
     return rand_augment_transform(spec, params) if spec.startswith("rand") else auto_augment_transform(spec, params)
 
 
+#: the single-label demo kind (scikit-learn's digits)
+DIGIT_KINDS = ("digits",)
+
+
 def build_transform(
     is_train: bool,
     img_size: int,
@@ -131,6 +135,14 @@ def build_transform(
                 ops.append(_auto_augment(aa, img_size, mean, interpolation))
             return T.Compose(ops + normalize + erase)
         return T.Compose(ops + [T.CenterCrop(img_size)] + normalize)
+
+    if kind in DIGIT_KINDS:
+        # 8x8 digits upscaled: a flip or a small random crop changes the class
+        # or loses the digit, so only a mild scale jitter and no flip
+        if is_train:
+            ops = [T.RandomResizedCrop(img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=mode)]
+            return T.Compose(ops + normalize + erase)
+        return T.Compose([T.Resize((img_size, img_size), interpolation=mode)] + normalize)
 
     if is_train:
         timm_aug = {k: v for k, v in aug.items() if k in _TIMM_KEYS}

@@ -19,6 +19,11 @@ from typing import Optional, Sequence
 import torch
 from mmengine.config import Config
 
+# mmengine 0.10 calls torch.load without weights_only, and its checkpoints hold
+# more than tensors (message hub, meta), which torch >= 2.6 refuses by default:
+# load them in full (the run's own checkpoints, or ones the config names).
+os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
 CUSTOM_IMPORTS = ["tokenreduction.detection.vit_adapter", "tokenreduction.detection.optim"]
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 EVALUATORS = {"val_dataloader": "val_evaluator", "test_dataloader": "test_evaluator"}

@@ -188,7 +188,7 @@ class DeformCrossAttention(nn.Module):
         zero = query.new_zeros(())  # mmcv adds `identity`; the residual is ours
         return self.attn(
             self.query_norm(query), value=self.feat_norm(feat), identity=zero,
-            reference_points=ref, spatial_shapes=spatial, level_start_index=start,
+            reference_points=ref.to(query.dtype), spatial_shapes=spatial, level_start_index=start,
         )
 
 

@@ -138,7 +138,7 @@ def load_pipeline(source: PathLike, device: Optional[str] = None, dtype: Optiona
     if local and not (Path(source) / TINY_MARKER).exists():
         raise ValueError(f"pipeline folder {source} has no {TINY_MARKER}: not a diffusers pipeline folder")
     pipe = StableDiffusionPipeline.from_pretrained(
-        source, torch_dtype=resolve_dtype(dtype, dev), local_files_only=local
+        source, dtype=resolve_dtype(dtype, dev), local_files_only=local
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
