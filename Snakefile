@@ -18,6 +18,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/diffusion.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
@@ -34,6 +35,7 @@ rule all:
     input:
         f"{RESULTS}/summary/metrics.csv",
         analysis_targets(),
+        diffusion_targets(),
         ots_targets(),
         mae_targets(),
         detection_targets(),

@@ -11,5 +11,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install --quiet -e ".[workflow,test]"
+.venv/bin/python -m pip install --quiet -e ".[workflow,diffusion,test]"
+# the detection stage's own environment (OpenMMLab pins older versions):
+# .venv-mmdet, compiled once (~11 min on 2 cores), skipped when present
+if [ "${TOKENREDUCTION_SKIP_MMDET:-0}" != 1 ]; then
+  bash envs/install_mmdet.sh
+fi
 echo "installed: $(.venv/bin/python -c 'import torch, timm, snakemake; print("torch", torch.__version__, "timm", timm.__version__, "snakemake", snakemake.__version__)')"

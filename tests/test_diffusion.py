@@ -4,6 +4,7 @@ Tiny random-weight models and fabricated images only; nothing is downloaded.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -227,6 +228,17 @@ def test_every_merge_function_runs_inside_the_unet(unet, inputs, reference, merg
     assert out.shape == reference.shape and torch.isfinite(out).all()
     assert not torch.equal(out, reference)
     assert sum(t == (N_FULL, N_FULL // 2) for t in tokens.values()) == FULL_RES_BLOCKS
+
+
+@pytest.mark.parametrize("merge_fn", ["tome", "atc"])
+def test_merging_runs_in_bfloat16(unet, inputs, merge_fn):
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    x, e = (t.to(torch.bfloat16) for t in inputs)
+    apply_patch(half, ratio=0.5, merge_fn=merge_fn, merge_mlp=True)
+    with torch.no_grad():
+        out = half(x, 10, e).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert sum(t == (N_FULL, N_FULL // 2) for t in patch_state(half).tokens.values()) == FULL_RES_BLOCKS
 
 
 def test_matches_tomesd_without_randomness(unet, inputs):

@@ -118,6 +118,8 @@ def tiny_demo_config(tmp_path) -> dict:
 @pytest.mark.slow
 def test_reduced_demo_runs_reruns_nothing_and_reruns_only_what_changed(tmp_path):
     config = tiny_demo_config(tmp_path)
+    for stage in ("ots", "mae", "detection", "diffusion", "benchmark"):  # tested on their own
+        config.pop(stage, None)
     path = write_config(tmp_path / "demo.yaml", config)
     snakemake(["--cores", "2", "--configfile", str(path)], tmp_path, timeout=1200)
 

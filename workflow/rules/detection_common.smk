@@ -43,7 +43,9 @@ def _det_runs():
 
 DET_RUNS = _det_runs() if DET.get("enabled", True) else []
 if DET_RUNS and DET.get("data_root") and not Path(DET["data_root"]).exists():
-    _fail("detection.data_root", f"{DET['data_root']} does not exist (a COCO-layout root)")
+    _fail(
+        "detection.data_root", f"{DET['data_root']} does not exist (a COCO-layout root)"
+    )
 
 
 wildcard_constraints:

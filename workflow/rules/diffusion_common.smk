@@ -27,11 +27,21 @@ def _check_diffusion():
             f"{DIFF['dataset']!r} is not defined under datasets: ({', '.join(config['datasets'])})",
         )
     for name, spec in DIFF["experiments"].items():
-        if spec.get("merge_fn", "none") != "none" and not 0 <= float(spec.get("ratio", 0.5)) < 1:
-            _fail(f"diffusion.experiments.{name}.ratio", "must be in [0, 1) (the fraction removed)")
+        if (
+            spec.get("merge_fn", "none") != "none"
+            and not 0 <= float(spec.get("ratio", 0.5)) < 1
+        ):
+            _fail(
+                f"diffusion.experiments.{name}.ratio",
+                "must be in [0, 1) (the fraction removed)",
+            )
     source = str(DIFF.get("pipeline", "tiny"))
     if source != "tiny" and not Path(source).exists():
-        if source.startswith(("/", ".", "~")) or source.count("/") != 1:
+        if (
+            Path(source).is_absolute()
+            or source.startswith((".", "~"))
+            or source.count("/") != 1
+        ):
             _fail(
                 "diffusion.pipeline",
                 f"{source} is neither an existing pipeline folder nor a hub name (owner/name)",
