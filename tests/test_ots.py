@@ -417,7 +417,7 @@ def test_demo_ots_and_mae_stages_run(tmp_path):
     from workflow_utils import snakemake, write_config
 
     config = tiny_demo_config(tmp_path)
-    config["ots"].update(methods=["tome", "atc-single", "topk"], r=[0, 3])
+    config["ots"].update(methods=["tome", "atc-single", "topk"], r=[0, 3], schedules=["constant", "decrease"])
     config["mae"].update(methods=["deit", "atc-average"])
     path = write_config(tmp_path / "demo.yaml", config)
     results = tmp_path / "results"
