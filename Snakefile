@@ -17,6 +17,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/software.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/diffusion.smk"
 include: "workflow/rules/finetune.smk"

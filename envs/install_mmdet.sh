@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # Creates the second environment the detection rules run in (default
-# .venv-mmdet; pass another path as $1 or MMDET_VENV). The OpenMMLab stack pins
-# older versions than the rest of the project: mmdet 3.3.0 asserts mmcv<2.2.0,
-# so mmcv 2.1.0 + mmengine 0.10.7, with mmcv's compiled ops built from source
-# against torch 2.13.0 (CPU build; ~11 min on 2 cores). No torchvision/timm
-# here: tokenreduction.detection imports only torch, mmcv, mmengine and mmdet.
+# .venv-mmdet; pass another path as $1 or MMDET_VENV). The workflow runs it as
+# its job `detection_env`, so nobody needs to call it by hand; calling it by
+# hand is fine too.
+#
+# The OpenMMLab stack pins older versions than the rest of the project: mmdet
+# 3.3.0 asserts mmcv<2.2.0, so mmcv 2.1.0 + mmengine 0.10.7, with mmcv's
+# compiled ops built from source against torch 2.13.0 (CPU build; ~12 min on 2
+# cores, MAX_JOBS compilers at once). The compiled mmcv wheel is cached under
+# ${TOKENREDUCTION_CACHE:-~/.cache/tokenreduction}/wheels/, keyed by the mmcv
+# version, the torch version and the Python tag, so a rebuild installs it in
+# seconds; a fresh machine compiles. No torchvision/timm here:
+# tokenreduction.detection imports only torch, mmcv, mmengine and mmdet.
 # Idempotent: every step is skipped when what it installs is already there.
+# Last, it writes <venv>/tokenreduction-env.json (the versions), the output
+# the detection jobs wait for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-${MMDET_VENV:-.venv-mmdet}}
 PYTHON=${PYTHON:-python3}
+TORCH=2.13.0
+MMCV=2.1.0
+CACHE=${TOKENREDUCTION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tokenreduction}
 start=$(date +%s)
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
@@ -29,15 +41,32 @@ for spec in sys.argv[1:]:
         sys.exit(1)
 PYEOF
 }
-has torch==2.13.0 || "${PIP[@]}" "torch==2.13.0"
+has "torch==$TORCH" || "${PIP[@]}" "torch==$TORCH"
 # mmcv's setup.py imports pkg_resources (removed in setuptools 81).
 has mmengine==0.10.7 ninja wheel || "${PIP[@]}" "setuptools>=77.0.3,<81" wheel ninja "numpy<2" "mmengine==0.10.7"
-if ! has mmcv==2.1.0 || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
-  # No cache: a cached wheel would be reused against another torch.
-  MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
-    "${PIP[@]}" --no-build-isolation --no-cache-dir "mmcv==2.1.0"
+if ! has "mmcv==$MMCV" || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
+  key=$("$PY" -c "import sys, platform, torch; print(f'mmcv-$MMCV-torch-{torch.__version__}-cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}')")
+  wheels="$CACHE/wheels/$key"
+  if ! ls "$wheels"/mmcv-*.whl > /dev/null 2>&1; then
+    echo "compiling mmcv $MMCV with its ops against torch $($PY -c 'import torch; print(torch.__version__)') (cached as $wheels)"
+    mkdir -p "$CACHE/wheels"
+    tmp=$(mktemp -d "$CACHE/wheels/.build-XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    # pip's own cache is bypassed: its wheel would not say which torch it was built against
+    MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
+      "$PY" -m pip wheel --quiet --no-deps --no-build-isolation --no-cache-dir "mmcv==$MMCV" -w "$tmp"
+    # atomic: another build of the same key may have finished meanwhile
+    mv -T "$tmp" "$wheels" 2>/dev/null || rm -rf "$tmp"
+    trap - EXIT
+  else
+    echo "mmcv $MMCV: cached wheel $wheels"
+  fi
+  "${PIP[@]}" "$wheels"/mmcv-*.whl "numpy<2"
 fi
 has mmdet==3.3.0 pycocotools || "${PIP[@]}" "mmdet==3.3.0" pycocotools "numpy<2"
 has tokenreduction || "${PIP[@]}" --no-deps -e .
-"$PY" -c "import torch, mmcv, mmcv.ops, mmengine, mmdet, tokenreduction.detection; print('mmdet env:', 'torch', torch.__version__, 'mmcv', mmcv.__version__, 'mmengine', mmengine.__version__, 'mmdet', mmdet.__version__)"
+versions=$("$PY" -c "import json, torch, mmcv, mmcv.ops, mmengine, mmdet, tokenreduction.detection; print(json.dumps({'torch': torch.__version__, 'mmcv': mmcv.__version__, 'mmengine': mmengine.__version__, 'mmdet': mmdet.__version__}))")
+echo "mmdet env: $versions"
+printf '%s\n' "$versions" > "$VENV/tokenreduction-env.json.tmp"
+mv "$VENV/tokenreduction-env.json.tmp" "$VENV/tokenreduction-env.json"
 echo "mmdet env install took $(( $(date +%s) - start )) s"

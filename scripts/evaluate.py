@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--patterns", required=True)
     parser.add_argument("--features", required=True)
     args = parser.parse_args()
-    evaluate(
+    metrics = evaluate(
         checkpoint=args.checkpoint,
         dataset=args.kind,
         data_root=args.root,
@@ -26,11 +26,12 @@ def main() -> None:
         img_size=args.img_size,
         batch_size=args.batch_size,
         num_pattern_images=args.num_pattern_images,
-        throughput_batch=args.throughput_batch or None,
+        throughput_batch=args.throughput_batch,
         out_metrics=args.metrics,
         out_patterns=args.patterns,
         out_features=args.features,
     )
+    print(f"{metrics['metric']} {metrics['value']:.2f} on {metrics['num_images']} images of {metrics['split']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def main() -> None:
     parser.add_argument("--inception-weights", default="", help="path to inception-2015-12-05.pt ('' = clean-fid's)")
     parser.add_argument("--pixel-dim", type=int, default=8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     try:
@@ -25,6 +26,7 @@ def main() -> None:
             args.reference, args.generated, extractor=args.extractor, mode=args.mode,
             inception_weights=args.inception_weights or None,
             device=None if args.device == "auto" else args.device, pixel_dim=args.pixel_dim,
+            progress_every=args.progress_every,
         )
     except MissingWeightsError as e:
         sys.exit(f"error: {e}")

@@ -18,6 +18,11 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--img-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed-scheme", default="study", choices=["study", "unique"],
+                        help='study: base + int(f"{class}{image}") (the ATC study); unique: base + class x n + image')
+    parser.add_argument("--attention", default="default", choices=["default", "flash", "keep"],
+                        help="UNet attention processor: diffusers' default (the study), flash (AttnProcessor2_0), keep")
+    parser.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -37,10 +42,12 @@ def main() -> None:
     record = generate_images(
         pipe, names, args.out_images, images_per_class=args.images_per_class, steps=args.steps,
         guidance=args.guidance, img_size=args.img_size, seed=args.seed, merge=json.loads(args.merge),
+        seed_scheme=args.seed_scheme, attn_processor=args.attention, progress_every=args.progress_every,
     )
     record["pipeline"] = args.pipeline
     write_json(args.out_timing, record)
-    print(f"{record['num_images']} images, {record['time_mean']:.3f} +- {record['time_std']:.3f} s per image;"
+    print(f"{record['num_images']} images, {record['time_mean']:.3f} +- {record['time_std']:.3f} s per image"
+          f" ({record['attn_processor']}, seeds {record['seed_scheme']});"
           f" merged tokens per block: {record['merged_tokens']}")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs" / "detection"
+CONFIGS = REPO / "config" / "detection"
 torch.set_num_threads(1)  # tiny models; threads only add latency on shared cores
 
 TINY = dict(

@@ -265,20 +265,27 @@ def test_heatmap_values_against_references():
     g = rng(30)
     a, b = g.random((6, 6)) + 0.05, g.random((6, 6)) + 0.05
     p, q = a / a.sum(), b / b.sum()
-    assert heatmaps.kld(a, b) == pytest.approx(stats.entropy(q.ravel(), p.ravel()), rel=1e-9)
-    assert heatmaps.kld(b, a) == pytest.approx(stats.entropy(p.ravel(), q.ravel()), rel=1e-9)
-    assert heatmaps.kld(a, b, base=2) == pytest.approx(heatmaps.kld(a, b) / math.log(2))
+    # the study's log base 2 is the default; natural log on request
+    assert heatmaps.kld(a, b) == pytest.approx(stats.entropy(q.ravel(), p.ravel(), base=2), rel=1e-9)
+    assert heatmaps.kld(b, a) == pytest.approx(stats.entropy(p.ravel(), q.ravel(), base=2), rel=1e-9)
+    assert heatmaps.kld(a, b, base=np.e) == pytest.approx(stats.entropy(q.ravel(), p.ravel()), rel=1e-9)
+    assert heatmaps.kld(a, b, base=np.e) == pytest.approx(heatmaps.kld(a, b) * math.log(2))
     from scipy.spatial.distance import jensenshannon
-    assert heatmaps.jsd(a, b) == pytest.approx(jensenshannon(p.ravel(), q.ravel()) ** 2, rel=1e-9)
+    assert heatmaps.jsd(a, b) == pytest.approx(jensenshannon(p.ravel(), q.ravel(), base=2) ** 2, rel=1e-9)
+    assert heatmaps.jsd(a, b, base=np.e) == pytest.approx(jensenshannon(p.ravel(), q.ravel()) ** 2, rel=1e-9)
+    assert heatmaps.heatmap_metrics(a, b)["KLD12"] == pytest.approx(heatmaps.kld(a, b, base=2))
+    with pytest.raises(ValueError, match="log base"):
+        heatmaps.kld(a, b, base=1)
     assert heatmaps.pearson_cc(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1])
     assert heatmaps.spearman_cc(a, b) == pytest.approx(stats.spearmanr(a.ravel(), b.ravel()).statistic)
     # SIM: min-max, sum-normalise, intersect
     mm = lambda x: (x - x.min()) / (x.max() - x.min())
     assert heatmaps.similarity(a, b) == pytest.approx(np.minimum(mm(a) / mm(a).sum(), mm(b) / mm(b).sum()).sum())
-    # disjoint supports: JSD = log 2, SIM = 0 (after min-max both have zeros elsewhere)
+    # disjoint supports: JSD = 1 bit (log 2 nats), SIM = 0 (after min-max both have zeros elsewhere)
     d1, d2 = np.zeros((4, 4)), np.zeros((4, 4))
     d1[0, 0], d2[3, 3] = 1, 1
-    assert heatmaps.jsd(d1, d2) == pytest.approx(math.log(2))
+    assert heatmaps.jsd(d1, d2) == pytest.approx(1.0)
+    assert heatmaps.jsd(d1, d2, base=np.e) == pytest.approx(math.log(2))
     assert heatmaps.similarity(d1, d2) == 0
     assert np.isnan(heatmaps.pearson_cc(np.ones((3, 3)), a[:3, :3]))
 

@@ -12,14 +12,14 @@ import tokenreduction as tr
 from tokenreduction.models.budget import StageBudget
 from tokenreduction.patterns import compose_assignments
 from tokenreduction.reduction import BlockFeatures, get_method
-from tokenreduction.reduction.ats import ats_sample, ats_significance
+from tokenreduction.reduction.ats import ats_sample, ats_sample_steps, ats_significance
 from tokenreduction.reduction.dpcknn import dpc_knn_cluster
 from tokenreduction.reduction.dynamicvit import (
     DynamicViTLoss,
     dynamicvit_distillation_loss,
     dynamicvit_ratio_loss,
 )
-from tokenreduction.reduction.heuristic import centre_rank
+from tokenreduction.reduction.heuristic import centre_rank, heuristic_kept_count
 from tokenreduction.reduction.kmedoids import kmedoids_cluster
 
 torch.set_num_threads(1)
@@ -200,7 +200,7 @@ def test_dynamicvit_loss_trains_predictor():
 
 
 def ats_reference(cls_attn, value, mask, k):
-    """Per-image loop: scores, CDF, first index reaching each quantile, set."""
+    """Per-image loop, midpoint rule: scores, CDF, first index reaching each quantile, set."""
     B, H, N = cls_attn.shape
     kept = []
     for b in range(B):
@@ -220,7 +220,64 @@ def ats_reference(cls_attn, value, mask, k):
     return kept
 
 
+def ats_nearest_reference(cls_attn, value, mask, k):
+    """Per-image loop, the published rule: S / (sum + 1e-6), CDF (+0.1 where
+    padded), for each of the float32 steps of K = k + 1 the token of nearest
+    CDF (first on ties), the distinct picks ascending."""
+    B, H, N = cls_attn.shape
+    steps = [float(v) for v in ats_sample_steps(k + 1)]
+    kept = []
+    for b in range(B):
+        s = [sum(cls_attn[b, h, n].item() * value[b, h, n].norm().item() for h in range(H)) for n in range(N)]
+        tot = sum(s) + 1e-6
+        cdf, acc = [], 0.0
+        for n, v in enumerate(s):
+            acc += v / tot
+            cdf.append(acc + (0.1 if mask is not None and not mask[b, n] else 0.0))
+        kept.append(sorted({min(range(N), key=lambda n: (abs(q - cdf[n]), n)) for q in steps}))
+    return kept
+
+
+def test_ats_sample_steps_follow_float32_arange():
+    for K in [2, 3, 10, 33, 35, 60, 138]:
+        steps = ats_sample_steps(K)
+        assert steps.dtype == torch.float32
+        assert steps.numel() == (K if K in (3, 35, 60) else K - 1)  # rounding gives K steps for some K
+        assert torch.allclose(steps.double(), (torch.arange(steps.numel()) + 0.5).double() / K, atol=1e-6)
+
+
+def test_ats_nearest_cdf_rule_matches_loop():
+    torch.manual_seed(1)
+    B, H, N, C, k = 4, 3, 24, 8, 10
+    cls_attn = torch.rand(B, H, N, dtype=torch.float64) ** 4
+    cls_attn[0, :, 5] = 50.0  # image 0: one dominant token, many duplicate picks
+    value = torch.randn(B, H, N, 6, dtype=torch.float64)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[3, -6:] = False  # padding of an earlier stage sits at the end
+    cls_attn[3, :, -6:] = 0.0
+    x, size = torch.randn(B, N, C, dtype=torch.float64), torch.randint(1, 4, (B, N)).double()
+    m = get_method("ats")(dim=C)
+    out = m(x, size, BlockFeatures(cls_attn=cls_attn, value=value, mask=mask), budget(k))
+    assert out.x.dtype == torch.float64
+    assert out.x.shape[1] == m.output_count(N, budget(k)) == ats_sample_steps(k + 1).numel()
+    ref = ats_nearest_reference(cls_attn, value, mask, k)
+    assert len(ref[0]) < k
+    for b in range(B):
+        kept = (out.assignment[b] >= 0).nonzero().flatten().tolist()
+        assert kept == ref[b]
+        n = len(kept)
+        assert out.mask[b, :n].all() and not out.mask[b, n:].any()
+        assert torch.equal(out.x[b, :n], x[b, kept]) and torch.equal(out.size[b, :n], size[b, kept])
+    assert max(ref[3]) < N - 6  # padded tokens are not picked
+
+
+def test_ats_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="quantile_rule"):
+        get_method("ats")(dim=4, quantile_rule="first")
+
+
 def test_ats_matches_reference_and_pads():
+    """The midpoint rule (``quantile_rule="midpoint"``, off by default)."""
     torch.manual_seed(0)
     B, H, N, C, k = 4, 3, 24, 8, 10
     cls_attn = torch.rand(B, H, N) ** 4  # peaked: duplicates happen
@@ -229,7 +286,8 @@ def test_ats_matches_reference_and_pads():
     mask = torch.ones(B, N, dtype=torch.bool)
     mask[2, ::2] = False
     x, size = torch.randn(B, N, C), torch.randint(1, 4, (B, N)).float()
-    out = get_method("ats")(dim=C)(x, size, BlockFeatures(cls_attn=cls_attn, value=value, mask=mask), budget(k))
+    ats = get_method("ats")(dim=C, quantile_rule="midpoint")
+    out = ats(x, size, BlockFeatures(cls_attn=cls_attn, value=value, mask=mask), budget(k))
     assert out.x.shape == (B, k, C) and out.mask.shape == (B, k)
     ref = ats_reference(cls_attn, value, mask, k)
     counts = out.mask.sum(1).tolist()
@@ -278,8 +336,36 @@ def brute_force_centre(h, w, k, pattern):
     return sorted(sorted(range(h * w), key=lambda i: (d(i), i))[:k])
 
 
+def reference_shells(P, requested, pattern):
+    """The published rule in exact rational arithmetic: coordinates
+    linspace(-P//2, P//2, P), whole shells, count closest to the request (ties
+    to the smaller radius); returns the kept raster indices."""
+    from fractions import Fraction
+
+    lo, hi = -P // 2, P // 2
+    c = [abs(Fraction(lo) + Fraction(hi - lo, P - 1) * i) for i in range(P)]
+    z = [{"l1": a + b, "l2": a * a + b * b, "linf": max(a, b)}[pattern] for a in c for b in c]
+    shells = sorted(set(z))
+    counts = [sum(v <= u for v in z) for u in shells]
+    best = min(range(len(shells)), key=lambda i: (abs(requested - counts[i]), i))
+    return [i for i, v in enumerate(z) if v <= shells[best]]
+
+
+@pytest.mark.parametrize("P,requested,pattern", [(14, 137, "l2"), (14, 96, "linf"), (7, 12, "l2"), (7, 24, "linf"),
+                                                 (4, 8, "l1"), (8, 20, "l1")])
+def test_heuristic_reference_keeps_whole_shells(P, requested, pattern):
+    m = get_method("heuristic")(dim=3, pattern=pattern, grid_size=(P, P))
+    x = torch.randn(2, P * P, 3)
+    out = m(x, torch.ones(2, P * P), BlockFeatures(), budget(requested))
+    kept = reference_shells(P, requested, pattern)
+    assert out.x.shape[1] == len(kept) == m.output_count(P * P, budget(requested))
+    assert (out.assignment[0] >= 0).nonzero().flatten().tolist() == kept
+    assert torch.equal(out.x, x[:, kept])
+
+
 @pytest.mark.parametrize("pattern", ["l1", "l2", "linf"])
 def test_heuristic_kept_set_matches_brute_force(pattern):
+    """The exact-centre rule (``rule="exact"``, off by default)."""
     for h, w in [(8, 8), (7, 7), (6, 9)]:
         rank = centre_rank((h, w), pattern)
         for k in [1, 5, 12, h * w]:
@@ -288,7 +374,9 @@ def test_heuristic_kept_set_matches_brute_force(pattern):
 
 @pytest.mark.parametrize("pattern", ["l1", "linf"])
 def test_heuristic_in_model_across_stages(pattern):
-    model = tiny_model("heuristic", keep_rate=0.7, img_size=(24, 32), method_kwargs={"pattern": pattern}).eval()
+    model = tiny_model(
+        "heuristic", keep_rate=0.7, img_size=(24, 32), method_kwargs={"pattern": pattern, "rule": "exact"}
+    ).eval()
     assert model.blocks[3].reduction.grid_size == (6, 8)
     y = model(torch.randn(2, 3, 24, 32))
     assert y.shape == (2, 5)
@@ -347,13 +435,69 @@ def kmedoids_reference(x, w, k, iters):
     return med, assign(med)
 
 
+def kmedoids_published(x, w, k, iters, first):
+    """Per-image loops of the published rules: top-k weights (or `first`,
+    then the max-of-max farthest point), new medoid of slot j the member i
+    minimising w_i * sum over ALL tokens of d(i, .)."""
+    N = x.shape[0]
+    D = torch.cdist(x, x)
+    if w is None:
+        med = [first]
+        while len(med) < k:
+            far = [0.0 if i in med else max(D[i, m].item() for m in med) for i in range(N)]
+            med.append(max(range(N), key=lambda i: (far[i], -i)))
+        w = torch.ones(N, dtype=x.dtype)
+    else:
+        med = sorted(range(N), key=lambda i: (-w[i].item(), i))[:k]
+    total = [w[i].item() * D[i].sum().item() for i in range(N)]
+
+    def assign(med):
+        return [min(range(k), key=lambda c: (D[i, med[c]].item(), c)) for i in range(N)]
+
+    for _ in range(iters):
+        lab = assign(med)
+        med = [min([i for i in range(N) if lab[i] == c], key=lambda i: (total[i], i)) for c in range(k)]
+    return med, assign(med)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_kmedoids_published_rules_match_loops(weighted):
+    torch.manual_seed(0)
+    B, N, C, k = 3, 30, 6, 7
+    x = torch.randn(B, N, C, dtype=torch.float64)
+    w = torch.rand(B, N, dtype=torch.float64) if weighted else None
+    m = get_method("kmedoids")(dim=C, equal_weight=not weighted, init_index=None if weighted else 4)
+    out = m(x, torch.ones(B, N), BlockFeatures(attn_received=w), budget(k))
+    assert out.x.dtype == torch.float64
+    for b in range(B):
+        rmed, rlab = kmedoids_published(x[b], None if w is None else w[b], k, 3, 4)
+        assert torch.equal(out.x[b], x[b, rmed]) and out.assignment[b].tolist() == rlab
+
+
+def test_kmedoids_random_first_medoid_is_seeded():
+    torch.manual_seed(0)
+    x = torch.randn(2, 20, 4)
+    runs = []
+    for seed in (0, 0, 1):
+        m = get_method("kmedoids")(dim=4, equal_weight=True, seed=seed)
+        runs.append([m(x, torch.ones(2, 20), BlockFeatures(), budget(5)).assignment for _ in range(3)])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))  # same seed, same sequence of draws
+    firsts = [get_method("kmedoids")(dim=4, equal_weight=True, seed=s).first_medoid(20, "cpu").item() for s in range(8)]
+    assert len(set(firsts)) > 1  # the first medoid is drawn, not fixed
+    with pytest.raises(ValueError, match="init_index"):
+        get_method("kmedoids")(dim=4, equal_weight=True, init_index=30)(x, torch.ones(2, 20), BlockFeatures(), budget(5))
+    with pytest.raises(ValueError, match="medoid_update"):
+        get_method("kmedoids")(dim=4, medoid_update="mean")
+
+
 @pytest.mark.parametrize("weighted", [True, False])
 def test_kmedoids_matches_reference(weighted):
+    """The project's earlier rules (``init="farthest"``, ``medoid_update="textbook"``, off by default)."""
     torch.manual_seed(0)
     B, N, C, k = 3, 30, 6, 7
     x = torch.randn(B, N, C)
     w = torch.rand(B, N) if weighted else None
-    med, lab = kmedoids_cluster(x, w, k, iters=3)
+    med, lab = kmedoids_cluster(x, w, k, iters=3, init="farthest", medoid_update="textbook")
     for b in range(B):
         rmed, rlab = kmedoids_reference(x[b], None if w is None else w[b], k, 3)
         assert med[b].tolist() == rmed and lab[b].tolist() == rlab
@@ -414,7 +558,7 @@ def test_dpcknn_weighted_merge_and_gradient():
     assert torch.equal(out.size.sum(1), size.sum(1))
     _, lab = dpc_knn_cluster(x, 5, 5)
     assert torch.equal(out.assignment, lab)
-    s = m.score(x).squeeze(-1).exp() * size
+    s = m.score(x).squeeze(-1).exp()  # the reference's weights: exp(score), sizes not used
     for b in range(2):
         for c in range(5):
             mem = (lab[b] == c).nonzero().flatten()
@@ -424,6 +568,14 @@ def test_dpcknn_weighted_merge_and_gradient():
     out.x.pow(2).sum().backward()
     assert m.score.weight.grad is not None and m.score.weight.grad.abs().sum() > 0
     assert x.grad.abs().sum() > 0
+    # size_weighted (off by default): exp(score) * size
+    sw = get_method("dpcknn")(dim=8, size_weighted=True)
+    sw.load_state_dict(m.state_dict())
+    out_sw = sw(x.detach(), size, BlockFeatures(), budget(5))
+    s = sw.score(x.detach()).squeeze(-1).exp() * size
+    mem = (lab[1] == 2).nonzero().flatten()
+    ref = (s[1, mem, None] * x.detach()[1, mem]).sum(0) / s[1, mem].sum()
+    assert torch.allclose(out_sw.x[1, 2], ref, atol=1e-5)
     # equal weights: plain size-weighted means, no parameters
     eq = get_method("dpcknn")(dim=8, equal_weight=True)
     assert not list(eq.parameters())
@@ -454,6 +606,8 @@ def test_create_model_forward_backward_and_conservation(method):
     assert torch.equal(y1, y2)  # deterministic in eval
     state = model.reduction_state
     for rec, expected in zip(state.stages, [44, 31, 21]):
+        if method == "heuristic":  # the published rule keeps whole distance shells (8 x 8 grid)
+            expected = heuristic_kept_count((8, 8), rec.tokens_in, expected, "l2")
         if method == "ats":
             assert rec.tokens_out <= expected
         else:
@@ -483,7 +637,9 @@ def test_unit_output_counts_and_assignment(method):
     m = get_method(method)(dim=C).eval()
     x, size = torch.randn(B, N, C), torch.ones(B, N)
     out = m(x, size, feats, budget(10))
-    assert out.x.shape == (B, 10, C) and out.size.shape == (B, 10)
+    M = m.output_count(N, budget(10))  # 10, or whole shells for the heuristic, 10 steps for ATS (K = 11)
+    assert M == (12 if method == "heuristic" else 10)
+    assert out.x.shape == (B, M, C) and out.size.shape == (B, M)
     check_assignment(out, N)
     if method in ("kmedoids", "dpcknn"):
         assert torch.equal(out.size.sum(1), size.sum(1))

@@ -90,7 +90,8 @@ def reference_run(data_root, tmp_path_factory) -> Path:
 
 
 def test_outputs_of_a_two_epoch_run(data_root, tmp_path):
-    result = train(tiny_config(data_root), tmp_path)
+    # the last EMA weights (the selection rules themselves: test_train_phases.py)
+    result = train(tiny_config(data_root, select_weights="last_ema"), tmp_path)
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0].keys()) == LOG_COLUMNS

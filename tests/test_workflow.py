@@ -6,6 +6,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -169,3 +170,218 @@ def test_reduced_demo_runs_reruns_nothing_and_reruns_only_what_changed(tmp_path)
     assert all("method=evit" in w for w in planned_wildcards(out, "finetune"))
     assert "pretrain" not in jobs and "prepare_dataset" not in jobs
     assert "Params have changed" in out  # the reason Snakemake gives
+
+
+# ------------------------------------------------ interpreters, environments, quoting
+
+
+def _runtime():
+    """workflow/lib/runtime.py, loaded as the workflow loads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenreduction_runtime", REPO / "workflow" / "lib" / "runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_main_interpreter_is_the_one_with_the_package_whatever_the_shell(tmp_path):
+    rt = _runtime()
+    root = tmp_path / "repo"
+    (root / ".venv" / "bin").mkdir(parents=True)
+    # --sdm conda / apptainer: the environment's own python, whatever is configured
+    assert rt.main_python(root, "/opt/x/bin/python", {"conda"}) == "python"
+    assert rt.main_python(root, None, {"apptainer"}) == "python"
+    # the interpreter running Snakemake has the package (.venv/bin/snakemake, python -m snakemake)
+    assert rt.main_python(root, None, set(), executable="/opt/py/bin/python3", has_package=lambda: True) == "/opt/py/bin/python3"
+    # a snakemake from elsewhere on PATH: the repository's .venv once it exists
+    assert rt.main_python(root, None, set(), executable="/usr/bin/python3", has_package=lambda: False) == "/usr/bin/python3"
+    (root / ".venv" / "bin" / "python").touch()
+    assert rt.main_python(root, None, set(), executable="/usr/bin/python3", has_package=lambda: False) == str(
+        root / ".venv" / "bin" / "python"
+    )
+    # the config's python: relative to the repository; a bare command stays a command
+    (root / "my env" / "bin").mkdir(parents=True)
+    (root / "my env" / "bin" / "python").touch()
+    assert rt.main_python(root, "my env/bin/python", set()) == str(root / "my env" / "bin" / "python")
+    assert rt.main_python(root, "python3.11", set()) == "python3.11"
+    with pytest.raises(rt.InterpreterError, match="python: .*nowhere"):
+        rt.main_python(root, "nowhere/bin/python", set())
+    # the venv the detection environment's interpreter belongs to (built by the DAG)
+    assert rt.venv_of("/a b/.venv-mmdet/bin/python") == Path("/a b/.venv-mmdet")
+    assert rt.venv_of("python") is None and rt.venv_of("/usr/local/python3") is None
+
+
+def test_missing_configured_interpreter_stops_the_dag_build(tmp_path):
+    msg = _invalid(tmp_path, lambda c: c.update(python="no/such/bin/python"))
+    assert "invalid config at python" in msg and "no/such/bin/python" in msg
+    assert "Traceback" not in msg
+
+
+def _shell_commands() -> dict[str, str]:
+    """rule name -> its shell command as written (the string literals joined)."""
+    import ast
+    import re
+
+    commands = {}
+    for path in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        lines = path.read_text().splitlines()
+        rule = None
+        for i, line in enumerate(lines):
+            m = re.match(r"\s*(?:rule|checkpoint) (\w+):", line)
+            if m:
+                rule = m.group(1)
+            if line.strip() == "shell:":
+                indent = len(line) - len(line.lstrip())
+                parts = []
+                for body in lines[i + 1:]:
+                    if not body.strip() or len(body) - len(body.lstrip()) <= indent:
+                        break
+                    parts.append(ast.literal_eval(body.strip()))
+                commands[f"{path.name}:{rule}"] = "".join(parts)
+    return commands
+
+
+def test_rule_shells_quote_every_path_and_name_no_bare_interpreter():
+    import re
+
+    commands = _shell_commands()
+    assert len(commands) >= 30
+    for name, cmd in commands.items():
+        # no interpreter looked up on PATH: the main environment's jobs call
+        # "$TOKENREDUCTION_PYTHON", the detection jobs "$TOKENREDUCTION_MMDET_PYTHON"
+        assert not re.search(r"(^|[\s;&|(])(python3?|torchrun)\s", cmd), (name, cmd)
+        assert "$TOKENREDUCTION_PYTHON " not in cmd and "$TOKENREDUCTION_MMDET_PYTHON " not in cmd, (name, cmd)
+        # every input, output and log path is quoted (:q); so are path-valued params
+        unquoted = re.findall(r"\{(?:input|output|log)(?:\.\w+|\[\d+\])*\}", cmd)
+        assert not unquoted, (name, unquoted)
+        for param in re.findall(r"\{params\.(\w+)\}", cmd):
+            assert not re.search(r"root|dir|path|file|venv|pipeline|config|spec", param), (name, param)
+
+
+def test_conda_envs_install_this_repository_wherever_snakemake_copies_them(tmp_path):
+    import re
+
+    import yaml
+
+    used = set()
+    for path in (REPO / "workflow" / "rules").glob("*.smk"):
+        used |= set(re.findall(r'"\.\./\.\./envs/(\w+)\.yaml"', path.read_text()))
+    assert used == {"torch", "diffusion", "mmdet"}
+    for name in used:
+        env = yaml.safe_load((REPO / "envs" / f"{name}.yaml").read_text())
+        pip = [d for d in env["dependencies"] if isinstance(d, dict)]
+        # no relative path: Snakemake creates the env from a copy in .snakemake/conda/
+        assert not any("../" in line for block in pip for line in block["pip"]), name
+    # torch and diffusion: the post-deploy script installs the repository the
+    # workflow names (TOKENREDUCTION_ROOT), from any working directory
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "calls.txt"
+    (fake_bin / "python").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    (fake_bin / "python").chmod(0o755)
+    elsewhere = tmp_path / "some workdir"
+    elsewhere.mkdir()
+    for name in ("torch", "diffusion"):
+        script = REPO / "envs" / f"{name}.post-deploy.sh"
+        env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "HOME": str(tmp_path), "TOKENREDUCTION_ROOT": str(REPO)}
+        proc = subprocess.run(["bash", str(script)], cwd=elsewhere, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        proc = subprocess.run(["bash", str(script)], cwd=elsewhere, env={**env, "TOKENREDUCTION_ROOT": str(tmp_path)},
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and "not the tokenreduction repository" in proc.stderr
+    assert calls.read_text().splitlines() == [f"-m pip install --quiet -e {REPO}"] * 2
+    # ... and the workflow exports that variable (read by the script through Snakemake)
+    assert 'os.environ.update(TOKENREDUCTION_ROOT=str(ROOT))' in (REPO / "workflow" / "rules" / "software.smk").read_text()
+
+
+def _detection_only(tmp_path, **detection) -> Path:
+    config = load_config("config.yaml")
+    config["results"] = str(tmp_path / "results")
+    config["detection"].update(detection)
+    return write_config(tmp_path / "det.yaml", config)
+
+
+def test_detection_environment_is_a_job_the_detection_jobs_wait_for(tmp_path):
+    venv = tmp_path / "mmdet env"  # a space: the path is quoted
+    path = _detection_only(tmp_path, python=str(venv / "bin" / "python"))
+    target = str(tmp_path / "results" / "detection" / "summary.csv")
+    out = snakemake([target, "-n", "-p", "--configfile", str(path)], tmp_path).stdout
+    jobs = planned_jobs(out)
+    assert jobs["detection_env"] == 1 and jobs["detection_train"] >= 1, out
+    assert f"bash {REPO / 'envs' / 'install_mmdet.sh'} '{venv}'" in out
+    # once built (its stamp written by install_mmdet.sh), nothing rebuilds it
+    venv.mkdir()
+    (venv / "tokenreduction-env.json").write_text("{}")
+    out = snakemake([target, "-n", "--configfile", str(path)], tmp_path).stdout
+    assert "detection_env" not in planned_jobs(out)
+    # build_env: false uses detection.python as it is
+    path = _detection_only(tmp_path, python=str(tmp_path / "other" / "bin" / "python"), build_env=False)
+    out = snakemake([target, "-n", "--configfile", str(path)], tmp_path).stdout
+    assert "detection_env" not in planned_jobs(out) and planned_jobs(out)["detection_train"] >= 1
+
+
+def test_stage_times_count_each_job_once_and_only_this_run(tmp_path):
+    rt = _runtime()
+    meta = tmp_path / "metadata"
+    meta.mkdir()
+
+    def record(name, rule, start, end, job_hash, incomplete=False):
+        (meta / name).write_text(json.dumps({"rule": rule, "starttime": start, "endtime": end,
+                                             "job_hash": job_hash, "incomplete": incomplete}))
+
+    record("a1", "finetune", 100.0, 160.0, 1)
+    record("a2", "finetune", 100.0, 160.0, 1)  # a second output of the same job
+    record("b", "finetune", 150.0, 250.0, 2)
+    record("c", "pretrain", 20.0, 90.0, 3)
+    record("d", "evaluate", 10.0, 15.0, 4)      # finished before this run started
+    record("e", "evaluate", 300.0, 310.0, 5, incomplete=True)
+    (meta / "junk").write_text("not json")
+    rows = rt.stage_times(rt.job_records(meta, since=50.0))
+    assert [(r["stage"], r["jobs"], r["job_seconds"], r["wall_seconds"]) for r in rows] == [
+        ("pretrain", 1, 70.0, 70.0),
+        ("finetune", 2, 160.0, 150.0),
+    ]
+    text = rt.format_stage_times(rows, run_start=20.0, run_end=260.0)
+    assert "finetune" in text and "0:02:40" in text and "whole run: 0:04:00" in text
+    rt.write_stage_times(rows, tmp_path / "out" / "stage_times.tsv")
+    table = pd.read_csv(tmp_path / "out" / "stage_times.tsv", sep="\t")
+    assert list(table.stage) == ["pretrain", "finetune"] and table.jobs.sum() == 3
+
+
+@pytest.mark.slow
+def test_demo_subset_runs_in_a_checkout_whose_path_has_a_space(tmp_path):
+    """A checkout and a results folder whose paths contain spaces, run by
+    `.venv/bin/python -m snakemake` in a clean environment (no venv on PATH):
+    data, pretraining, fine-tuning, evaluation, the summary and, where the
+    detection environment exists (always in CI), the detection stage."""
+    import os
+
+    from workflow_utils import copy_tree
+
+    checkout = copy_tree(tmp_path / "my projects" / "token reduction")
+    work = tmp_path / "work dir"
+    config = tiny_demo_config(work)
+    config["experiments"][0]["methods"] = ["topk"]
+    for stage in ("ots", "mae", "diffusion", "benchmark"):
+        config.pop(stage, None)
+    targets = [str(work / "results" / "summary" / "metrics.csv")]
+    mmdet = REPO / ".venv-mmdet" / "bin" / "python"
+    if mmdet.exists():
+        config["detection"].update(python=str(mmdet), methods={}, baseline=True)
+        targets.append(str(work / "results" / "detection" / "summary.csv"))
+    elif os.environ.get("CI"):
+        pytest.fail(f"CI must have the detection environment ({mmdet})")
+    else:
+        config.pop("detection")
+    path = write_config(tmp_path / "space demo.yaml", config)
+    proc = snakemake([*targets, "--cores", "2", "--configfile", str(path)], work, timeout=1200,
+                     snakefile=checkout / "Snakefile")
+    assert "Time per stage" in proc.stdout and "finetune" in proc.stdout
+    table = pd.read_csv(work / "results" / "summary" / "metrics.csv")
+    assert sorted(table.method) == ["deit", "topk"]
+    stages = pd.read_csv(work / "results" / "logs" / "stage_times.tsv", sep="\t")
+    assert {"prepare_dataset", "pretrain", "finetune", "evaluate", "summarise"} <= set(stages.stage)
+    if len(targets) > 1:
+        det = pd.read_csv(work / "results" / "detection" / "summary.csv")
+        assert len(det) == 1

@@ -14,14 +14,30 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def snakemake(args: list[str], workdir: Path, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake on the repository's Snakefile with `workdir` as working
-    directory (its own .snakemake metadata), bounded in time."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.setdefault("WANDB_MODE", "offline")
-    cmd = SNAKEMAKE + ["-s", str(REPO / "Snakefile"), "--directory", str(workdir)] + args
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+#: PATH of a plain shell: no virtual environment on it, so a job that called a
+#: bare `python` would get the system interpreter (without this package)
+CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a plain shell, as `env -i HOME=... PATH=...` gives:
+    the workflow must find its interpreters by itself."""
+    env = {"HOME": os.environ.get("HOME", "/root"), "PATH": CLEAN_PATH, "WANDB_MODE": "offline"}
+    for name in ("TMPDIR", "LANG", "CI"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(extra)
+    return env
+
+
+def snakemake(args: list[str], workdir: Path, timeout: int = 900, check: bool = True,
+              snakefile: Path | None = None) -> subprocess.CompletedProcess:
+    """Run snakemake (`.venv/bin/python -m snakemake`) on the repository's
+    Snakefile (or `snakefile`) with `workdir` as working directory (its own
+    .snakemake metadata), in a clean environment, bounded in time."""
+    snakefile = snakefile or REPO / "Snakefile"
+    cmd = SNAKEMAKE + ["-s", str(snakefile), "--directory", str(workdir)] + args
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -80,5 +96,6 @@ def with_existing_roots(config: dict, tmp_path: Path) -> dict:
 
 
 def copy_tree(dst: Path) -> Path:
-    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(".git", ".venv", "results", ".snakemake", "__pycache__"))
+    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".venv-mmdet", "results", ".snakemake", "__pycache__", "*.egg-info", ".pytest_cache"))
     return dst

@@ -2,6 +2,17 @@
 # across keep rates, capacities and methods; collated with the metric
 # difference of each pair; rank-correlated. One job per (dataset, axis) loops
 # over that axis's pairs, so a study's thousands of pairs make a handful of jobs.
+# Conventions (config `analysis:`; the study's by default): pwcca study|paired,
+# kl_base 2, models_baseline_rate 0.9 (the models axis pairs the unreduced
+# baseline with the runs at this keep rate; null: not).
+
+ANALYSIS = config.get("analysis") or {}
+
+
+def _baseline_rate_arg():
+    rate = ANALYSIS.get("models_baseline_rate", 0.9)
+    return "none" if rate is None else str(rate)
+
 
 
 rule analysis_compare:
@@ -25,7 +36,7 @@ rule analysis_compare:
         eval_dir=eval_root,
         code=analysis_code,
     shell:
-        "python {input.script} compare --summary {input.summary:q} --dataset {wildcards.dataset}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} compare --summary {input.summary:q} --dataset {wildcards.dataset}'
         " --axis {wildcards.axis} --eval-dir {params.eval_dir:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -54,7 +65,7 @@ rule analysis_collate:
     params:
         code=analysis_code,
     shell:
-        "python {input.script} collate --summary {input.summary:q} --dataset {wildcards.dataset}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} collate --summary {input.summary:q} --dataset {wildcards.dataset}'
         " --axis {wildcards.axis} --compare {input.compare:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -69,6 +80,7 @@ rule analysis_correlate:
             category="Analysis",
             subcategory="{dataset}",
         ),
+        pooled=f"{RESULTS}/analysis/{{dataset}}/correlations_{{axis}}_pooled.csv",
         figure=report(
             f"{RESULTS}/analysis/{{dataset}}/correlations_{{axis}}.png",
             caption="../report/correlations.rst",
@@ -88,7 +100,7 @@ rule analysis_correlate:
     params:
         code=analysis_code,
     shell:
-        "python {input.script} correlate --collated {input.collated:q} --out {output.table:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} correlate --collated {input.collated:q} --out {output.table:q}'
         " --figure {output.figure:q} > {log:q} 2>&1"
 
 
@@ -120,7 +132,7 @@ rule token_statistics:
         depths=backbone_depths(),
         code=analysis_code,
     shell:
-        "python {input.script} token-stats --summary {input.summary:q} --dataset {wildcards.dataset}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} token-stats --summary {input.summary:q} --dataset {wildcards.dataset}'
         " --eval-dir {params.eval_dir:q} --depths {params.depths:q} --out {output.stats:q}"
         " --figure {output.figure:q} > {log:q} 2>&1"
 
@@ -151,4 +163,4 @@ rule compare_heatmaps:
     params:
         code=analysis_code,
     shell:
-        "python {input.script} heatmaps --token-stats {input.stats:q} --out {output:q} > {log:q} 2>&1"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} heatmaps --token-stats {input.stats:q} --out {output:q} > {log:q} 2>&1'

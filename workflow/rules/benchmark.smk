@@ -39,7 +39,7 @@ rule benchmark_throughput:
         dtype=BENCH.get("dtype", "float32"),
         code=benchmark_code,
     shell:
-        "python {input.script} throughput --backbone {wildcards.backbone} --model {params.model}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} throughput --backbone {wildcards.backbone} --model {params.model}'
         " --model-kwargs {params.model_kwargs:q} --specs {params.specs:q} --img-size {params.img_size}"
         " --batch-sizes {params.batch_sizes} --warmup {params.warmup} --runs {params.runs}"
         " --throw-out {params.throw_out} --device {params.device} --dtype {params.dtype}"
@@ -66,7 +66,7 @@ rule benchmark_flops:
         img_size=benchmark_img_size,
         code=benchmark_code,
     shell:
-        "python {input.script} flops --backbone {wildcards.backbone} --model {params.model}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} flops --backbone {wildcards.backbone} --model {params.model}'
         " --model-kwargs {params.model_kwargs:q} --specs {params.specs:q} --img-size {params.img_size}"
         " --threads {threads} --out {output.table:q} > {log:q} 2>&1"
 
@@ -97,7 +97,7 @@ rule speed_table:
         batch_size=BENCH.get("headline_batch") or 0,
         code=provenance.code_hash(("benchmark",)),
     shell:
-        "python {input.script} --throughput {input.throughput:q} --flops {input.flops:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --throughput {input.throughput:q} --flops {input.flops:q}'
         " --batch-size {params.batch_size} --table {output.table:q} --plot {output.plot:q}"
         " > {log:q} 2>&1"
 
@@ -133,7 +133,7 @@ rule benchmark_clustering:
         throw_out=BENCH_CLUSTERING.get("throw_out", 0.0),
         code=provenance.code_hash(("benchmark",), "atc"),
     shell:
-        "python {input.script} --backends {params.backends} --sizes {params.sizes}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --backends {params.backends} --sizes {params.sizes}'
         " --batch-sizes {params.batch_sizes} --linkages {params.linkages}"
         " --keep-rate {params.keep_rate} --feature-dim {params.feature_dim}"
         " --warmup {params.warmup} --runs {params.runs} --throw-out {params.throw_out}"

@@ -21,7 +21,7 @@ rule gpu_smoke:
         " slurm_job_gpus=${{SLURM_JOB_GPUS:-none}}"
         " CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-unset}};"
         " nvidia-smi -L 2>/dev/null || echo 'nvidia-smi: not available';"
-        ' python -c "import torch; n = torch.cuda.device_count();'
+        ' "$TOKENREDUCTION_PYTHON" -c "import torch; n = torch.cuda.device_count();'
         " print('torch', torch.__version__, 'sees', n, 'CUDA device(s)',"
         ' [torch.cuda.get_device_name(i) for i in range(n)])"'
         " ) > {output.report:q} 2> {log:q}; cat {output.report:q}"

@@ -6,13 +6,38 @@ DAG build: invalid configs stop here with the offending key named.
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
-
 ROOT = Path(workflow.basedir)
+
+
+def _load_config_validation():
+    """tokenreduction.config_validation without importing torch or timm."""
+    path = ROOT / "src" / "tokenreduction" / "config_validation.py"
+    spec = importlib.util.spec_from_file_location("tokenreduction_config_validation", path)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = loaded  # dataclasses look their module up
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+# Everything a job would check, checked now (schema, methods and their options,
+# locations, token budgets, recipes, timm models, paths): a mistake stops the
+# DAG build with every offending key named, and no traceback.
+config_validation = _load_config_validation()
+_problems = config_validation.check_config(
+    config,
+    config_validation.load_schema(ROOT / "workflow" / "schemas" / "config.schema.yaml"),
+    base=Path.cwd(),
+    repo=ROOT,
+)
+if _problems:
+    sys.exit(config_validation.format_problems(_problems))
+validate(config, schema="../schemas/config.schema.yaml")  # fills in the schema's defaults
+
 RESULTS = config["results"]
 
 
@@ -41,74 +66,25 @@ class ConfigError(ValueError):
 
 
 def _fail(key, message):
-    raise ConfigError(f"invalid config at {key}: {message}")
+    """Stop the DAG build with one clear message (no traceback)."""
+    sys.exit(f"invalid config at {key}: {message}")
 
 
 def backbone_depth(name):
+    """Blocks of a backbone, read from timm's own model definition (with the
+    backbone's model_kwargs); model_kwargs.depth where timm is not installed
+    beside Snakemake."""
     spec = config["backbones"][name]
-    depth = (spec.get("model_kwargs") or {}).get("depth")
-    if depth is not None:
-        return int(depth)
-    model = spec["model"]
-    if "huge" in model or "giant" in model:
-        return 32
-    if "large" in model:
-        return 24
-    return 12
-
-
-def _check_config():
-    known = set(provenance.known_methods())
-    for name, spec in config["methods"].items():
-        method = spec["method"]
-        if method != BASELINE and method not in known:
-            _fail(
-                f"methods.{name}.method",
-                f"unknown method {method!r}; known methods: {', '.join(sorted(known))}",
-            )
-    for name, spec in config["datasets"].items():
-        if spec["kind"] not in DEMO_KINDS and not Path(spec["root"]).exists():
-            _fail(
-                f"datasets.{name}.root",
-                f"{spec['root']} does not exist (dataset {name!r}, kind {spec['kind']})",
-            )
-    for i, exp in enumerate(config["experiments"]):
-        for key, table in (
-            ("datasets", "datasets"),
-            ("backbones", "backbones"),
-            ("methods", "methods"),
-        ):
-            for item in exp[key]:
-                if item not in config[table]:
-                    _fail(
-                        f"experiments[{i}].{key}",
-                        f"{item!r} is not defined under {table}: ({', '.join(config[table])})",
-                    )
-        for backbone in exp["backbones"]:
-            depth = backbone_depth(backbone)
-            for loc in config["reduction_loc"]:
-                if loc >= depth:
-                    _fail(
-                        "reduction_loc",
-                        f"location {loc} is beyond the depth of backbone {backbone!r} ({depth} blocks: 0..{depth - 1})",
-                    )
-    for name, spec in config["backbones"].items():
-        init = spec["init"]
-        if init == "pretrain":
-            pre = config.get("pretrain", {}).get("dataset")
-            if pre not in config["datasets"]:
-                _fail(
-                    "pretrain.dataset",
-                    f"backbone {name!r} is pretrained by the DAG but pretrain.dataset {pre!r} is not a dataset",
-                )
-        elif init != "timm" and not Path(init).exists():
-            _fail(
-                f"backbones.{name}.init",
-                f"checkpoint {init} does not exist (use pretrain, timm or a file path)",
-            )
-
-
-_check_config()
+    kwargs = spec.get("model_kwargs") or {}
+    try:
+        return config_validation.timm_model_info(spec["model"], kwargs).depth
+    except LookupError:
+        if kwargs.get("depth") is not None:
+            return int(kwargs["depth"])
+        _fail(
+            f"backbones.{name}.model_kwargs.depth",
+            "timm is not installed where Snakemake runs: give the depth here",
+        )
 
 
 def fmt_rate(rate):
@@ -367,6 +343,6 @@ def analysis_targets():
     per_dataset = [
         f"{RESULTS}/analysis/{{dataset}}/correlations_{axis}.csv"
         for axis in ANALYSIS_AXES
-    ] + [f"{RESULTS}/analysis/{{dataset}}/token_stats.json"]
+    ] + [f"{RESULTS}/analysis/{{dataset}}/token_stats.json", f"{RESULTS}/analysis/{{dataset}}/rho_heatmap.png"]
     targets = expand(per_dataset, dataset=analysis_datasets())
     return targets + [f"{RESULTS}/analysis/heatmap_comparison.csv"]

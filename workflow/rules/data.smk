@@ -21,5 +21,5 @@ rule prepare_dataset:
         img_size=lambda w: config["datasets"][w.dataset]["img_size"],
         code=lambda w: provenance.code_hash(("data",)),
     shell:
-        "python {input.script} --kind {params.kind} --root {params.root:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --kind {params.kind} --root {params.root:q}'
         " --img-size {params.img_size} --manifest {output.manifest:q} > {log:q} 2>&1"

@@ -2,16 +2,46 @@
 # ToMe / ATC merging, trained, evaluated (COCO bbox + segm mAP) and benchmarked
 # per (size, method, ratio), then one table. The jobs run in the detection
 # environment: envs/mmdet.yaml under --sdm conda, else the interpreter of
-# detection.python (default .venv-mmdet/bin/python, made by
-# envs/install_mmdet.sh).
+# detection.python (default .venv-mmdet/bin/python), whose environment the
+# DAG builds itself (rule detection_env, beside the fine-tuning jobs).
 
 
 include: "detection_common.smk"
 
 
+if DET_ENV_STAMP and DET_RUNS:
+
+    rule detection_env:
+        """The detection environment (OpenMMLab pins: torch 2.13.0, mmcv 2.1.0
+        with its compiled ops, mmdet 3.3.0), built once by envs/install_mmdet.sh;
+        mmcv's compiled wheel is cached under ~/.cache/tokenreduction, keyed by
+        the torch and mmcv versions, so a rebuild takes a minute."""
+        input:
+            script=str(ROOT / "envs" / "install_mmdet.sh"),
+        output:
+            DET_ENV_STAMP,
+        log:
+            f"{RESULTS}/logs/detection/env.log",
+        priority: 50
+        localrule: True
+        conda:
+            # for the record: under --sdm conda this rule is not defined, the
+            # detection jobs get envs/mmdet.yaml instead
+            "../../envs/mmdet.yaml"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        params:
+            venv=lambda w, output: str(Path(output[0]).parent),
+        shell:
+            "MAX_JOBS=${{MAX_JOBS:-2}} bash {input.script:q} {params.venv:q} > {log:q} 2>&1"
+
+
 rule make_detection_demo_data:
     input:
         script=script_path("detection.py"),
+        env=det_env_input,
     output:
         directory(DET_DEMO_DATA),
     log:
@@ -23,19 +53,19 @@ rule make_detection_demo_data:
         mem_mb=2000,
         runtime=10,
     params:
-        python=DETECTION_PYTHON,
         check=DET_CHECK,
         num_images=DET.get("demo_data", {}).get("num_images", 8),
         image_size=DET.get("demo_data", {}).get("image_size", 128),
         code=lambda w: provenance.code_hash(("detection",)),
     shell:
-        "{params.check}{params.python} {input.script} make-data --root {output:q}"
+        '{params.check}"$TOKENREDUCTION_MMDET_PYTHON" {input.script:q} make-data --root {output:q}'
         " --num-images {params.num_images} --image-size {params.image_size} > {log:q} 2>&1"
 
 
 rule detection_train:
     input:
         script=script_path("detection.py"),
+        env=det_env_input,
         configs=det_config_files,
         data=det_data_input,
         init=det_init_input,
@@ -53,20 +83,20 @@ rule detection_train:
         mem_mb=det_mem,
         runtime=det_runtime,
     params:
-        python=DETECTION_PYTHON,
         check=DET_CHECK,
         launch=det_launch,
         options=det_train_options,
         work_dir=det_work_dir,
         code=det_code,
     shell:
-        "{params.check}{params.python} {params.launch} {input.script} train --config {input.configs[0]:q}"
+        '{params.check}"$TOKENREDUCTION_MMDET_PYTHON" {params.launch} {input.script:q} train --config {input.configs[0]:q}'
         " --work-dir {params.work_dir:q} --final {output.model:q} {params.options} > {log:q} 2>&1"
 
 
 rule detection_eval:
     input:
         script=script_path("detection.py"),
+        env=det_env_input,
         configs=det_config_files,
         data=det_data_input,
         model=f"{DET_RUN}/final.pth",
@@ -84,13 +114,12 @@ rule detection_eval:
         mem_mb=det_mem,
         runtime=lambda w, attempt: max(10, det_runtime(w, attempt) // 6),
     params:
-        python=DETECTION_PYTHON,
         check=DET_CHECK,
         options=det_run_options,
         work_dir=lambda w: det_work_dir(w, "work_eval"),
         code=det_code,
     shell:
-        "{params.check}{params.python} {input.script} eval --config {input.configs[0]:q}"
+        '{params.check}"$TOKENREDUCTION_MMDET_PYTHON" {input.script:q} eval --config {input.configs[0]:q}'
         " --work-dir {params.work_dir:q} --checkpoint {input.model:q} --out {output.metrics:q}"
         " {params.options} > {log:q} 2>&1"
 
@@ -98,6 +127,7 @@ rule detection_eval:
 rule detection_benchmark:
     input:
         script=script_path("detection.py"),
+        env=det_env_input,
         configs=det_config_files,
         data=det_data_input,
         model=f"{DET_RUN}/final.pth",
@@ -113,7 +143,6 @@ rule detection_benchmark:
         mem_mb=det_mem,
         runtime=lambda w, attempt: 30 * attempt,
     params:
-        python=DETECTION_PYTHON,
         check=DET_CHECK,
         options=det_run_options,
         work_dir=lambda w: det_work_dir(w, "work_benchmark"),
@@ -122,7 +151,7 @@ rule detection_benchmark:
         warmup=DET.get("benchmark", {}).get("warmup", 5),
         code=det_code,
     shell:
-        "{params.check}{params.python} {input.script} benchmark --config {input.configs[0]:q}"
+        '{params.check}"$TOKENREDUCTION_MMDET_PYTHON" {input.script:q} benchmark --config {input.configs[0]:q}'
         " --work-dir {params.work_dir:q} --checkpoint {input.model:q} --out {output.result:q}"
         " --bench-batch {params.batch} --runs {params.runs} --warmup {params.warmup}"
         " {params.options} > {log:q} 2>&1"
@@ -131,6 +160,7 @@ rule detection_benchmark:
 rule detection_summary:
     input:
         script=script_path("detection.py"),
+        env=det_env_input,
         metrics=[_det_path(f"{DET_RUN}/metrics.json", *run) for run in DET_RUNS],
         benchmarks=[_det_path(f"{DET_RUN}/benchmark.json", *run) for run in DET_RUNS],
     output:
@@ -145,10 +175,9 @@ rule detection_summary:
         mem_mb=2000,
         runtime=10,
     params:
-        python=DETECTION_PYTHON,
         check=DET_CHECK,
         runs=det_summary_runs(),
         code=lambda w: provenance.code_hash(("detection",)),
     shell:
-        "{params.check}{params.python} {input.script} summary --runs {params.runs:q}"
+        '{params.check}"$TOKENREDUCTION_MMDET_PYTHON" {input.script:q} summary --runs {params.runs:q}'
         " --out {output.table:q} > {log:q} 2>&1"

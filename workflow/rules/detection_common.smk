@@ -1,8 +1,7 @@
 # Helpers of detection.smk: the run table, input functions, run options.
 
+import os
 import shlex
-
-from snakemake.settings.types import DeploymentMethod
 
 DET = config.get("detection") or {}
 DET_RUN = f"{RESULTS}/detection/{{det_size}}/{{det_method}}/r{{det_ratio}}"
@@ -11,21 +10,37 @@ DET_DEMO_DATA = f"{RESULTS}/detection/data/shapes"
 
 
 def _detection_python():
-    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    """The detection environment's interpreter: under --sdm conda the
+    environment's own python (envs/mmdet.yaml), else detection.python
+    (default .venv-mmdet/bin/python, relative to the repository)."""
+    if DEPLOYMENTS & runtime.ENV_DEPLOYMENTS:
         return "python"
-    python = DET.get("python", ".venv-mmdet/bin/python")
-    if "/" in python and not Path(python).is_absolute():
-        python = str(ROOT / python)
-    return python
+    return runtime.resolve_path(DET.get("python", ".venv-mmdet/bin/python"), ROOT)
 
 
 DETECTION_PYTHON = _detection_python()
+# the jobs' shell commands call "$TOKENREDUCTION_MMDET_PYTHON" (jobs inherit it)
+os.environ.update(TOKENREDUCTION_MMDET_PYTHON=DETECTION_PYTHON)
+# The virtual environment the DAG builds (rule detection_env) when
+# detection.python is <venv>/bin/python and build_env is not false; its stamp
+# file is an input of every detection job.
+DET_VENV = (
+    runtime.venv_of(DETECTION_PYTHON)
+    if DET.get("build_env", True) and DETECTION_PYTHON != "python"
+    else None
+)
+DET_ENV_STAMP = str(DET_VENV / "tokenreduction-env.json") if DET_VENV else None
 # shell prefix: fail the job with a clear message when the interpreter is missing
 DET_CHECK = (
     f"command -v {shlex.quote(DETECTION_PYTHON)} > /dev/null || {{ echo 'detection"
     f" environment missing ({DETECTION_PYTHON}): run envs/install_mmdet.sh or use"
     " --sdm conda' >&2; exit 1; }; "
 )
+
+
+def det_env_input(wildcards):
+    """The detection environment's stamp when the DAG builds it."""
+    return [DET_ENV_STAMP] if DET_ENV_STAMP else []
 
 
 def _det_runs():
@@ -72,7 +87,7 @@ def det_config_files(wildcards):
     """The run's mmdet config and the shared base configs (edits rerun)."""
     main = _repo_path(DET["sizes"][wildcards.det_size]["config"])
     return [main] + sorted(
-        str(p) for p in (ROOT / "configs" / "detection" / "_base_").glob("*.py")
+        str(p) for p in (ROOT / "config" / "detection" / "_base_").glob("*.py")
     )
 
 
@@ -92,14 +107,15 @@ def det_run_options(wildcards):
     linkage = "tome" if method == BASELINE else DET["methods"][method]
     ratio = 0.0 if method == BASELINE else float(wildcards.det_ratio)
     data_root = DET.get("data_root") or DET_DEMO_DATA
+    q = shlex.quote
     options = [
-        f"--linkage {linkage}",
+        f"--linkage {q(linkage)}",
         f"--ratio {ratio:g}",
-        f"--data-root {data_root}",
+        f"--data-root {q(data_root)}",
         "--seed 0",
     ]
     if size.get("load_from"):
-        options.append(f"--load-from {_repo_path(size['load_from'])}")
+        options.append(f"--load-from {q(_repo_path(size['load_from']))}")
     if size.get("batch_size"):
         options.append(f"--batch-size {int(size['batch_size'])}")
     extra = dict(size.get("cfg_options") or {})
@@ -108,7 +124,10 @@ def det_run_options(wildcards):
     if extra:
         options.append(
             "--cfg-options "
-            + " ".join(f"{k}={json.dumps(v)}" for k, v in extra.items())
+            + " ".join(
+                q(f"{k}={v if isinstance(v, str) else json.dumps(v)}")
+                for k, v in extra.items()
+            )
         )
     return " ".join(options)
 

@@ -26,7 +26,7 @@ rule sd_make_tiny_pipeline:
         seed=DIFF.get("seed", 0),
         code=SD_CODE,
     shell:
-        "python {input.script} --out {output:q} --img-size {params.img_size}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --out {output:q} --img-size {params.img_size}'
         " --seed {params.seed} > {log:q} 2>&1"
 
 
@@ -50,7 +50,7 @@ rule sd_reference_set:
         num_classes=DIFF.get("num_classes") or 0,
         code=SD_CODE,
     shell:
-        "python {input.script} --val-root {params.val_root:q} --out {output:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --val-root {params.val_root:q} --out {output:q}'
         " --per-class {params.per_class} --num-classes {params.num_classes} > {log:q} 2>&1"
 
 
@@ -83,15 +83,20 @@ rule sd_generate:
         guidance=DIFF.get("guidance", 7.5),
         img_size=DIFF.get("img_size", 512),
         seed=DIFF.get("seed", 0),
+        seed_scheme=DIFF.get("seed_scheme", "study"),
+        attention=DIFF.get("attention", "default"),
+        progress_every=DIFF.get("progress_every", 30),
         device=DIFF.get("device", "auto"),
         dtype=DIFF.get("dtype", "auto"),
         merge=sd_merge_spec,
         code=SD_CODE,
     shell:
-        "python {input.script} --pipeline {params.pipeline:q} --val-root {params.val_root:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --pipeline {params.pipeline:q} --val-root {params.val_root:q}'
         " {params.class_names} --num-classes {params.num_classes}"
         " --images-per-class {params.images_per_class} --steps {params.steps}"
         " --guidance {params.guidance} --img-size {params.img_size} --seed {params.seed}"
+        " --seed-scheme {params.seed_scheme} --attention {params.attention}"
+        " --progress-every {params.progress_every}"
         " --device {params.device} --dtype {params.dtype} --threads {threads}"
         " --merge {params.merge:q} --out-images {output.images:q}"
         " --out-timing {output.timing:q} > {log:q} 2>&1"
@@ -120,12 +125,13 @@ rule sd_fid:
         weights=sd_weights_arg(),
         pixel_dim=SD_FID.get("pixel_dim", 8),
         device=DIFF.get("device", "auto"),
+        progress_every=DIFF.get("progress_every", 30),
         code=SD_CODE,
     shell:
-        "python {input.script} --reference {input.reference:q} --generated {input.images:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --reference {input.reference:q} --generated {input.images:q}'
         " --timing {input.timing:q} --experiment {wildcards.sd_experiment}"
         " --extractor {params.extractor} --mode {params.mode}"
-        " {params.weights} --pixel-dim {params.pixel_dim}"
+        " {params.weights} --pixel-dim {params.pixel_dim} --progress-every {params.progress_every}"
         " --device {params.device} --out {output.fid:q} > {log:q} 2>&1"
 
 
@@ -147,4 +153,4 @@ rule sd_fid_table:
     params:
         code=SD_CODE,
     shell:
-        "python {input.script} --fid {input.fid:q} --out {output.table:q} > {log:q} 2>&1"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --fid {input.fid:q} --out {output.table:q} > {log:q} 2>&1'

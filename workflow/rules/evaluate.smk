@@ -31,7 +31,7 @@ rule evaluate:
         throughput_batch=config["evaluate"].get("throughput_batch") or 0,
         code=evaluate_code,
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} --checkpoint {input.model:q} --kind {params.kind}"
+        'OMP_NUM_THREADS={threads} "$TOKENREDUCTION_PYTHON" {input.script:q} --checkpoint {input.model:q} --kind {params.kind}'
         " --root {params.root:q} --img-size {params.img_size} --batch-size {params.batch_size}"
         " --num-pattern-images {params.num_images} --throughput-batch {params.throughput_batch}"
         " --metrics {output.metrics:q} --patterns {output.patterns:q} --features {output.features:q}"

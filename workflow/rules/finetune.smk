@@ -23,9 +23,9 @@ rule pretrain:
         spec=pretrain_spec,
         code=lambda w: provenance.code_hash(("model", "data", "train")),
     shell:
-        "launch=python; if [ {resources.gpu} -gt 1 ]; then"
-        " launch='torchrun --standalone --nproc_per_node={resources.gpu}'; fi;"
-        " OMP_NUM_THREADS={threads} $launch {input.script} --spec {params.spec:q}"
+        "set --; if [ {resources.gpu} -gt 1 ]; then"
+        " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"
+        ' OMP_NUM_THREADS={threads} "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
         " --final {output.model:q} > {log:q} 2>&1"
 
 
@@ -54,7 +54,7 @@ rule finetune:
         spec=finetune_spec,
         code=finetune_code,
     shell:
-        "launch=python; if [ {resources.gpu} -gt 1 ]; then"
-        " launch='torchrun --standalone --nproc_per_node={resources.gpu}'; fi;"
-        " OMP_NUM_THREADS={threads} $launch {input.script} --spec {params.spec:q}"
+        "set --; if [ {resources.gpu} -gt 1 ]; then"
+        " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"
+        ' OMP_NUM_THREADS={threads} "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
         " --final {output.model:q} > {log:q} 2>&1"

@@ -48,7 +48,7 @@ rule ots_sweep:
         num_workers=OTS.get("num_workers", 0),
         code=ots_code,
     shell:
-        "python {input.script} --backbone {params.backbone:q} --method {params.method}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --backbone {params.backbone:q} --method {params.method}'
         " --method-kwargs {params.method_kwargs:q} --label {wildcards.method}"
         " --schedule {wildcards.schedule} --r {params.r} --kind {params.kind}"
         " --root {params.root:q} --split {params.split} --batch-size {params.batch_size}"
@@ -85,7 +85,7 @@ rule ots_plot:
     params:
         code=lambda w: provenance.code_hash(("ots",)),
     shell:
-        "python {input.script} --sweeps {input.sweeps:q} --table {output.table:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --sweeps {input.sweeps:q} --table {output.table:q}'
         " --plot {output.plot:q} > {log:q} 2>&1"
 
 
@@ -116,7 +116,7 @@ rule mae_finetune:
         spec=mae_spec,
         code=finetune_code,
     shell:
-        "python {input.script} --spec {params.spec:q} --final {output.model:q} > {log:q} 2>&1"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --spec {params.spec:q} --final {output.model:q} > {log:q} 2>&1'
 
 
 rule mae_evaluate:
@@ -148,7 +148,7 @@ rule mae_evaluate:
         throughput_batch=config["evaluate"].get("throughput_batch") or 0,
         code=evaluate_code,
     shell:
-        "python {input.script} --checkpoint {input.model:q} --kind {params.kind}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --checkpoint {input.model:q} --kind {params.kind}'
         " --root {params.root:q} --img-size {params.img_size} --batch-size {params.batch_size}"
         " --num-pattern-images {params.num_images} --throughput-batch {params.throughput_batch}"
         " --metrics {output.metrics:q} --patterns {output.patterns:q} --features {output.features:q}"
@@ -181,5 +181,5 @@ rule mae_summary:
         runs=json.dumps(MAE_RUNS),
         code=lambda w: provenance.code_hash(("ots",)),
     shell:
-        "python {input.script} --runs {params.runs:q} --metrics {input.metrics:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --runs {params.runs:q} --metrics {input.metrics:q}'
         " --table {output:q} > {log:q} 2>&1"

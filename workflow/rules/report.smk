@@ -31,7 +31,7 @@ rule report_section:
         title=section_title,
         code=report_code,
     shell:
-        "python {input.script} section --section {wildcards.section} --title {params.title:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} section --section {wildcards.section} --title {params.title:q}'
         " --tables {input.tables:q} --out {output.page:q} > {log:q} 2>&1"
 
 
@@ -57,7 +57,7 @@ rule report_config:
         config=json.dumps(config, sort_keys=True),
         code=report_code,
     shell:
-        "python {input.script} config --config {params.config:q} --out {output.page:q} > {log:q} 2>&1"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} config --config {params.config:q} --out {output.page:q} > {log:q} 2>&1'
 
 
 rule report_tradeoff:
@@ -83,7 +83,7 @@ rule report_tradeoff:
     params:
         code=provenance.code_hash(("benchmark",)),
     shell:
-        "python {input.script} tradeoff --summary {input.summary:q} --speed {input.speed:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} tradeoff --summary {input.summary:q} --speed {input.speed:q}'
         " --out {output.plot:q} > {log:q} 2>&1"
 
 
@@ -106,5 +106,5 @@ rule report_tables:
         tables=report_index_args,
         code=report_code,
     shell:
-        "python {input.script} index --config {params.config:q} --summary {input.summary:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} index --config {params.config:q} --summary {input.summary:q}'
         " {params.tables} --out {output.index:q} > {log:q} 2>&1"

@@ -30,6 +30,6 @@ rule summarise:
         runs=json.dumps(RUNS),
         code=lambda w: provenance.code_hash(("evaluate",)),
     shell:
-        "python {input.script} --runs {params.runs:q} --metrics {input.metrics:q}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --runs {params.runs:q} --metrics {input.metrics:q}'
         " --table {output.table:q} --keep-rate-plot {output.keep_rate_plot:q}"
         " --gflops-plot {output.gflops_plot:q} > {log:q} 2>&1"

@@ -18,16 +18,19 @@ both runs have are compared (no common block -> an empty table).
 
 Which pattern comparison applies (the study's split, simplified):
 
-* IoU of kept patches when both runs are *prune-like*: kind ``prune``, or a
-  composed assignment with dropped (-1) patches. Kept = the patch survives as
-  a token of its own (``patterns.kept_patches``; EViT's fused patches count
-  as dropped, as in the study). The study also counted K-Medoids / DPC-KNN
-  cluster centres as kept tokens; composed assignments do not record centres,
-  so those methods are compared as clusterings only.
+* IoU of kept patches when both runs are *prune-like*: kind ``prune``, a
+  composed assignment with dropped (-1) patches, or a run that records its
+  kept tokens (``kept`` (S, N_img, P) bool in ``patterns.npz``: the evaluator
+  writes it for K-Medoids and DPC-KNN, whose cluster *centres* the study
+  counted as kept tokens). Kept = ``kept`` when recorded, else the patch
+  survives as a token of its own (``patterns.kept_patches``; EViT's fused
+  patches count as dropped, as in the study).
 * Cluster agreement when both are *merge-like* (kind ``merge`` or ``soft``;
-  soft methods by their argmax assignment). Homogeneity is that of A's
-  clusters with respect to B's (sklearn's ``homogeneity_completeness_v_measure
-  (labels_B, labels_A)``, the study's argument order); NMI = V-measure.
+  soft methods by their argmax assignment); NMI = V-measure. The argument
+  order of sklearn's ``homogeneity_completeness_v_measure(labels_true,
+  labels_pred)`` is the study's per axis (:data:`HC_TRUE`): capacity and
+  models pass (A, B), rates (B, A); swapping it swaps homogeneity and
+  completeness.
 """
 from __future__ import annotations
 
@@ -51,6 +54,13 @@ PATTERN_COLUMNS = (
 )
 FEATURE_COLUMNS = ("block", "n_images", *FEATURE_METRICS)
 AXES = ("rates", "capacity", "models")
+#: which run's clustering is sklearn's ``labels_true`` on each axis (the
+#: study: ``homogeneity_completeness_v_measure(cluster1, cluster2)`` for
+#: capacity and models, ``(cluster2, cluster1)`` for rates)
+HC_TRUE = {"rates": "b", "capacity": "a", "models": "a"}
+#: the keep rate whose runs the models axis also pairs with the unreduced
+#: baseline (keep rate 1.0), as the study's models tables did
+BASELINE_PAIR_RATE = 0.9
 
 
 def load_npz(path) -> dict:
@@ -117,9 +127,22 @@ def _patterns(p: Mapping, name: str) -> tuple[str, np.ndarray, np.ndarray, np.nd
     return kind, blocks, composed, _ids(p, name, composed.shape[1])
 
 
-def is_prune_like(kind: str, composed) -> bool:
-    """Prune-like pattern: kind 'prune', or some patch is dropped (-1)."""
-    return kind == "prune" or bool((as_numpy(composed) < 0).any())
+def is_prune_like(kind: str, composed, kept=None) -> bool:
+    """Prune-like pattern: kind 'prune', some patch is dropped (-1), or the
+    run records its kept tokens (``kept``: K-Medoids / DPC-KNN centres)."""
+    return kind == "prune" or kept is not None or bool((as_numpy(composed) < 0).any())
+
+
+def kept_mask(patterns: Mapping, composed: np.ndarray, name: str = "run") -> np.ndarray:
+    """(S, N_img, P) bool kept patches of a run: its recorded ``kept`` array
+    (cluster centres) when present, else ``patterns.kept_patches(composed)``."""
+    kept = patterns.get("kept") if hasattr(patterns, "get") else None
+    if kept is None:
+        return kept_patches(composed)
+    kept = as_numpy(kept).astype(bool)
+    if kept.shape != composed.shape:
+        raise ValueError(f"run {name!r}: kept has shape {kept.shape}, expected {composed.shape} like composed")
+    return kept
 
 
 def is_merge_like(kind: str) -> bool:
@@ -137,32 +160,40 @@ def _mean_std(x: np.ndarray) -> tuple[float, float]:
     return float(np.mean(x)), float(np.std(x))
 
 
-def compare_patterns(patterns_a: Mapping, patterns_b: Mapping, names: Sequence[str] = ("A", "B")) -> pd.DataFrame:
+def compare_patterns(patterns_a: Mapping, patterns_b: Mapping, names: Sequence[str] = ("A", "B"),
+                     hc_true: str = "b") -> pd.DataFrame:
     """Per-stage comparison of two runs' reduction patterns.
 
     One row per block both runs reduce at: block, stage_a, stage_b (stage
     indices), n_images, then mean and population std over images of IoU
     (both prune-like), Homogeneity, Completeness, NMI (= V-measure) and ARI
     (both merge-like); NaN where a comparison does not apply. Columns:
-    ``PATTERN_COLUMNS``.
+    ``PATTERN_COLUMNS``. hc_true: "a" or "b", the run whose clustering is
+    sklearn's ``labels_true`` (the study's order per axis: :data:`HC_TRUE`).
     """
+    if hc_true not in ("a", "b"):
+        raise ValueError(f"hc_true must be 'a' or 'b', got {hc_true!r}")
     kind_a, blocks_a, comp_a, ids_a = _patterns(patterns_a, names[0])
     kind_b, blocks_b, comp_b, ids_b = _patterns(patterns_b, names[1])
     if comp_a.shape[2] != comp_b.shape[2]:
         raise ValueError(
             f"runs {names[0]!r} and {names[1]!r} have different patch counts: {comp_a.shape[2]} vs {comp_b.shape[2]}"
         )
-    comp_b = comp_b[:, align_images(ids_a, ids_b, names)]
-    prune = is_prune_like(kind_a, comp_a) and is_prune_like(kind_b, comp_b)
+    index_b = align_images(ids_a, ids_b, names)
+    kept_a = kept_mask(patterns_a, comp_a, names[0])
+    kept_b = kept_mask(patterns_b, comp_b, names[1])[:, index_b]
+    comp_b = comp_b[:, index_b]
+    prune = is_prune_like(kind_a, comp_a, patterns_a.get("kept")) and is_prune_like(kind_b, comp_b, patterns_b.get("kept"))
     merge = is_merge_like(kind_a) and is_merge_like(kind_b)
     rows = []
     for block, sa, sb in _common_blocks(blocks_a, blocks_b):
         row = dict.fromkeys(PATTERN_COLUMNS, np.nan)
         row.update(block=block, stage_a=sa, stage_b=sb, n_images=int(comp_a.shape[1]))
         if prune:
-            row["IoU_mean"], row["IoU_std"] = _mean_std(kept_iou(kept_patches(comp_a[sa]), kept_patches(comp_b[sb])))
+            row["IoU_mean"], row["IoU_std"] = _mean_std(kept_iou(kept_a[sa], kept_b[sb]))
         if merge:
-            agree = cluster_agreement(comp_b[sb], comp_a[sa])  # labels_true = B: the study's order
+            true, pred = (comp_a[sa], comp_b[sb]) if hc_true == "a" else (comp_b[sb], comp_a[sa])
+            agree = cluster_agreement(true, pred)
             for col, key in (("Homogeneity", "homogeneity"), ("Completeness", "completeness"),
                              ("NMI", "v_measure"), ("ARI", "ari")):
                 row[f"{col}_mean"], row[f"{col}_std"] = _mean_std(agree[key])
@@ -181,17 +212,18 @@ def _features(f: Mapping, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def compare_features(feats_a: Mapping, feats_b: Mapping, names: Sequence[str] = ("A", "B"),
-                     rtol: float = DEFAULT_RTOL) -> pd.DataFrame:
+                     rtol: float = DEFAULT_RTOL, pwcca: str = "study") -> pd.DataFrame:
     """Per-block similarity of two runs' CLS features (``feature_similarities``
     on the (D, N_img) matrices). One row per block both runs have: block,
     n_images, PWCCA, MeanSqCCA, MeanCCA, LinCKA, LinCKAPrime, Procrustes.
-    PWCCA is weighted by A."""
+    PWCCA is weighted by A (``pwcca``: "study" or "paired" normalisation);
+    the CCA measures are NaN, with a warning, when N_img <= D_A + D_B."""
     blocks_a, fa, ids_a = _features(feats_a, names[0])
     blocks_b, fb, ids_b = _features(feats_b, names[1])
     index_b = align_images(ids_a, ids_b, names)
     rows = []
     for block, ka, kb in _common_blocks(blocks_a, blocks_b):
-        sims = feature_similarities(fa[ka].T, fb[kb][index_b].T, rtol=rtol)
+        sims = feature_similarities(fa[ka].T, fb[kb][index_b].T, rtol=rtol, pwcca=pwcca)
         rows.append({"block": block, "n_images": int(fa.shape[1]), **sims})
     return pd.DataFrame(rows, columns=list(FEATURE_COLUMNS))
 
@@ -211,7 +243,8 @@ def token_statistics(patterns: Mapping, depth: int, grid=None, name: str = "run"
       depth_map_mean, depth_map_std: (h, w) per-patch mean / std over images
         (the study's depth heatmap). Token depth is the block of the stage at
         which the patch stops being kept (``depth`` if never); it is defined for
-        prune-like runs and runs without stages (kind 'none': ``depth``
+        prune-like runs (including K-Medoids / DPC-KNN runs that record their
+        centres as ``kept``) and runs without stages (kind 'none': ``depth``
         everywhere); NaN otherwise.
     """
     kind, blocks, composed, _ = _patterns(patterns, name)
@@ -220,8 +253,8 @@ def token_statistics(patterns: Mapping, depth: int, grid=None, name: str = "run"
         raise ValueError(f"run {name!r} has no images")
     if blocks.size and int(blocks.max()) >= depth:
         raise ValueError(f"run {name!r}: stage block {int(blocks.max())} is beyond the model depth {depth}")
-    prune = is_prune_like(kind, composed)
-    kept = kept_patches(composed)
+    prune = is_prune_like(kind, composed, patterns.get("kept"))
+    kept = kept_mask(patterns, composed, name)
     alive = kept.sum(axis=-1) if prune else count_tokens(composed)  # (S, N_img)
     frac = alive / P
     h, w = _grid_shape(P, grid)
@@ -251,7 +284,8 @@ def _capacity_rank(capacity, order: Sequence[str]) -> int:
 
 
 def pairs(runs: pd.DataFrame, axis: str, symmetric: bool | None = None,
-          capacity_order: Sequence[str] = CAPACITY_ORDER, match: Sequence[str] = ()) -> pd.DataFrame:
+          capacity_order: Sequence[str] = CAPACITY_ORDER, match: Sequence[str] = (),
+          baseline_rate: float | None = BASELINE_PAIR_RATE) -> pd.DataFrame:
     """Comparison pairs of runs along one axis of the study.
 
     runs: one row per run with columns run (unique name), method, capacity,
@@ -261,7 +295,9 @@ def pairs(runs: pd.DataFrame, axis: str, symmetric: bool | None = None,
       "capacity": same method, keep rate, dataset; capacity_a larger than
                   capacity_b in ``capacity_order``.
       "models":   same capacity, keep rate, dataset; different methods
-                  (method_a < method_b by name).
+                  (method_a < method_b by name). The unreduced runs (keep
+                  rate 1.0) are also paired with the runs at keep rate
+                  ``baseline_rate`` (the study: 0.9; None: not).
     match: further columns that must be equal within a pair (e.g. the
     reduction locations). symmetric: also list every pair swapped (B, A);
     default True for "models" (the study's models tables hold both orders),
@@ -289,6 +325,10 @@ def pairs(runs: pd.DataFrame, axis: str, symmetric: bool | None = None,
     }[axis] + list(match)
     if axis == "capacity":
         table["_cap"] = [_capacity_rank(c, capacity_order) for c in table["capacity"]]
+    if axis == "models" and baseline_rate is not None:
+        extra = table[table["_rate"] == 1.0].copy()
+        extra["_rate"] = round(float(baseline_rate), 9)
+        table = pd.concat([table, extra], ignore_index=True)
 
     def ordered(a: pd.Series, b: pd.Series) -> bool:
         if axis == "rates":
@@ -297,11 +337,12 @@ def pairs(runs: pd.DataFrame, axis: str, symmetric: bool | None = None,
             return a["_cap"] > b["_cap"]
         return str(a["method"]) < str(b["method"])
 
-    found = []
+    found, seen = [], set()
     for _, group in table.groupby(keys, sort=True, dropna=False):
         for i, j in itertools.permutations(range(len(group)), 2):
             a, b = group.iloc[i], group.iloc[j]
-            if ordered(a, b):
+            if ordered(a, b) and (a["run"], b["run"]) not in seen:
+                seen.add((a["run"], b["run"]))
                 found.append((a, b))
                 if symmetric:
                     found.append((b, a))

@@ -6,10 +6,11 @@ which the study ported; ``eps`` is MATLAB's ``eps`` (2.2204e-16).
 * ``kld(a, b)``: KL divergence of the sum-normalised maps in the MATLAB form
   ``KLdiv(saliencyMap=a, fixationMap=b) = sum q log(eps + q / (p + eps))``,
   i.e. KL(q || p) with p = a / sum(a), q = b / sum(b). The study's KLD12 is
-  ``kld(a, b)`` and KLD21 ``kld(b, a)``. Natural log by default (MATLAB);
-  the study's port used log2: pass ``base=2`` to match its scale.
+  ``kld(a, b)`` and KLD21 ``kld(b, a)``. Log base 2 by default (bits), as
+  the study's port (MATLAB uses the natural log: pass ``base=np.e``, values
+  0.693x).
 * ``jsd``: Jensen-Shannon divergence 0.5 KL(p||m) + 0.5 KL(q||m), m = (p+q)/2
-  (bounded by log 2). The study's port computed KL(m||p) + KL(m||q) halves
+  (bounded by 1 in base 2). The study's port computed KL(m||p) + KL(m||q) halves
   instead (the reversed direction, infinite when a map has a zero): not
   reproduced.
 * ``pearson_cc``: MATLAB ``corr2`` of the two maps.
@@ -38,6 +39,8 @@ from ._arrays import as_numpy
 EPS = float(np.finfo(np.float64).eps)  # MATLAB eps
 
 HEATMAP_METRICS = ("KLD12", "KLD21", "JSD", "PCC", "SCC", "EMD", "SIM")
+#: log base of KL and JS divergences (the study's: 2, i.e. bits)
+DEFAULT_KL_BASE = 2.0
 
 
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -59,13 +62,20 @@ def _distribution(m: np.ndarray, name: str) -> np.ndarray:
     return m / total if total > 0 else m  # MATLAB: normalise only if any(map(:))
 
 
-def kld(a, b, base: float = np.e) -> float:
+def _log_base(base: float) -> float:
+    if not (np.isfinite(base) and base > 0 and base != 1):
+        raise ValueError(f"log base must be positive and not 1, got {base}")
+    return float(np.log(base))
+
+
+def kld(a, b, base: float = DEFAULT_KL_BASE) -> float:
     """KL(q || p) with p, q the sum-normalised (h, w) maps a, b, in MATLAB's
-    eps-guarded form sum q log(eps + q / (p + eps)); argument order as MATLAB's
+    eps-guarded form sum q log(eps + q / (p + eps)), in log base ``base``
+    (default 2, the study's); argument order as MATLAB's
     KLdiv(saliencyMap, fixationMap)."""
     a, b = _pair(a, b)
     p, q = _distribution(a, "a"), _distribution(b, "b")
-    return float(np.sum(q * np.log(EPS + q / (p + EPS))) / np.log(base))
+    return float(np.sum(q * np.log(EPS + q / (p + EPS))) / _log_base(base))
 
 
 def _kl_exact(p: np.ndarray, q: np.ndarray) -> float:
@@ -73,13 +83,13 @@ def _kl_exact(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.sum(p[nz] * np.log(p[nz] / q[nz])))
 
 
-def jsd(a, b, base: float = np.e) -> float:
+def jsd(a, b, base: float = DEFAULT_KL_BASE) -> float:
     """Jensen-Shannon divergence of the sum-normalised (h, w) maps (symmetric,
-    0 when equal, at most log(2) in the given base)."""
+    0 when equal, at most log(2) in the given base: 1 in the default base 2)."""
     a, b = _pair(a, b)
     p, q = _distribution(a, "a"), _distribution(b, "b")
     m = 0.5 * (p + q)
-    return (0.5 * _kl_exact(p, m) + 0.5 * _kl_exact(q, m)) / float(np.log(base))
+    return (0.5 * _kl_exact(p, m) + 0.5 * _kl_exact(q, m)) / _log_base(base)
 
 
 def pearson_cc(a, b) -> float:
@@ -167,9 +177,10 @@ def emd(a, b, ground_distance: np.ndarray | None = None) -> float:
     return float(total * _transport(ps, qs, d[np.ix_(src, dst)]))
 
 
-def heatmap_metrics(a, b, kl_base: float = np.e) -> dict[str, float]:
+def heatmap_metrics(a, b, kl_base: float = DEFAULT_KL_BASE) -> dict[str, float]:
     """All map metrics of (h, w) maps a, b: KLD12 = kld(a, b), KLD21 =
-    kld(b, a), JSD, PCC, SCC, EMD, SIM (``kl_base`` applies to KLD and JSD)."""
+    kld(b, a), JSD, PCC, SCC, EMD, SIM (``kl_base`` applies to KLD and JSD;
+    default 2, the study's)."""
     return {
         "KLD12": kld(a, b, kl_base),
         "KLD21": kld(b, a, kl_base),

@@ -36,11 +36,23 @@ Differences from the reference code (deliberate):
   directions). The canonical correlations are the min(rank A, rank B)
   non-trivial ones; the reference divides by min(D_A, D_B), which differs
   only for rank-deficient inputs.
-* PWCCA weights are normalised over A's min(r_A, r_B) canonical variates
-  that have a correlation. The reference normalised over all D_A variates,
-  which is the same when D_A <= D_B; when D_A > D_B its extra variates span
-  a null space whose basis the SVD picks arbitrarily, so its value was not
-  well defined (e.g. the capacity comparisons, tiny vs small widths).
+* PWCCA when A is wider than B: two definitions, chosen by ``pwcca``.
+  ``"study"`` (the default, the study's ``pwcca_dist``): the weights of all
+  r_A canonical variates of A are normalised together and the variates
+  without a partner in B count with correlation 0, i.e.
+  1 - sum_{i<=k} w_i rho_i / sum_{i<=r_A} w_i. ``"paired"`` (this project's
+  variant): the weights are normalised over the k = min(r_A, r_B) paired
+  variates only, 1 - sum_{i<=k} w_i rho_i / sum_{i<=k} w_i. The two agree
+  when D_A <= D_B; on a 384-vs-192 pair they can differ by a factor of two.
+  The unpaired variates span a null space whose basis the SVD picks, so the
+  study's value depends on that choice; it is kept as the default to
+  reproduce the study's tables.
+* Degenerate CCA: with N images <= D_A + D_B features (after centring the
+  row spaces live in N - 1 dimensions, so they must intersect), some
+  canonical correlations are 1 by construction and PWCCA / mean (squared)
+  CCA say nothing about the representations. Those three are NaN for such a
+  pair and a :class:`DegenerateCCAWarning` names the sizes (the study
+  asserted D < N per matrix only). CKA and Procrustes are unaffected.
 * ``lin_cka_prime_dist`` is the *debiased* linear CKA (unbiased HSIC
   estimator of Song et al. 2012, as used by Kornblith et al. 2019). The
   reference's function of that name (unused in the study) computed another
@@ -50,6 +62,7 @@ Differences from the reference code (deliberate):
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -59,6 +72,35 @@ from ._arrays import as_numpy
 DEFAULT_RTOL = 1e-6
 
 FEATURE_METRICS = ("PWCCA", "MeanSqCCA", "MeanCCA", "LinCKA", "LinCKAPrime", "Procrustes")
+CCA_METRICS = ("PWCCA", "MeanSqCCA", "MeanCCA")
+#: PWCCA normalisation: "study" (over all of A's variates; the default) or
+#: "paired" (over the paired variates only; this project's variant)
+PWCCA_MODES = ("study", "paired")
+
+
+class DegenerateCCAWarning(UserWarning):
+    """CCA of two representations with N <= D_A + D_B: correlations forced to 1."""
+
+
+def cca_degenerate(d_a: int, d_b: int, n: int) -> bool:
+    """True when N images cannot separate D_A + D_B features (N <= D_A + D_B):
+    canonical correlations of 1 are then forced, whatever the data."""
+    return int(n) <= int(d_a) + int(d_b)
+
+
+def _warn_degenerate(d_a: int, d_b: int, n: int) -> None:
+    warnings.warn(
+        f"degenerate CCA: {n} images <= {d_a} + {d_b} features, canonical correlations are forced to 1; "
+        f"PWCCA / MeanCCA / MeanSqCCA reported as NaN (use more than {d_a + d_b} images)",
+        DegenerateCCAWarning,
+        stacklevel=3,
+    )
+
+
+def _check_mode(pwcca: str) -> str:
+    if pwcca not in PWCCA_MODES:
+        raise ValueError(f"unknown PWCCA mode {pwcca!r}: use 'study' (the study's normalisation) or 'paired'")
+    return pwcca
 
 
 def _check_pair(A, B) -> tuple[np.ndarray, np.ndarray]:
@@ -129,38 +171,59 @@ def cca_correlations(A, B, rtol: float = DEFAULT_RTOL) -> np.ndarray:
     return _cca(A, B, rtol).rho
 
 
+def _cca_or_none(A, B, rtol: float, check_size: bool):
+    """(preprocessed A, B, CCA) or None when undefined (constant input, or N
+    <= D_A + D_B with ``check_size``: warns)."""
+    A, B = _check_pair(A, B)
+    if check_size and cca_degenerate(A.shape[0], B.shape[0], A.shape[1]):
+        _warn_degenerate(A.shape[0], B.shape[0], A.shape[1])
+        return None
+    A, B = preprocess(A), preprocess(B)
+    if _degenerate(A, B):
+        return None
+    return A, B, _cca(A, B, rtol)
+
+
 def mean_cca_corr(A, B, rtol: float = DEFAULT_RTOL) -> float:
     """Mean canonical correlation of (D_A, N), (D_B, N) (similarity, 1 = a
-    linear map apart)."""
-    rho = cca_correlations(A, B, rtol)
-    return float(rho.mean()) if rho.size else float("nan")
+    linear map apart). NaN (and a warning) when N <= D_A + D_B."""
+    got = _cca_or_none(A, B, rtol, check_size=True)
+    if got is None or not got[2].rho.size:
+        return float("nan")
+    return float(got[2].rho.mean())
 
 
 def mean_sq_cca_corr(A, B, rtol: float = DEFAULT_RTOL) -> float:
-    """Mean squared canonical correlation of (D_A, N), (D_B, N) (similarity)."""
-    rho = cca_correlations(A, B, rtol)
-    return float((rho**2).mean()) if rho.size else float("nan")
+    """Mean squared canonical correlation of (D_A, N), (D_B, N) (similarity).
+    NaN (and a warning) when N <= D_A + D_B."""
+    got = _cca_or_none(A, B, rtol, check_size=True)
+    if got is None or not got[2].rho.size:
+        return float("nan")
+    return float((got[2].rho ** 2).mean())
 
 
-def _pwcca(A: np.ndarray, cca: CCAResult) -> float:
-    # weight of each paired canonical variate of A: summed |inner product|
-    # with A's features (Morcos et al. 2018), normalised over the paired ones.
+def _pwcca(A: np.ndarray, cca: CCAResult, mode: str = "study") -> float:
+    # weight of each canonical variate of A: summed |inner product| with A's
+    # features (Morcos et al. 2018); "study": normalised over all of A's
+    # variates (the unpaired ones enter the sum with correlation 0),
+    # "paired": normalised over the paired ones only.
     k = cca.rho.size
-    weights = np.abs(cca.variates_a[:k] @ A.T).sum(axis=1)
-    total = weights.sum()
+    weights = np.abs(cca.variates_a @ A.T).sum(axis=1)
+    total = weights.sum() if mode == "study" else weights[:k].sum()
     if total == 0:
         return float("nan")
-    return float(1.0 - (weights / total) @ cca.rho)
+    return float(1.0 - (weights[:k] / total) @ cca.rho)
 
 
-def pwcca_dist(A, B, rtol: float = DEFAULT_RTOL) -> float:
+def pwcca_dist(A, B, rtol: float = DEFAULT_RTOL, pwcca: str = "study") -> float:
     """Projection-weighted CCA distance of (D_A, N) to (D_B, N) (0 when
-    identical; asymmetric, weighted by A)."""
-    A, B = _check_pair(A, B)
-    A, B = preprocess(A), preprocess(B)
-    if _degenerate(A, B):
+    identical; asymmetric, weighted by A). ``pwcca``: "study" or "paired"
+    normalisation (module docstring); NaN (and a warning) when N <= D_A + D_B."""
+    _check_mode(pwcca)
+    got = _cca_or_none(A, B, rtol, check_size=True)
+    if got is None:
         return float("nan")
-    return _pwcca(A, _cca(A, B, rtol))
+    return _pwcca(got[0], got[2], pwcca)
 
 
 def _lin_cka(A: np.ndarray, B: np.ndarray) -> float:
@@ -239,20 +302,27 @@ def procrustes_dist(A, B) -> float:
     return _procrustes(A, B)
 
 
-def feature_similarities(A, B, rtol: float = DEFAULT_RTOL) -> dict[str, float]:
+def feature_similarities(A, B, rtol: float = DEFAULT_RTOL, pwcca: str = "study") -> dict[str, float]:
     """All metrics of (D_A, N), (D_B, N) at once (one preprocessing, one CCA):
     {PWCCA, MeanSqCCA, MeanCCA, LinCKA, LinCKAPrime, Procrustes}; see the
-    module docstring for which are distances. LinCKAPrime is NaN for N < 4."""
+    module docstring for which are distances. LinCKAPrime is NaN for N < 4;
+    the CCA metrics are NaN (with a :class:`DegenerateCCAWarning`) when
+    N <= D_A + D_B. ``pwcca``: "study" (default) or "paired" normalisation."""
+    _check_mode(pwcca)
     A, B = _check_pair(A, B)
+    degenerate = cca_degenerate(A.shape[0], B.shape[0], A.shape[1])
+    if degenerate:
+        _warn_degenerate(A.shape[0], B.shape[0], A.shape[1])
     A, B = preprocess(A), preprocess(B)
     if _degenerate(A, B):
         return {k: float("nan") for k in FEATURE_METRICS}
-    cca = _cca(A, B, rtol)
-    rho = cca.rho
+    nan = float("nan")
+    cca = None if degenerate else _cca(A, B, rtol)
+    rho = cca.rho if cca is not None else np.zeros(0)
     return {
-        "PWCCA": _pwcca(A, cca),
-        "MeanSqCCA": float((rho**2).mean()) if rho.size else float("nan"),
-        "MeanCCA": float(rho.mean()) if rho.size else float("nan"),
+        "PWCCA": _pwcca(A, cca, pwcca) if cca is not None else nan,
+        "MeanSqCCA": float((rho**2).mean()) if rho.size else nan,
+        "MeanCCA": float(rho.mean()) if rho.size else nan,
         "LinCKA": _lin_cka(A, B),
         "LinCKAPrime": _lin_cka_prime(A, B) if A.shape[1] >= 4 else float("nan"),
         "Procrustes": _procrustes(A, B),

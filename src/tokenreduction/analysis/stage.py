@@ -10,16 +10,21 @@ columns give dataset, backbone, capacity, method, keep_rate, seed and metric.
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
 from ..io import atomic_path, write_json
-from .compare import AXES, compare_features, compare_patterns, load_npz, pairs, token_statistics
-from .correlate import correlate
-from .heatmaps import heatmap_metrics
+from .compare import AXES, BASELINE_PAIR_RATE, HC_TRUE, compare_features, compare_patterns, load_npz, pairs, token_statistics
+from .correlate import CORRELATION_COLUMNS, correlate, correlate_groups
+from .heatmaps import DEFAULT_KL_BASE, heatmap_metrics
+from .similarity import DegenerateCCAWarning
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 #: per-pair measures that the collated tables keep (the study's columns)
@@ -53,17 +58,26 @@ def _load(eval_dir: Path, run: str, name: str) -> dict:
 
 
 def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathLike, out_csv: PathLike,
-                 progress: Callable = lambda it, **kw: it) -> pd.DataFrame:
+                 progress: Callable = lambda it, **kw: it, pwcca: str = "study",
+                 baseline_rate: Optional[float] = BASELINE_PAIR_RATE,
+                 hc_true: Optional[str] = None) -> pd.DataFrame:
     """Compare every pair of runs of `dataset` along `axis` (rates, capacity,
     models): reduction patterns per reduction block and CLS features per
     feature block. Long table: axis, run_a, run_b, block, source (pattern or
-    feature) and the measures of compare_patterns / compare_features."""
+    feature) and the measures of compare_patterns / compare_features.
+
+    pwcca: "study" or "paired" PWCCA normalisation; baseline_rate: the keep
+    rate the models axis pairs with the unreduced baseline (None: none);
+    hc_true: which run is sklearn's labels_true (default: the study's order
+    of the axis, ``HC_TRUE``)."""
     if axis not in AXES:
         raise ValueError(f"unknown comparison axis {axis!r}, expected one of {AXES}")
+    hc_true = hc_true or HC_TRUE[axis]
     eval_dir = Path(eval_dir)
     runs = runs_table(pd.read_csv(summary_csv), dataset)
-    todo = pairs(runs, axis, match=("seed",))
+    todo = pairs(runs, axis, match=("seed",), baseline_rate=baseline_rate)
     frames = []
+    degenerate: list = []
     cache: dict = {}
 
     def get(run: str, name: str) -> dict:
@@ -73,14 +87,27 @@ def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathL
 
     for pair in progress(todo.to_dict("records"), desc=f"compare {dataset} {axis}"):
         a, b = pair["run_a"], pair["run_b"]
-        pat = compare_patterns(get(a, "patterns.npz"), get(b, "patterns.npz"), names=(a, b))
-        feat = compare_features(get(a, "cls_features.npz"), get(b, "cls_features.npz"), names=(a, b))
+        pat = compare_patterns(get(a, "patterns.npz"), get(b, "patterns.npz"), names=(a, b), hc_true=hc_true)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DegenerateCCAWarning)
+            feat = compare_features(get(a, "cls_features.npz"), get(b, "cls_features.npz"), names=(a, b), pwcca=pwcca)
+        for w in caught:
+            if issubclass(w.category, DegenerateCCAWarning):
+                degenerate.append(f"{a} vs {b}: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         for table, source in ((pat, "pattern"), (feat, "feature")):
             if len(table):
                 frames.append(table.assign(axis=axis, run_a=a, run_b=b, source=source))
     columns = ["axis", "run_a", "run_b", "source", "block", "n_images", *PATTERN_MEASURES, *FEATURE_MEASURES]
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     out = out.reindex(columns=[c for c in columns if c in out.columns] + [c for c in out.columns if c not in columns])
+    if degenerate:
+        log.warning(
+            "WARNING: degenerate CCA in %d feature comparisons (PWCCA, MeanCCA, MeanSqCCA are NaN there): "
+            "evaluate more images than the two widths together (evaluate.num_pattern_images). First: %s",
+            len(degenerate), degenerate[0],
+        )
     with atomic_path(out_csv) as tmp:
         out.to_csv(tmp, index=False)
     return out
@@ -114,22 +141,70 @@ def collate(summary_csv: PathLike, dataset: str, axis: str, compare_csv: PathLik
     return out
 
 
-def correlate_axis(collated_csv: PathLike, out_csv: PathLike, out_png: PathLike) -> pd.DataFrame:
+#: the study's grouping of the correlation tables per axis: rates per reduced
+#: model (method and capacity), capacity per method, models per method A,
+#: capacity and keep rate (the baseline's pairs at 0.9 join the 0.9 group)
+CORRELATION_GROUPS = {
+    "rates": ("method_a", "capacity_a"),
+    "capacity": ("method_a",),
+    "models": ("method_a", "capacity_a", "keep_rate"),
+}
+
+
+def one_order(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a collated table with each unordered pair once: where both
+    (A, B) and (B, A) are present (the models axis), the row with run_a <
+    run_b. Pooling both orders would cancel every symmetric measure's
+    correlation (the metric difference flips sign, the measure does not)."""
+    if table.empty:
+        return table
+    keys = set(zip(table["run_a"], table["run_b"]))
+    keep = [not ((b, a) in keys and a > b) for a, b in zip(table["run_a"], table["run_b"])]
+    return table[np.asarray(keep, dtype=bool)].reset_index(drop=True)
+
+
+def _group_table(table: pd.DataFrame, axis: str) -> pd.DataFrame:
+    out = table.copy()
+    if axis == "models":
+        out["keep_rate"] = np.minimum(pd.to_numeric(out["keep_rate_a"]), pd.to_numeric(out["keep_rate_b"]))
+    return out
+
+
+def correlate_axis(collated_csv: PathLike, out_csv: PathLike, out_png: PathLike, axis: Optional[str] = None,
+                   out_pooled: Optional[PathLike] = None) -> pd.DataFrame:
     """Spearman's and Kendall's rank correlation (with p-values) between the
-    metric difference and each similarity measure of the collated table, and a
-    figure: one scatter per measure with its least-squares trend line."""
+    metric difference and each similarity measure of the collated table.
+
+    ``out_csv`` (the primary table): the study's grouping
+    (``CORRELATION_GROUPS`` of the axis; models: per method A, capacity and
+    keep rate, the baseline's pairs counted at 0.9), columns
+    ``CORRELATION_COLUMNS`` + group + the group columns. ``out_pooled``: all
+    pairs of the axis pooled, one order per pair (``one_order``). The figure:
+    one scatter per measure over the pooled pairs with its least-squares line
+    and the pooled rho. Returns the primary table."""
     table = pd.read_csv(collated_csv)
+    if axis is None:
+        axis = str(table["axis"].iloc[0]) if len(table) else "rates"
+    if axis not in AXES:
+        raise ValueError(f"unknown comparison axis {axis!r}, expected one of {AXES}")
     measures = [c for c in table.columns if "@" in c]
-    result = correlate(table, "metric_diff", measures) if len(table) else pd.DataFrame(
-        columns=["measure", "n", "spearman_rho", "spearman_p", "kendall_tau", "kendall_p"]
-    )
+    by = list(CORRELATION_GROUPS[axis])
+    empty = pd.DataFrame(columns=list(CORRELATION_COLUMNS))
+    grouped = (correlate_groups(_group_table(table, axis), "metric_diff", measures, by) if len(table)
+               else pd.DataFrame(columns=[*CORRELATION_COLUMNS, "group", *by]))
+    pooled_table = one_order(table)
+    pooled = correlate(pooled_table, "metric_diff", measures) if len(pooled_table) else empty
     with atomic_path(out_csv) as tmp:
-        result.to_csv(tmp, index=False)
-    _scatter(table, measures, result, out_png)
-    return result
+        grouped.to_csv(tmp, index=False)
+    if out_pooled is not None:
+        with atomic_path(out_pooled) as tmp:
+            pooled.to_csv(tmp, index=False)
+    _scatter(pooled_table, measures, pooled, out_png, axis)
+    return grouped
 
 
-def _scatter(table: pd.DataFrame, measures: Sequence[str], stats: pd.DataFrame, out_png: PathLike) -> None:
+def _scatter(table: pd.DataFrame, measures: Sequence[str], stats: pd.DataFrame, out_png: PathLike,
+             axis: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,18 +225,72 @@ def _scatter(table: pd.DataFrame, measures: Sequence[str], stats: pd.DataFrame, 
         title = measure
         if by_measure is not None and measure in by_measure.index:
             rho = by_measure.loc[measure, "spearman_rho"]
-            title += f"\nrho={rho:.2f}" if np.isfinite(rho) else "\nrho=n/a"
+            title += f"\nrho={rho:.2f} (n={int(by_measure.loc[measure, 'n'])})" if np.isfinite(rho) else "\nrho=n/a"
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.set_ylabel("metric difference", fontsize=7)
+        ax.set_ylabel("metric A - metric B", fontsize=7)
     for ax in list(axes.flat)[len(measures):]:
         ax.axis("off")
     if not measures:
         axes[0][0].text(0.5, 0.5, "no pairs on this axis", ha="center", va="center")
+    if axis:
+        fig.suptitle(f"{axis} axis: all pairs pooled, one order per pair", fontsize=9)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def rho_matrix(pooled: pd.DataFrame) -> pd.DataFrame:
+    """Pooled correlations (measure column ``<name>@<block>``) as a measure x
+    block table of Spearman's rho (NaN where undefined or absent)."""
+    if pooled.empty:
+        return pd.DataFrame()
+    split = pooled["measure"].astype(str).str.rsplit("@", n=1, expand=True)
+    frame = pd.DataFrame({"measure": split[0].str.replace("_mean", "", regex=False),
+                          "block": split[1].astype(int), "rho": pd.to_numeric(pooled["spearman_rho"])})
+    order = [m for m in dict.fromkeys(frame["measure"])]
+    wide = frame.pivot_table(index="measure", columns="block", values="rho", aggfunc="first", dropna=False)
+    return wide.reindex(index=order).sort_index(axis=1)
+
+
+def rho_heatmap(pooled_csvs: Mapping[str, PathLike], out_png: PathLike, title: str = "") -> dict:
+    """One compact figure: per axis a measure x block heatmap of the pooled
+    Spearman rho between the metric difference and each measure (diverging
+    colours, -1 blue .. +1 red, the value written in each cell, blank where
+    undefined). Returns {axis: rho_matrix}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mats = {axis: rho_matrix(pd.read_csv(path)) for axis, path in pooled_csvs.items()}
+    n = max(1, len(mats))
+    heights = [max(2, len(m.index)) for m in mats.values()] or [2]
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n + 0.8, 0.32 * max(heights) + 1.4), squeeze=False)
+    image = None
+    for ax, (axis, mat) in zip(axes.flat, mats.items()):
+        ax.set_title(f"{axis}", fontsize=9)
+        if mat.empty:
+            ax.text(0.5, 0.5, "no pairs", ha="center", va="center", fontsize=8)
+            ax.axis("off")
+            continue
+        values = mat.to_numpy(dtype=float)
+        image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        ax.set_xticks(range(values.shape[1]), [str(b) for b in mat.columns], fontsize=7)
+        ax.set_yticks(range(values.shape[0]), list(mat.index), fontsize=7)
+        ax.set_xlabel("block", fontsize=7)
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(v) > 0.6 else "black")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), fraction=0.04, pad=0.02, label="Spearman rho")
+    fig.suptitle(title or "rho(metric A - metric B, measure), pairs pooled", fontsize=9)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return mats
 
 
 def token_stats(summary_csv: PathLike, dataset: str, eval_dir: PathLike, depth_of: Mapping[str, int],
@@ -179,13 +308,17 @@ def token_stats(summary_csv: PathLike, dataset: str, eval_dir: PathLike, depth_o
         grid = tuple(int(v) for v in pat["grid"]) if "grid" in pat else None
         s = token_statistics(pat, depth_of[row["backbone"]], grid=grid, name=name)
         stats[name] = {"metric": float(row["metric"]), "method": row["method"], "backbone": row["backbone"],
-                       "capacity": row["capacity"], "keep_rate": float(row["keep_rate"]), **s}
+                       "capacity": row["capacity"], "keep_rate": float(row["keep_rate"]),
+                       "depth": int(depth_of[row["backbone"]]), **s}
     write_json(out_json, stats)
     _depth_figure(stats, out_png)
     return stats
 
 
 def _depth_figure(stats: Mapping[str, dict], out_png: PathLike) -> None:
+    """Depth heatmaps of the pruning-type runs on one shared colour scale
+    (0 .. the deepest model's depth) with one colour bar, so panels compare
+    by eye."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,26 +328,43 @@ def _depth_figure(stats: Mapping[str, dict], out_png: PathLike) -> None:
     n = max(1, len(shown))
     cols = min(6, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols + 0.9, 2.3 * rows + 0.4), squeeze=False)
+    vmin, vmax = depth_scale(shown)
+    image = None
     for ax, (name, s) in zip(axes.flat, shown.items()):
-        image = ax.imshow(np.asarray(s["depth_map_mean"], dtype=float), cmap="viridis")
+        image = ax.imshow(np.asarray(s["depth_map_mean"], dtype=float), cmap="viridis", vmin=vmin, vmax=vmax)
         ax.set_title("\n".join(name.split("/")[1:4]), fontsize=7)
         ax.axis("off")
-        fig.colorbar(image, ax=ax, fraction=0.046)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), fraction=0.03, pad=0.02, label="mean token depth (block)")
+    else:
+        axes[0][0].text(0.5, 0.5, "no pruning-type runs", ha="center", va="center", fontsize=8)
     fig.suptitle("mean token depth per patch (block at which a patch is dropped)", fontsize=9)
-    fig.tight_layout()
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def compare_heatmaps(token_stats_files: Sequence[PathLike], out_csv: PathLike) -> pd.DataFrame:
+def depth_scale(stats: Mapping[str, dict]) -> tuple:
+    """(vmin, vmax) shared by every depth heatmap: 0 and the largest model
+    depth among the runs (the depth of a patch never dropped)."""
+    depths = [int(s.get("depth", 0)) for s in stats.values()]
+    finite = [float(np.nanmax(s["depth_map_mean"])) for s in stats.values()
+              if np.isfinite(np.asarray(s["depth_map_mean"], dtype=float)).any()]
+    vmax = max(depths + finite + [1.0])
+    return 0.0, float(vmax)
+
+
+def compare_heatmaps(token_stats_files: Sequence[PathLike], out_csv: PathLike,
+                     kl_base: float = DEFAULT_KL_BASE) -> pd.DataFrame:
     """Global pruning patterns compared with the saliency metrics (KLD12,
     KLD21, JSD, PCC, SCC, EMD, SIM): the same method, capacity and keep rate
     across datasets, and within each dataset across keep rates, capacities
-    and methods. Only runs whose depth map is defined (pruning-type) count."""
+    and methods. Only runs whose depth map is defined (pruning-type,
+    K-Medoids / DPC-KNN by their centres) count. KL and JS in log base
+    ``kl_base`` (the study's: 2)."""
     entries = []
     for path in token_stats_files:
         for name, s in json.loads(Path(path).read_text()).items():
@@ -226,7 +376,7 @@ def compare_heatmaps(token_stats_files: Sequence[PathLike], out_csv: PathLike) -
             relation = _relation(name_a, a, name_b, b)
             if relation is None:
                 continue
-            metrics = heatmap_metrics(np.asarray(a["depth_map_mean"]), np.asarray(b["depth_map_mean"]))
+            metrics = heatmap_metrics(np.asarray(a["depth_map_mean"]), np.asarray(b["depth_map_mean"]), kl_base)
             rows.append({"comparison": relation, "run_a": name_a, "run_b": name_b, **metrics})
     out = pd.DataFrame(rows, columns=["comparison", "run_a", "run_b", "KLD12", "KLD21", "JSD", "PCC", "SCC", "EMD", "SIM"])
     with atomic_path(out_csv) as tmp:

@@ -1,6 +1,8 @@
 """The parameter-efficient baselines of the CLCA study, as options of the trainer.
 
-``apply_tuning(model, tuning, **options)``:
+``apply_tuning(model, tuning, **options)`` looks the mode up in a small
+registry (:data:`TUNING_MODES`, :func:`register_tuning`), which the trainer's
+``tuning`` key also uses, so a new mode is one decorated builder:
 
 ``full``
     every parameter trains (the model is returned as is).
@@ -26,7 +28,8 @@ of a wrapper stays self-contained.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import inspect
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +38,21 @@ from torch import nn
 from ..models.context import ReductionContext
 from .cache import masked_mean
 
-TUNINGS = ("full", "head", "h2t", "vqt")
+#: tuning modes by name: builder(model, **options) -> the model to train
+TUNING_MODES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_tuning(name: str) -> Callable:
+    """Decorator: make a builder ``fn(model, **options) -> model to train``
+    available as tuning mode `name` (the trainer's ``tuning`` key)."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in TUNING_MODES:
+            raise ValueError(f"tuning mode {name!r} is registered twice")
+        TUNING_MODES[name] = fn
+        return fn
+
+    return wrap
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -48,26 +65,49 @@ def _freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def get_tuning(tuning: str) -> Callable[..., nn.Module]:
+    """The builder of tuning mode `tuning`; a ValueError lists the known ones."""
+    try:
+        return TUNING_MODES[tuning]
+    except KeyError:
+        raise ValueError(f"unknown tuning {tuning!r}; use one of {', '.join(TUNING_MODES)}") from None
+
+
 def apply_tuning(model: nn.Module, tuning: str = "full", **options: Any) -> nn.Module:
     """Set which parameters train (see the module docstring); returns the
     model to train (a wrapper for ``h2t`` and ``vqt``)."""
-    if tuning not in TUNINGS:
-        raise ValueError(f"unknown tuning {tuning!r}; use one of {', '.join(TUNINGS)}")
-    if tuning in ("full", "head") and options:
-        raise ValueError(f"tuning {tuning!r} takes no options, got {sorted(options)}")
-    if tuning == "full":
-        return model
-    if tuning == "head":
-        _freeze(model)
-        for name in ("head", "fc_norm", "clca"):
-            module = getattr(model, name, None)
-            if isinstance(module, nn.Module):
-                for p in module.parameters():
-                    p.requires_grad_(True)
-        return model
-    if tuning == "h2t":
-        return Head2ToeViT(model, **options)
-    return VisualQueryTuningViT(model, **options)
+    builder = get_tuning(tuning)
+    known = tuning_options(tuning)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"it takes {', '.join(known)}" if known else "it takes no options"
+        raise ValueError(f"tuning {tuning!r} got unknown option(s) {unknown}; {takes}")
+    return builder(model, **options)
+
+
+def tuning_options(tuning: str) -> list[str]:
+    """Option names of tuning mode `tuning` (its builder's keyword arguments
+    after the model)."""
+    params = list(inspect.signature(get_tuning(tuning)).parameters.values())[1:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+@register_tuning("full")
+def full_tuning(model: nn.Module) -> nn.Module:
+    """Every parameter trains: the model as is."""
+    return model
+
+
+@register_tuning("head")
+def head_tuning(model: nn.Module) -> nn.Module:
+    """Frozen backbone; the classifier (head, fc_norm) and CLCA's modules train."""
+    _freeze(model)
+    for name in ("head", "fc_norm", "clca"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return model
 
 
 class _FrozenBackbone(nn.Module):
@@ -138,6 +178,7 @@ def head2toe_features(
     return torch.cat(feats, dim=1)
 
 
+@register_tuning("h2t")
 class Head2ToeViT(_FrozenBackbone):
     """Head2Toe: a linear head on the features of all blocks of a frozen ViT.
 
@@ -240,6 +281,7 @@ def query_block_forward(block: nn.Module, x: torch.Tensor, bias: Optional[torch.
     return z + block.ls2(block.mlp(block.norm2(z)))
 
 
+@register_tuning("vqt")
 class VisualQueryTuningViT(_FrozenBackbone):
     """Visual query tuning: ``num_queries`` learnable queries per block
     (``queries``, (depth, Q, D)) read each block's input (the tokens the
@@ -275,3 +317,7 @@ class VisualQueryTuningViT(_FrozenBackbone):
             z = query_block_forward(blk, xin, bias, q[None].expand(B, -1, -1).to(xin.dtype))
             outs.append(F.layer_norm(z, z.shape[-1:]).flatten(1))
         return self.classifier(torch.cat([pooled] + outs, dim=1))
+
+
+#: the registered tuning modes (kept for imports of the former constant)
+TUNINGS = tuple(TUNING_MODES)

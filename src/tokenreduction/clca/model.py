@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..models.context import ReductionContext
+from ..models.extensions import register_extension
 from .cache import gap_weights, insert_extra_tokens, masked_mean, recovery_layers
 from .head import CLAHead
 
@@ -118,7 +119,10 @@ class _CacheState:
 
 
 class CLCAViTMixin:
-    """Methods of a model with CLCA (put before the patched model class)."""
+    """Methods of a model with CLCA (put before the patched model class by
+    :func:`tokenreduction.models.vit.add_mixin`)."""
+
+    class_prefix = "CLCA"
 
     clca: CLCAModule
 
@@ -170,21 +174,13 @@ class CLCAViTMixin:
         return 0 if ctx is None else ctx.num_prefix - self.num_prefix_tokens
 
 
-_CLCA_CLASSES: dict[type, type] = {}
-
-
-def _clca_class(cls: type) -> type:
-    if cls not in _CLCA_CLASSES:
-        _CLCA_CLASSES[cls] = type(f"CLCA{cls.__name__}", (CLCAViTMixin, cls), {})
-    return _CLCA_CLASSES[cls]
-
-
+@register_extension("clca")
 def apply_clca(model: nn.Module, **options: Any) -> nn.Module:
     """Add CLCA to a model from :func:`tokenreduction.create_model` (in place;
     returns it). Options: the fields of :class:`CLCAConfig`. With neither
     ``ifa_head`` nor ``clc`` the model is returned untouched. Records the
     resolved options as ``model.reduction_config["clca"]``."""
-    from ..models.vit import ReducedViTMixin
+    from ..models.vit import ReducedViTMixin, add_mixin
 
     unknown = sorted(set(options) - set(CLCAConfig.__dataclass_fields__))
     if unknown:
@@ -226,7 +222,7 @@ def apply_clca(model: nn.Module, **options: Any) -> nn.Module:
         model.norm = nn.Identity()
         model.fc_norm = nn.Identity()
         model.head = nn.Identity()
-    model.__class__ = _clca_class(type(model))
+    add_mixin(model, CLCAViTMixin)
     resolved = asdict(cfg)
     resolved["reduction_loc"] = locs
     resolved["recovery_layers"] = list(module.recovery)

@@ -14,6 +14,10 @@ Three families:
   ``img_size x img_size`` with no crop; train adds optional ``cutout`` (fraction
   of the side, ASL's CutoutPIL uses 0.5) and ``auto_augment`` string.
 
+:func:`train_augmentation` gives the reference's training augmentation per
+kind (the trainer uses it): random erasing in mode "pixel" and colour jitter 0.3
+on single-label kinds; Cutout 0.5 and no random erasing on COCO and NUS-WIDE.
+
 All end with ToTensor + Normalize(mean, std) (ImageNet statistics by default);
 ``re_prob > 0`` adds random erasing to every train family. Keywords that a family
 does not use are accepted and ignored, so one augmentation dict can serve all
@@ -22,7 +26,7 @@ kinds; a keyword no family knows raises ValueError.
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -81,6 +85,43 @@ def _auto_augment(spec: str, img_size: int, mean: Sequence[float], interpolation
 
 #: the single-label demo kind (scikit-learn's digits)
 DIGIT_KINDS = ("digits",)
+
+#: Cutout the reference applies to every training image of these kinds
+#: (ASL's CutoutPIL with cutout_factor 0.5, before RandAugment)
+REFERENCE_CUTOUT = {"coco": 0.5, "nuswide": 0.5}
+
+
+def train_augmentation(
+    kind: str,
+    *,
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    color_jitter: float = 0.3,
+    cutout: Optional[float] = None,
+) -> dict:
+    """The :func:`build_transform` keywords of the training transform of
+    `kind`, as the reference ("Which Tokens to Use?") builds it per dataset kind.
+
+    Single-label kinds: timm's transform with ``auto_augment``, colour jitter
+    (``color_jitter``, effective when auto-augment is off, as on NABirds) and
+    random erasing (``reprob``, mode ``re_mode``, ``re_count`` boxes; the
+    reference's defaults 0.25, "pixel", 1). Multi-label kinds: squash resize,
+    Cutout (``cutout``; None = :data:`REFERENCE_CUTOUT` of the kind: 0.5 on
+    COCO and NUS-WIDE, none on the demo mosaics; 0 = off), then
+    ``auto_augment``; never random erasing (the reference has none there).
+    """
+    if kind in MULTILABEL_KINDS:
+        factor = REFERENCE_CUTOUT.get(kind, 0.0) if cutout is None else float(cutout)
+        return {"auto_augment": auto_augment, "cutout": factor or None}
+    return {
+        "auto_augment": auto_augment,
+        "re_prob": reprob,
+        "re_mode": re_mode,
+        "re_count": re_count,
+        "color_jitter": color_jitter,
+    }
 
 
 def build_transform(

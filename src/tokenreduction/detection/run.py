@@ -1,7 +1,7 @@
 """Train, evaluate and benchmark the ViT-Adapter Mask R-CNN with mmengine.
 
 Thin functions over mmengine's Runner used by ``scripts/detection.py``: a
-config file from ``configs/detection`` plus run options (reduction, data
+config file from ``config/detection`` plus run options (reduction, data
 root, gradient accumulation, launcher) -> a Config; training resumes from the
 last checkpoint in its work dir (a requeued job continues); evaluation is
 mmdet's CocoMetric (pycocotools) for bbox and segm; the benchmark times the

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmcv.ops import MultiScaleDeformableAttention
 from mmengine.model import BaseModule
-from mmengine.runner.checkpoint import CheckpointLoader
 from torch import nn
 
 from ..models.budget import TokenBudget
@@ -50,6 +49,7 @@ from ..reduction import get_method
 from ..reduction.base import BlockFeatures
 from ..reduction.clustering import check_linkage
 from ..reduction.ops import batch_gather, pool_by_assignment
+from ..safe_load import load_checkpoint_file
 
 try:  # registering needs mmdet; the module itself only torch + mmcv + mmengine
     from mmdet.registry import MODELS
@@ -381,7 +381,7 @@ class ViTAdapter(BaseModule):
         super().init_weights()
         if not self.pretrained:
             return
-        state = CheckpointLoader.load_checkpoint(self.pretrained, map_location="cpu")
+        state = load_checkpoint_file(self.pretrained, map_location="cpu")  # weights_only, allow-listed types
         for key in ("model", "state_dict", "module"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]

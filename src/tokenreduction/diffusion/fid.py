@@ -12,6 +12,12 @@ as clean-fid resizes it, to (B, D) features):
   download: the image average-pooled to a grid, then a fixed seeded random
   projection to ``dim`` features. Its FIDs are not comparable with published
   Inception FIDs and are labelled as such.
+
+FID itself is clean-fid's: features of every image of both folders (the
+reference folder first), their means and covariances, and the Fréchet
+distance ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)). The extractor
+is wrapped to print progress lines (images done of both folders, images/s,
+ETA) to the log.
 """
 from __future__ import annotations
 
@@ -45,6 +51,23 @@ def missing_weights_message(path: PathLike) -> str:
         f"on a machine with internet access and put it at {path} (or set diffusion.fid.inception_weights "
         f"in the config to where the file is)."
     )
+
+
+class _ProgressExtractor:
+    """The feature extractor clean-fid calls, counting images for progress lines."""
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], progress) -> None:
+        self.model, self.progress = model, progress
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.model(batch)
+        self.progress.update(int(batch.shape[0]))
+        return out
+
+    def eval(self):  # clean-fid may call .eval() on a custom extractor
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+        return self
 
 
 class PixelFeatures(nn.Module):
@@ -105,12 +128,17 @@ def compute_fid(
     device: Optional[str] = None,
     batch_size: int = 32,
     pixel_dim: int = 8,
+    progress_every: float = 30.0,
+    printer=None,
 ) -> Dict[str, Any]:
     """clean-fid ``compute_fid(reference, generated, mode)`` with the chosen
     feature extractor, explicit device and num_workers=0. Tiny negative
-    values from numerical error are clamped to 0. Returns {fid,
+    values from numerical error are clamped to 0. Progress lines every
+    ``progress_every`` seconds (``printer``, default print). Returns {fid,
     feature_extractor, mode, num_reference, num_generated}."""
     from cleanfid import fid as cleanfid
+
+    from .pipeline import ProgressLog
 
     if extractor not in EXTRACTORS:
         raise ValueError(f"unknown feature extractor {extractor!r}; use one of {', '.join(EXTRACTORS)}")
@@ -137,9 +165,14 @@ def compute_fid(
         else:  # clean-fid builds its own extractor, downloading the weights if it can
             model, label = None, f"inception-v3 (clean-fid download to {CLEANFID_DEFAULT})"
     kwargs = dict(mode=mode, device=dev, num_workers=0, batch_size=batch_size, verbose=False, use_dataparallel=False)
+    total = counts["num_reference"] + counts["num_generated"]
+    progress = ProgressLog(total, "FID features (reference, then generated)", "images", progress_every, printer)
     try:
         with torch.no_grad():
-            value = cleanfid.compute_fid(str(reference), str(generated), custom_feat_extractor=model, **kwargs)
+            if model is None:
+                model = cleanfid.build_feature_extractor(mode, dev, use_dataparallel=False)
+            extractor_fn = _ProgressExtractor(model, progress)
+            value = cleanfid.compute_fid(str(reference), str(generated), custom_feat_extractor=extractor_fn, **kwargs)
     except urllib.error.URLError as e:
         raise MissingWeightsError(
             f"clean-fid could not download its Inception weights ({e.reason}). " + missing_weights_message(CLEANFID_DEFAULT)

@@ -41,7 +41,7 @@ class MergeOptions:
     max_downsample: int = 1
     sx: int = 2
     sy: int = 2
-    use_rand: bool = True
+    use_rand: bool = False
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
@@ -175,7 +175,7 @@ def apply_patch(
     max_downsample: int = 1,
     sx: int = 2,
     sy: int = 2,
-    use_rand: bool = True,
+    use_rand: bool = False,
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
@@ -189,7 +189,8 @@ def apply_patch(
     max_downsample: merge only in blocks at latent downsampling <= this (1, 2, 4, 8).
     sx, sy:         ToMe's destination grid: one destination per sy x sx cell.
     use_rand:       random destination within each cell (from a CPU generator
-                    seeded with `seed`, see :func:`reseed`), else the top-left.
+                    seeded with `seed`, see :func:`reseed`), else the top-left
+                    (the default, as the study without --use_rand).
     merge_attn / merge_crossattn / merge_mlp: merge around self-attention,
                     cross-attention, the MLP.
     merge_fn:       "tome" (bipartite matching, 2-D strided destinations) or

@@ -6,6 +6,24 @@ Protocol (ATC study, ``sd_generate.py``): prompt "A high quality photograph
 of a <class>." for every class, `images_per_class` images each, a fixed seed
 per (class, image), `steps` denoising steps, classifier-free guidance
 `guidance`, one image per pipeline call, the wall time of each call recorded.
+
+Seeds (``seed_scheme``): ``"study"`` (default) seeds a ``torch.Generator`` on
+the generation device with ``base + int(f"{class}{image}")``, exactly as the
+study, so every image gets the study's initial noise (CUDA and CPU
+generators draw different numbers from the same seed, so the device matters).
+``"unique"`` (this project's earlier scheme) uses base + class x
+images_per_class + image, which never collides (the study's formula maps
+class 1 image 11 and class 11 image 1 to the same seed once there are more
+than 10 images per class); it also seeds a device generator.
+
+Attention (``attn_processor``): ``"default"`` (the study without
+``--use_flash_attn``) switches the UNet to diffusers' default attention
+processor (``set_default_attn_processor``), ``"flash"`` to
+``AttnProcessor2_0`` (PyTorch scaled-dot-product attention, the study's
+``--use_flash_attn``), ``"keep"`` leaves whatever the pipeline loaded with.
+
+Progress: a line per ``progress_every`` seconds (and at the end) to stdout,
+which the rule sends to its log: images done, images/s, ETA.
 """
 from __future__ import annotations
 
@@ -24,6 +42,8 @@ from .patch import apply_patch, patch_state, remove_patch, reseed
 
 PathLike = Union[str, Path]
 PROMPT = "A high quality photograph of a {}."
+SEED_SCHEMES = ("study", "unique")
+ATTN_PROCESSORS = ("default", "flash", "keep")
 TINY_MARKER = "model_index.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -125,7 +145,7 @@ def load_pipeline(source: PathLike, device: Optional[str] = None, dtype: Optiona
     """``StableDiffusionPipeline.from_pretrained`` from a local folder (read
     offline) or a hub name (e.g. ``runwayml/stable-diffusion-v1-5``; uses the
     Hugging Face cache, downloading if allowed). Returns the pipeline on the
-    device, progress bars off."""
+    device, progress bars off, no safety checker (as the study)."""
     from diffusers import StableDiffusionPipeline
 
     dev = resolve_device(device)
@@ -138,17 +158,70 @@ def load_pipeline(source: PathLike, device: Optional[str] = None, dtype: Optiona
     if local and not (Path(source) / TINY_MARKER).exists():
         raise ValueError(f"pipeline folder {source} has no {TINY_MARKER}: not a diffusers pipeline folder")
     pipe = StableDiffusionPipeline.from_pretrained(
-        source, dtype=resolve_dtype(dtype, dev), local_files_only=local
+        source, dtype=resolve_dtype(dtype, dev), local_files_only=local,
+        safety_checker=None, requires_safety_checker=False,  # the study's: no image is blacked out
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
 
 
-def image_seed(base_seed: int, class_index: int, image_index: int, images_per_class: int) -> int:
-    """The fixed seed of one image: base + class x images_per_class + image
-    (unique per (class, image); the study's base + int(f"{class}{image}")
-    collides once images_per_class > 10)."""
-    return int(base_seed) + int(class_index) * int(images_per_class) + int(image_index)
+def image_seed(base_seed: int, class_index: int, image_index: int, images_per_class: int,
+               scheme: str = "study") -> int:
+    """The fixed seed of one image.
+
+    "study": base + int(f"{class}{image}") (the ATC study's; it collides once
+    images_per_class > 10, e.g. (1, 11) and (11, 1)); "unique": base + class x
+    images_per_class + image (unique per (class, image))."""
+    if scheme == "study":
+        return int(base_seed) + int(f"{int(class_index)}{int(image_index)}")
+    if scheme == "unique":
+        return int(base_seed) + int(class_index) * int(images_per_class) + int(image_index)
+    raise ValueError(f"unknown seed scheme {scheme!r}; use one of {', '.join(SEED_SCHEMES)}")
+
+
+def set_attention(pipe: Any, attn_processor: str = "default") -> str:
+    """Switch the UNet's attention processor as the study does: "default"
+    (diffusers' default processor), "flash" (AttnProcessor2_0, PyTorch SDPA)
+    or "keep" (unchanged). Returns the processor class name now in use."""
+    if attn_processor not in ATTN_PROCESSORS:
+        raise ValueError(f"unknown attention processor {attn_processor!r}; use one of {', '.join(ATTN_PROCESSORS)}")
+    unet = pipe.unet
+    if attn_processor == "default":
+        unet.set_default_attn_processor()
+    elif attn_processor == "flash":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    names = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    return "+".join(names)
+
+
+class ProgressLog:
+    """Progress lines for logs (tqdm stays silent without a terminal): call
+    ``update(n)`` as work is done; a line "<desc>: done/total <unit>, rate
+    <unit>/s, ETA" is printed when ``every_s`` seconds have passed since the
+    last one, and at completion. ``printer`` receives each line."""
+
+    def __init__(self, total: int, desc: str, unit: str = "images", every_s: float = 30.0, printer=None):
+        self.total, self.desc, self.unit, self.every_s = int(total), desc, unit, float(every_s)
+        self.done = 0
+        self.lines: List[str] = []
+        self._printer = printer or (lambda line: print(line, flush=True))
+        self._start = time.perf_counter()
+        self._last = self._start
+
+    def update(self, n: int = 1) -> None:
+        self.done += int(n)
+        now = time.perf_counter()
+        if now - self._last >= self.every_s or self.done >= self.total:
+            self._last = now
+            elapsed = now - self._start
+            rate = self.done / elapsed if elapsed > 0 else float("inf")
+            eta = (self.total - self.done) / rate if rate > 0 and np.isfinite(rate) else 0.0
+            line = (f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.3g} {self.unit}/s, "
+                    f"elapsed {elapsed:.0f} s, ETA {max(eta, 0.0):.0f} s")
+            self.lines.append(line)
+            self._printer(line)
 
 
 def _sync(device: torch.device) -> None:
@@ -167,21 +240,33 @@ def generate_images(
     seed: int = 0,
     merge: Optional[Dict[str, Any]] = None,
     warmup: bool = True,
+    seed_scheme: str = "study",
+    attn_processor: str = "default",
+    progress_every: float = 30.0,
+    printer=None,
 ) -> Dict[str, Any]:
     """Generate `images_per_class` images per class into `out_dir` as
     ``<class index:04d>_<image:02d>.png`` (folder built under a temporary name,
     then renamed) and return the timing record.
 
-    merge: apply_patch options (merge_fn "none" or absent = no merging). The
-    merge generator is reseeded with each image's seed. One untimed 1-step
-    call warms the pipeline up first (if `warmup`). Timing: wall seconds of
-    each pipeline call (GPU synchronised), mean and population std.
+    merge: apply_patch options (merge_fn "none" or absent = no merging; ToMe's
+    random destinations only with use_rand true, off by default as in the
+    study). Each image's initial noise comes from a generator on the
+    pipeline's device seeded by :func:`image_seed` (``seed_scheme``), and the
+    merge generator is reseeded with the same seed. ``attn_processor``: see
+    :func:`set_attention`. One untimed 1-step call warms the pipeline up
+    first (if `warmup`). Timing: wall seconds of each pipeline call (GPU
+    synchronised), mean and population std. Progress lines every
+    ``progress_every`` seconds (``printer``, default print).
     """
     if images_per_class < 1:
         raise ValueError(f"images_per_class must be >= 1, got {images_per_class}")
     if not class_names:
         raise ValueError("no classes to generate")
+    if seed_scheme not in SEED_SCHEMES:
+        raise ValueError(f"unknown seed scheme {seed_scheme!r}; use one of {', '.join(SEED_SCHEMES)}")
     device = pipe.device
+    attention = set_attention(pipe, attn_processor)
     merge = dict(merge or {})
     merge_fn = merge.pop("merge_fn", "none")
     remove_patch(pipe)
@@ -192,7 +277,7 @@ def generate_images(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
 
     def call(prompt: str, s: int, num_steps: int):
-        generator = torch.Generator(device="cpu").manual_seed(s)
+        generator = torch.Generator(device=device).manual_seed(s)
         reseed(pipe, s)
         return pipe(
             prompt, num_inference_steps=num_steps, guidance_scale=guidance, height=img_size,
@@ -201,20 +286,25 @@ def generate_images(
 
     times: List[float] = []
     files: List[str] = []
+    seeds: List[int] = []
+    progress = ProgressLog(len(class_names) * images_per_class, "generate", "images", progress_every, printer)
     try:
         if warmup:
             call(PROMPT.format(class_names[0]), int(seed), 1)
         for c, name in enumerate(class_names):
             prompt = PROMPT.format(name)
             for i in range(images_per_class):
+                s = image_seed(seed, c, i, images_per_class, seed_scheme)
                 _sync(device)
                 start = time.perf_counter()
-                image = call(prompt, image_seed(seed, c, i, images_per_class), steps)
+                image = call(prompt, s, steps)
                 _sync(device)
                 times.append(time.perf_counter() - start)
                 fname = f"{c:04d}_{i:02d}.png"
                 image.save(tmp / fname)
                 files.append(fname)
+                seeds.append(s)
+                progress.update()
         state = patch_state(pipe)
         tokens = {k: list(v) for k, v in state.tokens.items()} if state is not None else {}
         _replace_dir(tmp, out_dir)
@@ -236,6 +326,9 @@ def generate_images(
         "guidance": float(guidance),
         "img_size": int(img_size),
         "seed": int(seed),
+        "seed_scheme": seed_scheme,
+        "seeds": seeds,
+        "attn_processor": attention,
         "device": str(device),
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "merge": {"merge_fn": merge_fn or "none", **merge},

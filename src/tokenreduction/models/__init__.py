@@ -1,14 +1,26 @@
 """timm ViTs with token reduction inserted at chosen blocks.
 
 The builders in :mod:`.vit` import timm and are loaded on first use (PEP 562);
-the budgets and the reduction context need only torch.
+the budgets, the reduction context and the extension registry need only torch.
 """
 import importlib
 
 from .budget import BUDGETS, StageBudget, TokenBudget, r_schedule
 from .context import ReductionContext, StageRecord
+from .extensions import get_extension, list_extensions, register_extension
 
-_FROM_VIT = ("count_flops", "create_model", "load_checkpoint", "patch_model")
+_FROM_VIT = (
+    "ReducedViTMixin",
+    "ReductionConfig",
+    "add_mixin",
+    "compose_class",
+    "count_flops",
+    "create_model",
+    "load_checkpoint",
+    "patch_model",
+    "set_budget",
+    "unpatch_model",
+)
 
 
 def __getattr__(name: str):
@@ -19,13 +31,22 @@ def __getattr__(name: str):
 
 __all__ = [
     "BUDGETS",
+    "ReducedViTMixin",
+    "ReductionConfig",
     "ReductionContext",
     "StageBudget",
     "StageRecord",
     "TokenBudget",
+    "add_mixin",
+    "compose_class",
     "count_flops",
     "create_model",
+    "get_extension",
+    "list_extensions",
     "load_checkpoint",
     "patch_model",
     "r_schedule",
+    "register_extension",
+    "set_budget",
+    "unpatch_model",
 ]

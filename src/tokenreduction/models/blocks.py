@@ -73,7 +73,7 @@ class TokenBlock(Block):
 
     def _reduce(self, ctx: ReductionContext, x: torch.Tensor, feats: BlockFeatures) -> torch.Tensor:
         n = x.shape[1] - ctx.num_prefix
-        budget: StageBudget = self.budget_fn(self.stage_index, self.block_index, n)
+        budget: StageBudget = self.budget_fn(self.stage_index, self.block_index, n, ctx.num_patches)
         return ctx.reduce(self.reducer, self.block_index, self.stage_index, budget, x, feats)
 
     def _attend(self, x: torch.Tensor, ctx: ReductionContext, need: frozenset):

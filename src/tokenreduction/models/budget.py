@@ -110,20 +110,25 @@ class TokenBudget:
         self.keep_rates = [float(v) for v in rates]
         self.single_rate = isinstance(keep_rate, (int, float))
 
-    def nominal(self, stage: int) -> int:
-        """Geometric target of `stage` (stage -1 is all patches)."""
+    def nominal(self, stage: int, num_patches: Optional[int] = None) -> int:
+        """Geometric target of `stage` (stage -1 is all patches); `num_patches`
+        is the patch count of the actual input (default: the build-time one;
+        they differ under timm's ``dynamic_img_size``)."""
+        total = self.num_patches if num_patches is None else int(num_patches)
         if stage < 0:
-            return self.num_patches
+            return total
         if self.single_rate:
-            value = int(self.keep_rates[0] ** (stage + 1) * self.num_patches)
+            value = int(self.keep_rates[0] ** (stage + 1) * total)
         else:
-            value = int(self.keep_rates[stage] * self.num_patches)
+            value = int(self.keep_rates[stage] * total)
         return max(value, 1)
 
-    def stage(self, stage: int, block: int, num_tokens: int) -> StageBudget:
+    def stage(self, stage: int, block: int, num_tokens: int, num_patches: Optional[int] = None) -> StageBudget:
+        """The StageBudget of `stage` at `block` with `num_tokens` patch tokens
+        present; `num_patches`: patches of the actual input (geometric budget)."""
         if self.kind == "geometric":
-            target = self.nominal(stage)
-            r = self.nominal(stage - 1) - target
+            target = self.nominal(stage, num_patches)
+            r = self.nominal(stage - 1, num_patches) - target
         elif self.kind == "current":
             target = max(1, math.ceil(self.keep_rates[stage] * num_tokens))
             r = num_tokens - target

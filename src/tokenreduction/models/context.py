@@ -54,6 +54,10 @@ class ReductionContext:
     cls_per_stage: list = field(default_factory=list)
     #: (B, T, C) final normed tokens of the forward (DynamicViT distillation)
     features: Optional[torch.Tensor] = None
+    #: patches of the actual input and their grid (h, w); None = the model's
+    #: build-time ones (they differ under timm's ``dynamic_img_size``)
+    num_patches: Optional[int] = None
+    grid: Optional[tuple] = None
 
     @property
     def tokens_kept(self) -> list[int]:
@@ -85,6 +89,7 @@ class ReductionContext:
         pass through. Updates sizes, masks and the record; returns the new x."""
         p = self.num_prefix
         prefix, patches = x[:, :p], x[:, p:]
+        feats.num_prefix = p
         if self.mask is not None:
             feats.mask = self.mask[:, p:]
         if self.keep_score is not None:

@@ -37,6 +37,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ..models.budget import r_schedule
+from ..safe_load import load_checkpoint_file
 
 PathLike = Union[str, Path]
 FAMILIES = ("augreg", "swag", "mae", "trained", "timm")
@@ -182,7 +183,7 @@ def _load(path: PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint_file(path, map_location="cpu")  # weights_only, allow-listed types
 
 
 # ---------------------------------------------------------------- SWAG

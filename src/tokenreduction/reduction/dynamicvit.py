@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BlockFeatures, ReductionOutput, TokenReducer
+from .base import BlockFeatures, MethodLoss, ReductionOutput, TokenReducer
 from .ops import keep_by_score
 from .registry import register
 
@@ -62,7 +62,9 @@ class KeepPredictor(nn.Module):
         half = x.shape[-1] // 2
         local_x, global_x = x[..., :half], x[..., half:]
         w = policy.to(x.dtype).unsqueeze(-1)
-        global_x = (global_x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-6)
+        # the reference adds eps = 1e-6 to the mean itself (not to the denominator);
+        # the clamp only guards an all-zero policy, where the reference gives NaN
+        global_x = (global_x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-12) + 1e-6
         x = torch.cat([local_x, global_x.expand(-1, x.shape[1], -1)], dim=-1)
         return self.out_conv(x)
 
@@ -71,7 +73,8 @@ def gumbel_keep_decision(log_probs: torch.Tensor, prev_policy: torch.Tensor) -> 
     """log_probs (B, N, 2) of (keep, drop), prev_policy (B, N) -> new policy
     (B, N): a hard Gumbel-softmax sample of "keep" (values exactly 0 or 1,
     straight-through gradients) times the previous policy."""
-    hard = F.gumbel_softmax(log_probs.float(), hard=True, dim=-1)[..., 0]
+    dt = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+    hard = F.gumbel_softmax(log_probs.to(dt), hard=True, dim=-1)[..., 0]
     return hard.to(prev_policy.dtype) * prev_policy
 
 
@@ -79,10 +82,16 @@ def gumbel_keep_decision(log_probs: torch.Tensor, prev_policy: torch.Tensor) -> 
 class DynamicViT(TokenReducer):
     kind = "prune"
     position = "pre"
+    uses_teacher = True
 
     def __init__(self, dim: int, **kwargs) -> None:
         super().__init__(dim, **kwargs)
         self.predictor = KeepPredictor(dim)
+
+    @classmethod
+    def training_loss(cls, task_loss, **options) -> "DynamicViTLoss":
+        """:class:`DynamicViTLoss` around the task loss; `options` are its weights."""
+        return DynamicViTLoss(base_criterion=task_loss, **options)
 
     def forward(self, x: torch.Tensor, size: torch.Tensor, feats: BlockFeatures, budget) -> ReductionOutput:
         B, N, _ = x.shape
@@ -173,7 +182,7 @@ def dynamicvit_distillation_loss(
     return kl, tok
 
 
-class DynamicViTLoss(nn.Module):
+class DynamicViTLoss(MethodLoss):
     """DynamicViT's training loss around a base criterion.
 
     ``forward(student_model, images, outputs, targets, teacher_model=None)``:

@@ -1,19 +1,31 @@
 """Heuristic: keep the patches nearest the image centre (data independent).
 
-On the model's h x w patch grid, patch (r, c) (raster index r * w + c) lies
-at distance d((r, c), centre) with centre ((h - 1) / 2, (w - 1) / 2) under the
-L1, L2 or L-infinity norm (``pattern``). All patches are ranked by (distance,
-raster index), so ties go to the earlier patch. A stage keeps the
-``budget.target`` best-ranked patches, in their original order.
+Default, ``rule="reference"`` (JoakimHaurum/TokenReduction
+``prep_pattern_stage_subset``, its ``--not_contiguous`` mode): on the h x w
+patch grid the coordinates are the float32 ``torch.linspace(-h//2, h//2, h)``
+(rows) and ``linspace(-w//2, w//2, w)`` (columns), with Python floor division,
+so for an odd side the origin is NOT the middle patch; z is |x| + |y| (l1),
+sqrt(x^2 + y^2) (l2) or max(|x|, |y|) (linf), in float32. Whole distance
+shells are kept: for each distinct z value u count the patches with z <= u,
+and keep z <= the u whose count is closest to ``budget.target`` (ties to the
+smaller radius). The kept count is generally not the target (the model
+records it). float32 rounding splits some mathematically equal shells, as in
+the reference.
 
-Because every stage keeps a best-ranked prefix, the n tokens entering any
-stage are the n best-ranked patches in raster order; the stage therefore needs
-no state, only the grid, which ``patch_model`` passes as ``grid_size``
-(``needs_grid``). Used on its own without ``grid_size``, the input of the call
-is taken as the full, square grid.
+``rule="exact"`` (off by default): patches ranked by their exact distance to
+the true grid centre ((h - 1) / 2, (w - 1) / 2), ties by raster index, and
+exactly ``budget.target`` kept.
 
-Unlike the reference, which masks tokens in attention, the tokens are removed;
-its shrinking-radius and non-contiguous options are not implemented.
+Either way a stage keeps a best-ranked prefix (ranked by (distance, raster
+index)), so the n tokens entering any stage are the n best-ranked patches in
+raster order; the stage needs no state, only the grid, which ``patch_model``
+passes as ``grid_size`` (``needs_grid``). Used on its own without
+``grid_size``, the input of the call is taken as the full, square grid.
+
+Unlike the reference, which masks the other tokens out of attention (as keys
+and as queries), the tokens are removed: for the kept tokens this is the same.
+Its contiguous mode (a radius shrinking over consecutive blocks) is not
+implemented.
 """
 from __future__ import annotations
 
@@ -28,15 +40,19 @@ from .ops import batch_gather
 from .registry import register
 
 PATTERNS = ("l1", "l2", "linf")
+RULES = ("reference", "exact")
+
+
+def _check_pattern(pattern: str) -> None:
+    if pattern not in PATTERNS:
+        raise ValueError(f"unknown heuristic pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
 
 
 def centre_rank(grid_size: Sequence[int], pattern: str = "l2") -> torch.Tensor:
-    """(h, w), pattern -> (h * w,) long rank of each raster-ordered patch by
-    distance to the grid centre (0 = nearest), ties by raster index.
-
-    Distances are computed exactly on doubled integer coordinates."""
-    if pattern not in PATTERNS:
-        raise ValueError(f"unknown heuristic pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
+    """``rule="exact"``: (h, w), pattern -> (h * w,) long rank of each
+    raster-ordered patch by distance to the grid centre (0 = nearest), ties by
+    raster index. Distances are computed exactly on doubled integer coordinates."""
+    _check_pattern(pattern)
     h, w = int(grid_size[0]), int(grid_size[1])
     dr = (2 * torch.arange(h) - (h - 1)).abs().view(h, 1).expand(h, w)
     dc = (2 * torch.arange(w) - (w - 1)).abs().view(1, w).expand(h, w)
@@ -46,49 +62,113 @@ def centre_rank(grid_size: Sequence[int], pattern: str = "l2") -> torch.Tensor:
         dist = dr * dr + dc * dc
     else:
         dist = torch.maximum(dr, dc)
-    n = h * w
-    key = dist.reshape(-1) * n + torch.arange(n)
-    order = key.argsort()
-    rank = torch.empty(n, dtype=torch.long)
-    rank[order] = torch.arange(n)
+    return _rank(dist.reshape(-1))
+
+
+def _rank(z: torch.Tensor) -> torch.Tensor:
+    """(n,) distances -> (n,) long rank by (distance, index)."""
+    order = torch.sort(z, stable=True).indices
+    rank = torch.empty(z.numel(), dtype=torch.long)
+    rank[order] = torch.arange(z.numel())
     return rank
 
 
+def reference_distances(grid_size: Sequence[int], pattern: str = "l2") -> torch.Tensor:
+    """(h, w), pattern -> (h * w,) float32 z of the reference, raster order:
+    coordinates ``linspace(-h//2, h//2, h)`` x ``linspace(-w//2, w//2, w)``."""
+    _check_pattern(pattern)
+    h, w = int(grid_size[0]), int(grid_size[1])
+    rows = torch.linspace(-h // 2, h // 2, steps=h, dtype=torch.float32)
+    cols = torch.linspace(-w // 2, w // 2, steps=w, dtype=torch.float32)
+    x, y = torch.meshgrid(rows, cols, indexing="ij")
+    if pattern == "l1":
+        z = torch.abs(x) + torch.abs(y)
+    elif pattern == "l2":
+        z = torch.sqrt(x * x + y * y)
+    else:
+        z = torch.max(torch.abs(x), torch.abs(y))
+    return z.reshape(-1)
+
+
+def shell_count(z: torch.Tensor, requested: int) -> int:
+    """Patches kept by the reference for `requested`: the count of z <= u for
+    the distinct value u whose count is closest to `requested` (ties to the
+    smaller u)."""
+    shells = torch.unique(z)  # ascending
+    counts = (z.unsqueeze(0) <= shells.unsqueeze(1)).sum(dim=1)
+    best = (counts - int(requested)).abs().argmin()  # first minimum = smaller radius
+    return int(counts[best])
+
+
 @lru_cache(maxsize=64)
-def heuristic_keep_index(grid_size: tuple[int, int], num_tokens: int, k: int, pattern: str = "l2") -> torch.Tensor:
-    """Indices (k,), ascending, among the `num_tokens` current tokens (the
-    `num_tokens` best-ranked patches in raster order) of the k to keep.
+def _plan(grid_size: tuple[int, int], pattern: str, rule: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if rule == "exact":
+        return centre_rank(grid_size, pattern), None
+    z = reference_distances(grid_size, pattern)
+    return _rank(z), z
+
+
+def heuristic_kept_count(grid_size: Sequence[int], num_tokens: int, k: int, pattern: str = "l2", rule: str = "reference") -> int:
+    """Tokens a stage keeps of the `num_tokens` present when `k` are asked."""
+    if rule not in RULES:
+        raise ValueError(f"unknown heuristic rule {rule!r}; use one of {', '.join(RULES)}")
+    _, z = _plan((int(grid_size[0]), int(grid_size[1])), pattern, rule)
+    kept = k if z is None else shell_count(z, k)
+    return max(0, min(kept, num_tokens))
+
+
+@lru_cache(maxsize=64)
+def heuristic_keep_index(
+    grid_size: tuple[int, int], num_tokens: int, k: int, pattern: str = "l2", rule: str = "reference"
+) -> torch.Tensor:
+    """Indices (M,), ascending, among the `num_tokens` current tokens (the
+    `num_tokens` best-ranked patches in raster order) of the M tokens to keep
+    (M = k for ``rule="exact"``, whole shells for the reference).
     Cached (the result is a CPU tensor: do not modify it in place)."""
-    rank = centre_rank(grid_size, pattern)
+    rank, _ = _plan(tuple(grid_size), pattern, rule)
     if not 1 <= num_tokens <= rank.numel():
         raise ValueError(f"heuristic got {num_tokens} tokens for a grid of {rank.numel()} patches")
+    m = heuristic_kept_count(grid_size, num_tokens, k, pattern, rule)
     current = rank[rank < num_tokens]  # ranks of the current tokens, raster order
-    return (current < k).nonzero().flatten()
+    return (current < m).nonzero().flatten()
 
 
 @register("heuristic")
 class Heuristic(TokenReducer):
+    """Options: ``pattern`` ("l1" | "l2" | "linf"), ``rule`` ("reference" |
+    "exact"), ``grid_size`` (h, w) of the patch grid."""
+
     kind = "prune"
     position = "pre"
     needs_grid = True
 
-    def __init__(self, dim: int, pattern: str = "l2", grid_size: Optional[Sequence[int]] = None, **kwargs) -> None:
+    def __init__(
+        self, dim: int, pattern: str = "l2", grid_size: Optional[Sequence[int]] = None, rule: str = "reference", **kwargs
+    ) -> None:
         super().__init__(dim, **kwargs)
-        if pattern not in PATTERNS:
-            raise ValueError(f"unknown heuristic pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
+        _check_pattern(pattern)
+        if rule not in RULES:
+            raise ValueError(f"unknown heuristic rule {rule!r}; use one of {', '.join(RULES)}")
         self.pattern = pattern
+        self.rule = rule
         self.grid_size = None if grid_size is None else (int(grid_size[0]), int(grid_size[1]))
+
+    def _grid(self, n: int) -> tuple[int, int]:
+        if self.grid_size is not None:
+            return self.grid_size
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"heuristic without grid_size needs a square grid of tokens, got {n}")
+        return (side, side)
+
+    def output_count(self, num_tokens: int, budget) -> int:
+        grid = self.grid_size if self.grid_size is not None else self._grid(num_tokens)
+        return heuristic_kept_count(grid, num_tokens, budget.target, self.pattern, self.rule)
 
     def forward(self, x: torch.Tensor, size: torch.Tensor, feats: BlockFeatures, budget) -> ReductionOutput:
         B, N, _ = x.shape
-        k = min(budget.target, N)
-        grid = self.grid_size
-        if grid is None:
-            side = math.isqrt(N)
-            if side * side != N:
-                raise ValueError(f"heuristic without grid_size needs a square grid of tokens, got {N}")
-            grid = (side, side)
-        keep = heuristic_keep_index(tuple(grid), N, k, self.pattern).to(x.device)
+        keep = heuristic_keep_index(self._grid(N), N, int(budget.target), self.pattern, self.rule).to(x.device)
+        k = keep.numel()
         keep_idx = keep.expand(B, k)
         assignment = torch.full((B, N), -1, dtype=torch.long, device=x.device)
         assignment[:, keep] = torch.arange(k, device=x.device)

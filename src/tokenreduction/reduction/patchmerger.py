@@ -29,8 +29,9 @@ from .registry import register
 
 def merger_weights(x_normed: torch.Tensor, queries: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """x_normed (B, N, C), queries (K, C) -> weights (B, N, K): softmax over
-    the N tokens of scale * <q_k, x_n> (computed in float32)."""
-    logits = torch.einsum("bnc,kc->bnk", x_normed.float(), queries.float()) * scale
+    the N tokens of scale * <q_k, x_n> (computed in float32; float64 kept)."""
+    dt = torch.float64 if x_normed.dtype == torch.float64 else torch.float32
+    logits = torch.einsum("bnc,kc->bnk", x_normed.to(dt), queries.to(dt)) * scale
     return logits.softmax(dim=1)
 
 

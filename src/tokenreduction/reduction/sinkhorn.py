@@ -48,7 +48,7 @@ from .registry import register
 def log_sinkhorn(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
     """Entropic OT plan in log space with uniform marginals.
 
-    scores (B, N, K) -> log P (B, N, K) in float32, P the plan of
+    scores (B, N, K) -> log P (B, N, K) in float32 (float64 kept), P the plan of
     Sinkhorn-Knopp on exp(scores / eps) with token marginal 1/N (exact: the
     token side is matched last) and centre marginal 1/K (approximate after
     `iters` rounds)."""
@@ -56,7 +56,7 @@ def log_sinkhorn(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
         raise ValueError(f"sinkhorn_eps must be > 0, got {eps}")
     if iters < 1:
         raise ValueError(f"cluster_iters must be >= 1, got {iters}")
-    z = scores.float() / eps
+    z = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32) / eps
     B, N, K = z.shape
     log_tok = -math.log(N)
     log_ctr = -math.log(K)
@@ -69,10 +69,12 @@ def log_sinkhorn(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
 
 
 def sinkhorn_assignment(x: torch.Tensor, centres: torch.Tensor, eps: float, iters: int):
-    """x (B, N, C), centres (K, C) -> (normalised tokens (B, N, C) float32,
-    soft assignment W = N * P (B, N, K) float32, rows summing to one)."""
-    xn = F.normalize(x.float(), p=2, dim=-1)
-    cn = F.normalize(centres.float(), p=2, dim=-1)
+    """x (B, N, C), centres (K, C) -> (normalised tokens (B, N, C),
+    soft assignment W = N * P (B, N, K), rows summing to one), in float32
+    (float64 kept)."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xn = F.normalize(x.to(dt), p=2, dim=-1)
+    cn = F.normalize(centres.to(dt), p=2, dim=-1)
     scores = torch.einsum("bnc,kc->bnk", xn, cn)
     log_plan = log_sinkhorn(scores, eps, iters)
     return xn, (log_plan + math.log(x.shape[1])).exp()

@@ -29,8 +29,9 @@ from .registry import register
 
 def slimming_weights(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """logits (B, N, K), scale (scalar tensor) -> weights (B, N, K) = softmax
-    over the N tokens of scale * logits (float32 for stability)."""
-    return (logits.float() * scale.float()).softmax(dim=1)
+    over the N tokens of scale * logits (float32 for stability; float64 kept)."""
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return (logits.to(dt) * scale.to(dt)).softmax(dim=1)
 
 
 def weighted_sums(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,6 @@ class ToMeCIS(TokenReducer):
         return num_tokens - min(budget.r, num_tokens // 2)
 
     def forward(self, x: torch.Tensor, size: torch.Tensor, feats: BlockFeatures, budget) -> ReductionOutput:
-        assignment, num_out = bipartite_assignment(feats.metric, budget.r)
+        assignment, num_out = bipartite_assignment(feats.metric, budget.r, feats.num_prefix)
         score = class_importance_score(feats.cls_attn, feats.value)
         return merge_tokens(x, size, assignment, num_out, weight=score)

@@ -1,23 +1,46 @@
 """Fine-tuning loop: timm's optimiser, scheduler, mixup, losses and EMA around
 a reduced ViT, with exact resume.
 
+The recipe reads in the order the papers describe it; each phase is a
+function that fits on a screen and shares one :class:`Run`:
+
+    build_data -> build_model_and_optimiser -> restore_state ->
+    (train_one_epoch -> validate_and_select -> save_checkpoint) per epoch -> finish
+
+A method's own training terms (DynamicViT's distillation and ratio losses,
+its teacher) come from its reducer class
+(:meth:`~tokenreduction.reduction.base.TokenReducer.training_loss`,
+``uses_teacher``; see :mod:`.recipe`), the tuning mode (full, head, h2t,
+vqt, ...) from a registry (:func:`tokenreduction.clca.baselines.get_tuning`):
+the trainer never branches on a method's name.
+
 Outputs in ``out_dir`` (rank 0 writes; every file is written atomically):
 
 ``log.csv``
-    one row per epoch: epoch, step, lr, train_loss, val_metric, val_top5,
-    val_ema_metric, time (val_metric is top-1 % or mAP x 100; val_top5 is empty
-    for multi-label data, val_ema_metric without EMA).
+    one row per epoch: epoch, step, lr, train_loss, the plain model's
+    validation (val_metric, val_top5) and the EMA model's (val_ema_metric,
+    val_ema_top5), the best so far (best_metric, best_epoch, best_weights:
+    model or ema), time. val_metric is top-1 % or mAP x 100; the top-5
+    columns are empty for multi-label data, the EMA columns without EMA.
 ``checkpoint_last.pth``
     model, optimizer, scheduler, grad scaler, EMA, epoch, batch within the
-    epoch, optimizer step, RNG states, running loss, log rows, config. Written
-    after every epoch, every ``checkpoint_every_steps`` optimizer steps, and
-    when SIGTERM/SIGUSR1 arrives (then the run exits with 128 + signal number,
-    so a Slurm requeue or a Snakemake retry resumes it).
+    epoch, optimizer step, RNG states, running loss, log rows, best so far,
+    config. Written after every epoch, every ``checkpoint_every_steps``
+    optimizer steps, and when SIGTERM/SIGUSR1 arrives (then the run exits
+    with 128 + signal number, so a Slurm requeue or a Snakemake retry resumes
+    it). A process killed outright (SIGKILL) resumes from the last complete
+    one: files are written to a temporary name, fsynced, then renamed.
+``checkpoint_best_eNNN.pth``
+    with ``select_weights: best``: the weights (plain or EMA) that were best on
+    validation so far, and which they are.
 ``final.pth``
-    the weights to evaluate (EMA weights when ``model_ema``) and the ``spec``
-    that rebuilds the network (:func:`~tokenreduction.train.checkpoint.load_trained_model`).
+    the selected weights (:mod:`.selection`: best of plain/EMA on validation,
+    the study's rule; or last plain; or last EMA), which they are, and the
+    ``spec`` that rebuilds the network
+    (:func:`~tokenreduction.train.checkpoint.load_trained_model`).
 ``train_metrics.json``
-    final and best validation metrics, epochs, steps, time.
+    the selected weights' validation metrics (``final``), the last plain and
+    EMA validations, the best, epochs, steps, time.
 
 Resume is exact on one process: the data order and every augmentation depend
 only on (seed, epoch, sample index) -- a seeded sampler per epoch and a per-sample
@@ -44,24 +67,42 @@ import io
 import json
 import math
 import os
-import random
 import signal
-import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from ..evaluate.metrics import mean_average_precision, topk_accuracy
-from .checkpoint import atomic_save
+from .. import tracking
+from ..metrics import mean_average_precision, topk_accuracy
+from ..safe_load import load_checkpoint_file
+from .checkpoint import atomic_save, remove_stale_temporaries
 from .config import RUNTIME_KEYS, TrainConfig
+from .recipe import (  # noqa: F401  (param_groups, layer_decay_groups, model_spec: public here since before)
+    build_mixup,
+    build_optimizer,
+    build_scheduler,
+    build_task_loss,
+    build_teacher,
+    layer_decay_groups,
+    model_spec,
+    param_groups,
+    training_objective,
+)
+from .runtime import Runtime, SignalFlag, autocast, rng_state, seed_all, set_rng_state
+from .sampling import EpochSampler, SeededSamples, mix_seed, worker_init
+from .selection import selected, update_best
 
-LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_metric", "val_top5", "val_ema_metric", "time")
+LOG_COLUMNS = (
+    "epoch", "step", "lr", "train_loss", "val_metric", "val_top5", "val_ema_metric", "val_ema_top5",
+    "best_metric", "best_epoch", "best_weights", "time",
+)
+BEST_PREFIX = "checkpoint_best_e"
 
 
 class TrainingInterrupted(SystemExit):
@@ -69,251 +110,318 @@ class TrainingInterrupted(SystemExit):
     hook ``stop_after_steps``); exits with a non-zero code."""
 
 
-# ----------------------------------------------------------------- data order
-def _mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 steps), stable across runs."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
+# ----------------------------------------------------------------- shared state
+@dataclass
+class TrainData:
+    """Loaders and the batch arithmetic of a run."""
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: EpochSampler
+    seeded_train: SeededSamples
+    loader_gen: torch.Generator
+    multilabel: bool
+    num_classes: int
+    micro_per_epoch: int
+    updates_per_epoch: int
+    accum: int
+    global_batch: int
+    lr: float
 
 
-class EpochSampler(Sampler[int]):
-    """Indices of one rank for one epoch, a function of (seed, epoch) only.
+@dataclass
+class TrainParts:
+    """The network (``model``, DDP-wrapped under torchrun; ``bare`` unwrapped)
+    and what trains it."""
 
-    Shuffled by a generator seeded per epoch; padded to a multiple of the
-    world size and strided by rank like DistributedSampler; ``start`` skips
-    the first indices (mid-epoch resume)."""
-
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch = epoch
-        self.start = start
-
-    def rank_indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
-        if self.world_size > 1:
-            total = math.ceil(self.num_samples / self.world_size) * self.world_size
-            order = (order + order[: total - len(order)])[self.rank :: self.world_size]
-        return order
-
-    def __iter__(self):
-        return iter(self.rank_indices()[self.start :])
-
-    def __len__(self) -> int:
-        return len(self.rank_indices()) - self.start
+    model: nn.Module
+    bare: nn.Module
+    teacher: Optional[nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: Any
+    mixup_fn: Optional[Callable]
+    objective: nn.Module
+    spec: dict
 
 
-class SeededSamples(Dataset):
-    """Wraps a dataset so each item's random transforms draw from RNGs seeded
-    by (seed, epoch, index), leaving the caller's RNG states untouched."""
+@dataclass
+class RunState:
+    """Where the run stands; exactly what checkpoint_last.pth restores."""
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        s = _mix_seed(self.seed, self.epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
-                random.seed(s)
-                np.random.seed(s % (2**32))
-                return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    log_rows: list = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    last_val: dict = field(default_factory=dict)
+    elapsed: float = 0.0
+    finished: bool = False
 
 
-def _worker_init(_worker_id: int) -> None:
-    # the main process handles SIGTERM/SIGUSR1 and saves; workers must not die first
-    for sig in _SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+@dataclass
+class Run:
+    cfg: TrainConfig
+    out_dir: Path
+    rt: Runtime
+    data: TrainData
+    parts: TrainParts
+    state: RunState = field(default_factory=RunState)
+    t_start: float = field(default_factory=time.time)
+    images: int = 0
+    sig: Optional[SignalFlag] = None
+    stop_after_steps: Optional[int] = None
+    on_step: Optional[Callable[[int], None]] = None
+    progress: Optional[tracking.ProgressLog] = None
+    wandb_run: Any = None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "checkpoint_last.pth"
+
+    def elapsed(self) -> float:
+        return self.state.elapsed + (time.time() - self.t_start)
+
+    def lr_now(self) -> float:
+        g = self.parts.optimizer.param_groups[0]
+        return g["lr"] / g.get("lr_scale", 1.0) if g.get("lr_scale", 1.0) else g["lr"]
 
 
-_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+# ----------------------------------------------------------------- phases
+def build_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
+    """Datasets with the reference's augmentation for the dataset kind, the
+    seeded sampler and loaders, the batch arithmetic and the scaled lr."""
+    from ..data import build_dataset, build_transform
+    from ..data.transforms import train_augmentation
+
+    aug = train_augmentation(
+        cfg.dataset, auto_augment=cfg.auto_augment or None, reprob=cfg.reprob, re_mode=cfg.re_mode,
+        re_count=cfg.re_count, color_jitter=cfg.color_jitter, cutout=cfg.cutout,
+    )
+    train_split, val_split = cfg.data_splits()
+    train_ds = build_dataset(cfg.dataset, cfg.data_root, train_split, build_transform(True, cfg.img_size, cfg.dataset, **aug))
+    val_ds = build_dataset(cfg.dataset, cfg.data_root, val_split, build_transform(False, cfg.img_size, cfg.dataset))
+    if len(val_ds) == 0 or len(train_ds) == 0:
+        raise ValueError(f"dataset {cfg.dataset!r} at {cfg.data_root}: the train or val split is empty")
+    num_classes = int(cfg.num_classes or train_ds.num_classes)
+    if num_classes < int(train_ds.num_classes):
+        raise ValueError(f"num_classes={num_classes} but the dataset has {train_ds.num_classes} classes")
+    accum = cfg.grad_accum_steps
+    if cfg.keep_effective_batch and rt.world_size > 1:
+        if accum % rt.world_size:
+            raise ValueError(f"keep_effective_batch: grad_accum_steps={accum} is not divisible by the world size {rt.world_size}")
+        accum //= rt.world_size
+    global_batch = cfg.batch_size * accum * rt.world_size
+    seeded_train = SeededSamples(train_ds, cfg.seed)
+    sampler = EpochSampler(len(train_ds), cfg.seed, shuffle=True, rank=rt.rank, world_size=rt.world_size)
+    micro_per_epoch = len(sampler.rank_indices()) // cfg.batch_size
+    if micro_per_epoch == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(sampler.rank_indices())} training images per process")
+    loader_gen = torch.Generator()
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
+                  worker_init_fn=worker_init if cfg.num_workers else None)
+    train_loader = DataLoader(seeded_train, sampler=sampler, drop_last=True, generator=loader_gen, **common)
+    val_part = torch.utils.data.Subset(val_ds, list(range(rt.rank, len(val_ds), rt.world_size))) if rt.distributed else val_ds
+    val_loader = DataLoader(val_part, shuffle=False, generator=torch.Generator().manual_seed(0), **common)
+    return TrainData(
+        train_loader=train_loader, val_loader=val_loader, sampler=sampler, seeded_train=seeded_train,
+        loader_gen=loader_gen, multilabel=bool(train_ds.multilabel), num_classes=num_classes,
+        micro_per_epoch=micro_per_epoch, updates_per_epoch=math.ceil(micro_per_epoch / accum), accum=accum,
+        global_batch=global_batch,
+        lr=cfg.lr * global_batch / cfg.lr_batch_normalizer if cfg.lr_batch_normalizer else cfg.lr,
+    )
 
 
-# ----------------------------------------------------------------- runtime
-class _Runtime:
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.distributed = self.world_size > 1
-        if cfg.device == "auto":
-            use_cuda = torch.cuda.is_available()
-        else:
-            use_cuda = cfg.device.startswith("cuda")
-            if use_cuda and not torch.cuda.is_available():
-                raise ValueError(f"device {cfg.device!r} asked for but CUDA is not available")
-        if use_cuda:
-            index = self.local_rank if self.distributed else (torch.device(cfg.device).index or 0 if cfg.device != "auto" else 0)
-            self.device = torch.device("cuda", index)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        self.is_main = self.rank == 0
+def build_model_and_optimiser(cfg: TrainConfig, rt: Runtime, data: TrainData) -> TrainParts:
+    """The reduced network (tuning mode applied), the method's teacher and
+    objective, optimiser, scheduler, grad scaler, EMA and mixup."""
+    from timm.utils import ModelEmaV3
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+    from .. import create_model
+    from ..clca.baselines import apply_tuning
 
-    def any_flag(self, flag: bool) -> bool:
-        """True on every rank if `flag` is True on any."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------- building blocks
-def model_spec(cfg: TrainConfig, num_classes: int, multilabel: bool) -> dict[str, Any]:
-    """What build_model_from_spec needs to rebuild the trained network."""
-    model_kwargs = dict(cfg.model_kwargs)
-    model_kwargs.setdefault("img_size", cfg.img_size)
-    return {
-        "model": cfg.model,
-        "model_kwargs": model_kwargs,
-        "num_classes": int(num_classes),
-        "method": cfg.method,
-        "keep_rate": cfg.keep_rate,
-        "reduction_loc": None if cfg.reduction_loc is None else [int(v) for v in cfg.reduction_loc],
-        "budget": cfg.budget,
-        "r": cfg.r,
-        "r_schedule": cfg.r_schedule,
-        "prop_attn": cfg.prop_attn,
-        "method_kwargs": dict(cfg.method_kwargs),
-        "img_size": cfg.img_size,
-        "dataset": cfg.dataset,
-        "multilabel": bool(multilabel),
-        "clca": dict(cfg.clca) if cfg.clca else None,
-        "tuning": cfg.tuning,
-        "tuning_kwargs": dict(cfg.tuning_kwargs),
-        "eval_split": cfg.data_splits()[1],
-    }
-
-
-def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
-    """Four groups at most: backbone / reduction modules x decay / no decay.
-
-    No weight decay on 1-d parameters (norms, biases) and the model's
-    ``no_weight_decay()`` names (pos_embed, cls_token). The backbone's lr is
-    scaled by ``backbone_lr_scale`` through timm's ``lr_scale`` key; the
-    reduction modules (``model.reduction_parameters()``) train at the base lr.
-    """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    reduction = {n for n, _ in model.reduction_parameters()} if hasattr(model, "reduction_parameters") else set()
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
-        groups.setdefault((name in reduction, decay), []).append(p)
-    out = []
-    for (is_reduction, decay), params in sorted(groups.items()):
-        out.append(
-            {
-                "params": params,
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr_scale": 1.0 if is_reduction else float(backbone_lr_scale),
-                "group_name": f"{'reduction' if is_reduction else 'backbone'}_{'decay' if decay else 'no_decay'}",
-            }
+    device = rt.device
+    seed_all(cfg.seed)
+    spec = model_spec(cfg, data.num_classes, data.multilabel)
+    model = create_model(
+        cfg.model, method=cfg.method, keep_rate=cfg.keep_rate, reduction_loc=cfg.reduction_loc, budget=cfg.budget,
+        r=cfg.r, r_schedule=cfg.r_schedule, prop_attn=cfg.prop_attn, method_kwargs=cfg.method_kwargs or None,
+        pretrained=cfg.pretrained, checkpoint_path=cfg.init_checkpoint, num_classes=data.num_classes,
+        drop_path_rate=cfg.drop_path, clca=cfg.clca or None, **spec["model_kwargs"],
+    ).to(device)
+    model = apply_tuning(model, cfg.tuning, **cfg.tuning_kwargs).to(device)
+    seed_all(cfg.seed + rt.rank)
+    teacher = build_teacher(cfg, data.num_classes, spec["model_kwargs"], device)
+    optimizer = build_optimizer(cfg, model, data.lr)
+    scheduler = build_scheduler(cfg, optimizer, data.updates_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    mixup_fn = build_mixup(cfg, data.num_classes, data.multilabel)
+    objective = training_objective(cfg, build_task_loss(cfg, data.multilabel, mixup_fn is not None))
+    wrapped = model
+    if rt.distributed:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
         )
-    return out
+    return TrainParts(model=wrapped, bare=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
+                      scaler=scaler, ema=ema, mixup_fn=mixup_fn, objective=objective, spec=spec)
 
 
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """MAE's layer-wise lr decay through timm's ``param_groups_layer_decay``:
-    with L blocks, block i gets ``lr_scale = layer_decay ** (L - i)``, the stem
-    (patch embedding, cls token, position embedding) ``layer_decay ** (L + 1)``,
-    the final norm / fc_norm and head 1; no weight decay on 1-d parameters
-    and ``no_weight_decay()`` names. A reduction module inside block i decays
-    with that block."""
-    from timm.optim import param_groups_layer_decay
-
-    skip = list(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else []
-    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Config keys (runtime keys aside) whose values differ."""
+    keys = (set(saved) | set(current)) - RUNTIME_KEYS
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return sorted(k for k in keys if norm(saved.get(k)) != norm(current.get(k)))
 
 
-def _build_criterion(cfg: TrainConfig, multilabel: bool, mixup_active: bool) -> nn.Module:
-    from timm.loss import AsymmetricLossMultiLabel, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+def restore_state(run: Run, on_config_change: str = "error") -> None:
+    """Load checkpoint_last.pth when it exists (written under the same
+    config) into the run: weights, optimiser, RNG states, position."""
+    cfg, rt, p, path = run.cfg, run.rt, run.parts, run.ckpt_path
+    if rt.is_main:
+        remove_stale_temporaries(run.out_dir)  # left by a process killed mid-write
+    if not path.is_file():
+        return
+    saved = load_checkpoint_file(path, map_location="cpu")
+    diff = config_diff(saved["config"], cfg.to_dict())
+    if diff and on_config_change == "restart":
+        if rt.is_main:
+            path.replace(run.out_dir / "checkpoint_stale.pth")
+            print(f"{path} was written under another config ({', '.join(diff)}): starting afresh", flush=True)
+        return
+    if diff:
+        raise ValueError(f"{path} was written by a run with another config (differs in {', '.join(diff)}); delete it to start afresh")
+    p.bare.load_state_dict(saved["model"])
+    p.optimizer.load_state_dict(saved["optimizer"])
+    p.scheduler.load_state_dict(saved["scheduler"])
+    p.scaler.load_state_dict(saved["scaler"])
+    if p.ema is not None:
+        p.ema.load_state_dict(saved["ema"])
+    run.state = RunState(**{f.name: saved[f.name] for f in fields(RunState)})
+    if rt.is_main:
+        set_rng_state(saved["rng"])
+        write_log(run.out_dir / "log.csv", run.state.log_rows)
+        st = run.state
+        print(f"resumed from {path}: epoch {st.epoch}, batch {st.batch_in_epoch}, step {st.step}", flush=True)
+    else:
+        seed_all(mix_seed(cfg.seed, rt.rank, run.state.step))
 
-    if multilabel:
-        if cfg.multilabel_loss == "asl":
-            return AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=0, clip=0.05)
-        return nn.BCEWithLogitsLoss()
-    if mixup_active:
-        return SoftTargetCrossEntropy()
-    if cfg.smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    return nn.CrossEntropyLoss()
+
+def save_checkpoint(run: Run) -> None:
+    """checkpoint_last.pth (rank 0), then drop best-weight files it no longer names."""
+    if not run.rt.is_main:
+        return
+    p, st = run.parts, run.state
+    atomic_save(
+        {
+            "model": p.bare.state_dict(),
+            "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.scheduler.state_dict(),
+            "scaler": p.scaler.state_dict(),
+            "ema": p.ema.state_dict() if p.ema is not None else None,
+            **asdict(st),
+            "elapsed": run.elapsed(),
+            "rng": rng_state(),
+            "data_seed": run.cfg.seed,
+            "world_size": run.rt.world_size,
+            "config": run.cfg.to_dict(),
+        },
+        run.ckpt_path,
+    )
+    keep = st.best.get("file")
+    for f in run.out_dir.glob(f"{BEST_PREFIX}*.pth"):
+        if f.name != keep:
+            f.unlink()
 
 
-class _FloatLoss(nn.Module):
-    """Computes the wrapped loss on float32 logits (AMP-safe)."""
-
-    def __init__(self, loss: nn.Module) -> None:
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss(outputs.float(), targets)
+def _stop_requested(run: Run) -> bool:
+    hook = run.stop_after_steps is not None and run.state.step >= run.stop_after_steps
+    return run.rt.any_flag((run.sig is not None and run.sig.signum is not None) or hook)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def _interrupt(run: Run) -> None:
+    save_checkpoint(run)
+    run.rt.barrier()
+    code = 128 + ((run.sig.signum if run.sig else None) or signal.SIGTERM)
+    if run.rt.is_main:
+        print(f"interrupted at step {run.state.step}: saved {run.ckpt_path}, exiting with {code}", flush=True)
+    raise TrainingInterrupted(code)
+
+
+def _forward_backward(run: Run, images: torch.Tensor, targets: torch.Tensor, need_update: bool) -> torch.Tensor:
+    """One micro-batch: forward, the method's objective (plus the model's
+    ``regularization_loss()`` when it has one), scaled backward."""
+    cfg, p, rt = run.cfg, run.parts, run.rt
+    sync = contextlib.nullcontext() if (need_update or not rt.distributed) else p.model.no_sync()
+    with sync:
+        with autocast(rt.device, cfg.amp):
+            outputs = p.model(images)
+            loss = p.objective(p.bare, images, outputs, targets, p.teacher)
+            if hasattr(p.bare, "regularization_loss"):  # a tuning mode's penalty (Head2Toe's group lasso)
+                loss = loss + p.bare.regularization_loss()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {run.state.step}; stopping")
+        p.scaler.scale(loss / run.data.accum).backward()
+    return loss
+
+
+def _optimizer_step(run: Run) -> None:
+    cfg, p, st = run.cfg, run.parts, run.state
+    if cfg.clip_grad:
+        p.scaler.unscale_(p.optimizer)
+        nn.utils.clip_grad_norm_(p.model.parameters(), cfg.clip_grad)
+    p.scaler.step(p.optimizer)
+    p.scaler.update()
+    p.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    if p.ema is not None:
+        p.ema.update(p.bare, step=st.step)
+    if cfg.sched_in_steps:
+        p.scheduler.step_update(st.step)
+
+
+def train_one_epoch(run: Run) -> bool:
+    """Train from the saved position to the end of the epoch (or of the step
+    budget); True when ``max_steps`` was reached."""
+    cfg, d, st, rt = run.cfg, run.data, run.state, run.rt
+    if not cfg.sched_in_steps:
+        run.parts.scheduler.step(st.epoch)
+    d.sampler.set_epoch(st.epoch, start=st.batch_in_epoch * cfg.batch_size)
+    d.seeded_train.epoch = st.epoch
+    d.loader_gen.manual_seed(mix_seed(cfg.seed, st.epoch, rt.rank))
+    for i, (images, targets) in enumerate(d.train_loader, start=st.batch_in_epoch):
+        images = images.to(rt.device, non_blocking=True)
+        targets = targets.to(rt.device, non_blocking=True)
+        if run.parts.mixup_fn is not None:
+            images, targets = run.parts.mixup_fn(images, targets)
+        need_update = (i + 1) % d.accum == 0 or i + 1 == d.micro_per_epoch
+        loss = _forward_backward(run, images, targets, need_update)
+        st.loss_sum += float(loss.detach())
+        st.loss_count += 1
+        run.images += images.shape[0] * rt.world_size
+        if not need_update:
+            continue
+        _optimizer_step(run)
+        st.batch_in_epoch = i + 1
+        if rt.is_main:
+            extra = f"epoch {st.epoch}, loss {st.loss_sum / st.loss_count:.4f}, lr {run.lr_now():.3e}"
+            run.progress.update(st.step, run.images, extra)
+            if run.on_step is not None:
+                run.on_step(st.step)
+        if _stop_requested(run):
+            _interrupt(run)
+        if cfg.checkpoint_every_steps and st.step % cfg.checkpoint_every_steps == 0 and st.batch_in_epoch < d.micro_per_epoch:
+            save_checkpoint(run)
+        if cfg.max_steps is not None and st.step >= cfg.max_steps:
+            return True
+    return False
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader: DataLoader, device: torch.device, multilabel: bool, amp: bool, rt: Optional[_Runtime] = None) -> dict[str, float]:
+def validate(model: nn.Module, loader: DataLoader, device: torch.device, multilabel: bool, amp: bool, rt: Optional[Runtime] = None) -> dict[str, float]:
     """Top-1/top-5 (single label) or mAP (multi-label) of `model` on `loader`;
     ``metric`` is the headline number (top-1 or mAP). Under torchrun the
     ranks' predictions are gathered first."""
@@ -322,7 +430,7 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, multila
     outs, tgts = [], []
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(images)
         outs.append(logits.float().cpu())
         tgts.append(targets.cpu() if torch.is_tensor(targets) else torch.as_tensor(targets))
@@ -341,51 +449,92 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, multila
     return {"metric": top1, "top1": top1, "top5": top5}
 
 
-def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_COLUMNS})
-    _atomic_text(path, buf.getvalue())
+def validate_and_select(run: Run, epoch_start: float) -> None:
+    """Validate the plain and the EMA model, keep the best weights so far
+    (``select_weights: best``), append the epoch's log row."""
+    cfg, d, p, st, rt = run.cfg, run.data, run.parts, run.state, run.rt
+    val = validate(p.bare, d.val_loader, rt.device, d.multilabel, cfg.amp, rt)
+    val_ema = validate(p.ema.module, d.val_loader, rt.device, d.multilabel, cfg.amp, rt) if p.ema is not None else None
+    st.best, improved = update_best(st.best, st.epoch, st.step, val, val_ema)
+    if improved is not None and cfg.select_weights == "best":
+        name = f"{BEST_PREFIX}{st.epoch:03d}.pth"
+        if rt.is_main:
+            weights = p.ema.module if improved == "ema" else p.bare
+            atomic_save({"model": weights.state_dict(), "weights": improved, "epoch": st.epoch, "step": st.step,
+                         "metric": st.best["metric"]}, run.out_dir / name)
+        st.best["file"] = name
+    row = {
+        "epoch": st.epoch, "step": st.step, "lr": run.lr_now(), "train_loss": st.loss_sum / max(st.loss_count, 1),
+        "val_metric": val["metric"], "val_top5": val.get("top5"),
+        "val_ema_metric": None if val_ema is None else val_ema["metric"],
+        "val_ema_top5": None if val_ema is None else val_ema.get("top5"),
+        "best_metric": st.best["metric"], "best_epoch": st.best["epoch"], "best_weights": st.best["weights"],
+        "time": time.time() - epoch_start,
+    }
+    st.log_rows.append(row)
+    st.last_val = {"model": val, "ema": val_ema, "epoch": st.epoch}
+    if rt.is_main:
+        write_log(run.out_dir / "log.csv", st.log_rows)
+        if run.wandb_run is not None:
+            run.wandb_run.log({k: v for k, v in row.items() if v is not None}, step=st.step)
+        print(
+            f"epoch {st.epoch} done: step {st.step}, train_loss {row['train_loss']:.4f}, val {val['metric']:.2f}"
+            + ("" if val_ema is None else f", ema {val_ema['metric']:.2f}")
+            + f", best {st.best['metric']:.2f} ({st.best['weights']}, epoch {st.best['epoch']})",
+            flush=True,
+        )
+    if hasattr(p.bare, "end_epoch"):  # a tuning mode's epoch hook (Head2Toe's feature selection)
+        p.bare.end_epoch(st.epoch, cfg.epochs)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def finish(run: Run) -> dict[str, Any]:
+    """final.pth with the selected weights and train_metrics.json."""
+    cfg, d, p, st, rt = run.cfg, run.data, run.parts, run.state, run.rt
+    which, final_val, final_epoch = selected(cfg.select_weights, st.best, st.last_val)
+    result = {
+        "metric": "mAP" if d.multilabel else "top1",
+        "final": final_val,
+        "final_model": st.last_val.get("model"),
+        "final_ema": st.last_val.get("ema"),
+        "best_val_metric": st.best.get("metric"),
+        "best_epoch": st.best.get("epoch"),
+        "best_weights": st.best.get("weights"),
+        "select_weights": cfg.select_weights,
+        "weights": which,
+        "weights_epoch": final_epoch,
+        "epochs_completed": st.epoch,
+        "steps": st.step,
+        "time_s": run.elapsed(),
+        "lr": d.lr,
+        "global_batch": d.global_batch,
+        "grad_accum_steps": d.accum,
+        "world_size": rt.world_size,
+        "num_classes": d.num_classes,
+        "multilabel": d.multilabel,
+        "spec": p.spec,
+    }
+    if rt.is_main:
+        if cfg.select_weights == "best":
+            best_file = run.out_dir / st.best["file"]
+            if not best_file.is_file():
+                raise FileNotFoundError(f"the best weights {best_file} named by {run.ckpt_path} are missing")
+            state_dict = load_checkpoint_file(best_file, map_location="cpu")["model"]
+        else:
+            state_dict = (p.ema.module if which == "ema" else p.bare).state_dict()
+        # the W&B run travels with the weights, so the evaluator logs to the same run
+        spec = {**p.spec, "wandb": tracking.wandb_settings(run.out_dir, cfg.to_dict())}
+        atomic_save({"model": state_dict, "weights": which, "spec": spec, "config": cfg.to_dict(), "metrics": result},
+                    run.out_dir / "final.pth")
+        _atomic_text(run.out_dir / "train_metrics.json", json.dumps(result, indent=2, default=float) + "\n")
+        if run.wandb_run is not None:
+            run.wandb_run.summary.update({"best_val_metric": st.best.get("metric"),
+                                          "final_val_metric": (final_val or {}).get("metric"), "final_weights": which})
+            run.wandb_run.finish()
+    rt.barrier()
+    return result
 
 
-def _config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = (set(saved) | set(current)) - RUNTIME_KEYS
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    return sorted(k for k in keys if norm(saved.get(k)) != norm(current.get(k)))
-
-
-class _SignalFlag:
-    """Records SIGTERM/SIGUSR1 instead of dying; restores the old handlers."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_SignalFlag":
-        for sig in _SIGNALS:
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-# ----------------------------------------------------------------- training
+# ----------------------------------------------------------------- the recipe
 def train(
     cfg: Union[TrainConfig, dict[str, Any]],
     out_dir: Union[str, Path],
@@ -405,409 +554,57 @@ def train(
     "restart" (the DAG's choice: a job rerun for changed parameters starts
     afresh; the stale checkpoint is kept as checkpoint_stale.pth).
     """
-    from .. import create_model
-    from ..data import build_dataset, build_transform
-
     if isinstance(cfg, dict):
         cfg = TrainConfig.from_dict(cfg)
     cfg.validate()
+    rt = Runtime(cfg.device)
     out_dir = Path(out_dir)
-    rt = _Runtime(cfg)
-    device = rt.device
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "checkpoint_last.pth"
-
-    # ---- data
-    aug = {"auto_augment": cfg.auto_augment or None, "re_prob": cfg.reprob}
-    train_split, val_split = cfg.data_splits()
-    train_ds = build_dataset(cfg.dataset, cfg.data_root, train_split, build_transform(True, cfg.img_size, cfg.dataset, **aug))
-    val_ds = build_dataset(cfg.dataset, cfg.data_root, val_split, build_transform(False, cfg.img_size, cfg.dataset))
-    if len(val_ds) == 0 or len(train_ds) == 0:
-        raise ValueError(f"dataset {cfg.dataset!r} at {cfg.data_root}: the train or val split is empty")
-    multilabel = bool(train_ds.multilabel)
-    num_classes = int(cfg.num_classes or train_ds.num_classes)
-    if num_classes < int(train_ds.num_classes):
-        raise ValueError(f"num_classes={num_classes} but the dataset has {train_ds.num_classes} classes")
-
-    accum = cfg.grad_accum_steps
-    if cfg.keep_effective_batch and rt.world_size > 1:
-        if accum % rt.world_size:
-            raise ValueError(
-                f"keep_effective_batch: grad_accum_steps={accum} is not divisible by the world size {rt.world_size}"
-            )
-        accum //= rt.world_size
-    global_batch = cfg.batch_size * accum * rt.world_size
-    lr = cfg.lr * global_batch / cfg.lr_batch_normalizer if cfg.lr_batch_normalizer else cfg.lr
-
-    seeded_train = SeededSamples(train_ds, cfg.seed)
-    sampler = EpochSampler(len(train_ds), cfg.seed, shuffle=True, rank=rt.rank, world_size=rt.world_size)
-    micro_per_epoch = len(sampler.rank_indices()) // cfg.batch_size
-    if micro_per_epoch == 0:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} exceeds the {len(sampler.rank_indices())} training images per process"
-        )
-    updates_per_epoch = math.ceil(micro_per_epoch / accum)
-    loader_gen = torch.Generator()
-    train_loader = DataLoader(
-        seeded_train,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=loader_gen,
-        worker_init_fn=_worker_init if cfg.num_workers else None,
-    )
-    val_indices = list(range(rt.rank, len(val_ds), rt.world_size))
-    val_loader = DataLoader(
-        torch.utils.data.Subset(val_ds, val_indices) if rt.distributed else val_ds,
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(0),
-        worker_init_fn=_worker_init if cfg.num_workers else None,
-    )
-
-    # ---- model
-    _seed_all(cfg.seed)
-    spec = model_spec(cfg, num_classes, multilabel)
-    model = create_model(
-        cfg.model,
-        method=cfg.method,
-        keep_rate=cfg.keep_rate,
-        reduction_loc=cfg.reduction_loc,
-        budget=cfg.budget,
-        r=cfg.r,
-        r_schedule=cfg.r_schedule,
-        prop_attn=cfg.prop_attn,
-        method_kwargs=cfg.method_kwargs or None,
-        pretrained=cfg.pretrained,
-        checkpoint_path=cfg.init_checkpoint,
-        num_classes=num_classes,
-        drop_path_rate=cfg.drop_path,
-        clca=cfg.clca or None,
-        **spec["model_kwargs"],
-    ).to(device)
-    if cfg.tuning != "full":
-        from ..clca import apply_tuning
-
-        model = apply_tuning(model, cfg.tuning, **cfg.tuning_kwargs).to(device)
-    _seed_all(cfg.seed + rt.rank)
-
-    teacher = None
-    if cfg.method == "dynamicvit" and cfg.teacher_checkpoint:
-        teacher = create_model(
-            cfg.model, method=None, checkpoint_path=cfg.teacher_checkpoint, num_classes=num_classes, **spec["model_kwargs"]
-        ).to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
-
-    optimizer = create_optimizer_v2(
-        layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
-        if cfg.layer_decay is not None
-        else param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale),
-        opt=cfg.opt,
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-    )
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=cfg.sched,
-        num_epochs=cfg.epochs,
-        warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr,
-        step_on_epochs=not cfg.sched_in_steps,
-        updates_per_epoch=updates_per_epoch,
-    )
-    use_scaler = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
-
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-
-        mixup_fn = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            label_smoothing=cfg.smoothing,
-            num_classes=num_classes,
-            multi_label=multilabel,
-        )
-        if cfg.batch_size % 2:
-            raise ValueError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
-    criterion: nn.Module = _FloatLoss(_build_criterion(cfg, multilabel, mixup_fn is not None))
-    if cfg.method == "dynamicvit":
-        from ..reduction.dynamicvit import DynamicViTLoss
-
-        criterion = DynamicViTLoss(base_criterion=criterion, **cfg.method_loss_kwargs)
-        uses_model_loss = True
-    else:
-        if cfg.method_loss_kwargs:
-            raise ValueError(f"method_loss_kwargs given but method {cfg.method!r} has no training loss of its own")
-        uses_model_loss = False
-
-    model_without_ddp = model
-    if rt.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
-        )
-
-    # ---- state (fresh or resumed)
-    epoch, batch_in_epoch, step = 0, 0, 0
-    loss_sum, loss_count = 0.0, 0
-    log_rows: list[dict[str, Any]] = []
-    best = {"metric": None, "epoch": None}
-    last_val: dict[str, Any] = {}
-    elapsed_before = 0.0
-    finished = False
-    state = None
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        diff = _config_diff(state["config"], cfg.to_dict())
-        if diff and on_config_change == "restart":
-            if rt.is_main:
-                ckpt_path.replace(out_dir / "checkpoint_stale.pth")
-                print(f"{ckpt_path} was written under another config ({', '.join(diff)}): starting afresh", flush=True)
-            state = None
-        elif diff:
-            raise ValueError(
-                f"{ckpt_path} was written by a run with another config (differs in {', '.join(diff)}); "
-                "delete it to start afresh"
-            )
-    if state is not None:
-        model_without_ddp.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        loss_sum, loss_count = state["loss_sum"], state["loss_count"]
-        log_rows, best, last_val = state["log_rows"], state["best"], state["last_val"]
-        elapsed_before, finished = state["elapsed"], state["finished"]
-        if rt.is_main:
-            _set_rng_state(state["rng"])
-        else:
-            _seed_all(_mix_seed(cfg.seed, rt.rank, step))
-        if rt.is_main:
-            _write_log(out_dir / "log.csv", log_rows)
-            print(f"resumed from {ckpt_path}: epoch {epoch}, batch {batch_in_epoch}, step {step}", flush=True)
-
-    def save_checkpoint() -> None:
-        if not rt.is_main:
-            return
-        atomic_save(
-            {
-                "model": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "step": step,
-                "loss_sum": loss_sum,
-                "loss_count": loss_count,
-                "log_rows": log_rows,
-                "best": best,
-                "last_val": last_val,
-                "elapsed": elapsed_before + (time.time() - t_start),
-                "finished": finished,
-                "rng": _rng_state(),
-                "data_seed": cfg.seed,
-                "world_size": rt.world_size,
-                "config": cfg.to_dict(),
-            },
-            ckpt_path,
-        )
-
-    wandb_run = None
+    data = build_data(cfg, rt)
+    parts = build_model_and_optimiser(cfg, rt, data)
+    run = Run(cfg=cfg, out_dir=out_dir, rt=rt, data=data, parts=parts, stop_after_steps=stop_after_steps, on_step=on_step)
+    restore_state(run, on_config_change)
+    st = run.state
+    total = data.updates_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, data.updates_per_epoch * cfg.epochs)
+    run.progress = tracking.ProgressLog("train", total, every_steps=cfg.log_every, every_seconds=cfg.progress_seconds, start_step=st.step)
     if rt.is_main and cfg.wandb_project:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is not None:
-            import wandb
-
-            wandb_run = wandb.init(
-                project=cfg.wandb_project,
-                config=cfg.to_dict(),
-                dir=str(out_dir),
-                mode=os.environ.get("WANDB_MODE", "offline"),
-                name=out_dir.name,
-                resume="allow",
-            )
-
-    def lr_now() -> float:
-        g = optimizer.param_groups[0]
-        return g["lr"] / g.get("lr_scale", 1.0) if g.get("lr_scale", 1.0) else g["lr"]
-
-    max_steps = cfg.max_steps
-    show_bar = rt.is_main and sys.stderr.isatty()
-    t_start = time.time()
-    model.train()
+        run.wandb_run = tracking.start_wandb(tracking.wandb_settings(out_dir, cfg.to_dict()), cfg.to_dict(), dir=out_dir)
+    run.t_start = time.time()
+    parts.model.train()
     if cfg.sched_in_steps:
-        scheduler.step_update(step)
+        parts.scheduler.step_update(st.step)
+    try:
+        with SignalFlag() as run.sig:
+            while not st.finished and st.epoch < cfg.epochs and not (cfg.max_steps is not None and st.step >= cfg.max_steps):
+                epoch_start = time.time()
+                reached_max = train_one_epoch(run)
+                validate_and_select(run, epoch_start)
+                st.epoch += 1
+                st.batch_in_epoch, st.loss_sum, st.loss_count = 0, 0.0, 0
+                st.finished = reached_max or st.epoch >= cfg.epochs
+                save_checkpoint(run)
+                if not st.finished and _stop_requested(run):
+                    _interrupt(run)
+    except BaseException as err:
+        if run.wandb_run is not None:  # the requeued job continues this W&B run (same id)
+            run.wandb_run.finish(exit_code=err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 1)
+        raise
+    return finish(run)
 
-    with _SignalFlag() as sig:
 
-        def stop_requested() -> bool:
-            hook = stop_after_steps is not None and step >= stop_after_steps
-            return rt.any_flag(sig.signum is not None or hook)
+# ----------------------------------------------------------------- files
+def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    """log.csv with :data:`LOG_COLUMNS` (None as empty), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_COLUMNS})
+    _atomic_text(path, buf.getvalue())
 
-        def interrupt() -> None:
-            save_checkpoint()
-            rt.barrier()
-            code = 128 + (sig.signum or signal.SIGTERM)
-            if rt.is_main:
-                print(f"interrupted at step {step}: saved {ckpt_path}, exiting with {code}", flush=True)
-            raise TrainingInterrupted(code)
 
-        while not finished and epoch < cfg.epochs and not (max_steps is not None and step >= max_steps):
-            if not cfg.sched_in_steps:
-                scheduler.step(epoch)
-            sampler.set_epoch(epoch, start=batch_in_epoch * cfg.batch_size)
-            seeded_train.epoch = epoch
-            loader_gen.manual_seed(_mix_seed(cfg.seed, epoch, rt.rank))
-            epoch_start = time.time()
-            reached_max = False
-            bar = None
-            if show_bar:
-                from tqdm import tqdm
-
-                bar = tqdm(total=micro_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", leave=False)
-            for i, (images, targets) in enumerate(train_loader, start=batch_in_epoch):
-                images = images.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    images, targets = mixup_fn(images, targets)
-                need_update = (i + 1) % accum == 0 or i + 1 == micro_per_epoch
-                sync = contextlib.nullcontext() if (need_update or not rt.distributed) else model.no_sync()
-                with sync:
-                    with _autocast(device, cfg.amp):
-                        outputs = model(images)
-                        if uses_model_loss:
-                            loss = criterion(model_without_ddp, images, outputs, targets, teacher)
-                        else:
-                            loss = criterion(outputs, targets)
-                        if hasattr(model_without_ddp, "regularization_loss"):  # Head2Toe's group lasso
-                            loss = loss + model_without_ddp.regularization_loss()
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
-                    scaler.scale(loss / accum).backward()
-                loss_sum += float(loss.detach())
-                loss_count += 1
-                if bar is not None:
-                    bar.update(1)
-                if not need_update:
-                    continue
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                batch_in_epoch = i + 1
-                if ema is not None:
-                    ema.update(model_without_ddp, step=step)
-                if cfg.sched_in_steps:
-                    scheduler.step_update(step)
-                if rt.is_main:
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", lr=f"{lr_now():.2e}")
-                    elif step % cfg.log_every == 0:
-                        print(f"epoch {epoch} step {step} loss {loss_sum / loss_count:.4f} lr {lr_now():.3e}", flush=True)
-                    if on_step is not None:
-                        on_step(step)
-                if stop_requested():
-                    if bar is not None:
-                        bar.close()
-                    interrupt()
-                if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and batch_in_epoch < micro_per_epoch:
-                    save_checkpoint()
-                if max_steps is not None and step >= max_steps:
-                    reached_max = True
-                    break
-            if bar is not None:
-                bar.close()
-
-            # ---- end of epoch (or of the step budget)
-            val = validate(model_without_ddp, val_loader, device, multilabel, cfg.amp, rt)
-            val_ema = validate(ema.module, val_loader, device, multilabel, cfg.amp, rt) if ema is not None else None
-            final_val = val_ema if val_ema is not None else val
-            row = {
-                "epoch": epoch,
-                "step": step,
-                "lr": lr_now(),
-                "train_loss": loss_sum / max(loss_count, 1),
-                "val_metric": val["metric"],
-                "val_top5": val.get("top5"),
-                "val_ema_metric": None if val_ema is None else val_ema["metric"],
-                "time": time.time() - epoch_start,
-            }
-            log_rows.append(row)
-            last_val = {"model": val, "ema": val_ema, "final": final_val, "epoch": epoch}
-            if best["metric"] is None or final_val["metric"] > best["metric"]:
-                best = {"metric": final_val["metric"], "epoch": epoch, **{f"val_{k}": v for k, v in final_val.items()}}
-            if rt.is_main:
-                _write_log(out_dir / "log.csv", log_rows)
-                if wandb_run is not None:
-                    wandb_run.log({k: v for k, v in row.items() if v is not None}, step=step)
-                print(
-                    f"epoch {epoch} done: step {step}, train_loss {row['train_loss']:.4f}, "
-                    f"val {val['metric']:.2f}" + ("" if val_ema is None else f", ema {val_ema['metric']:.2f}"),
-                    flush=True,
-                )
-            if hasattr(model_without_ddp, "end_epoch"):  # Head2Toe's feature selection
-                model_without_ddp.end_epoch(epoch, cfg.epochs)
-            epoch += 1
-            batch_in_epoch = 0
-            loss_sum, loss_count = 0.0, 0
-            if reached_max or epoch >= cfg.epochs:
-                finished = True
-            save_checkpoint()
-            if not finished and stop_requested():
-                interrupt()
-
-    # ---- final outputs
-    total_time = elapsed_before + (time.time() - t_start)
-    weights = ema.module if ema is not None else model_without_ddp
-    metric_name = "mAP" if multilabel else "top1"
-    result = {
-        "metric": metric_name,
-        "final": last_val.get("final"),
-        "final_model": last_val.get("model"),
-        "final_ema": last_val.get("ema"),
-        "best_val_metric": best["metric"],
-        "best_epoch": best["epoch"],
-        "epochs_completed": epoch,
-        "steps": step,
-        "time_s": total_time,
-        "lr": lr,
-        "global_batch": global_batch,
-        "grad_accum_steps": accum,
-        "world_size": rt.world_size,
-        "num_classes": num_classes,
-        "multilabel": multilabel,
-        "weights": "ema" if ema is not None else "model",
-        "spec": spec,
-    }
-    if rt.is_main:
-        atomic_save(
-            {"model": weights.state_dict(), "spec": spec, "config": cfg.to_dict(), "metrics": result},
-            out_dir / "final.pth",
-        )
-        _atomic_text(out_dir / "train_metrics.json", json.dumps(result, indent=2, default=float) + "\n")
-        if wandb_run is not None:
-            wandb_run.summary.update({"best_val_metric": best["metric"], "final_val_metric": (last_val.get("final") or {}).get("metric")})
-            wandb_run.finish()
-    rt.barrier()
-    return result
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,288 @@
+"""Every config mistake stops the DAG build, with the key named and no traceback.
+
+Most rows call the validation the workflow runs (tokenreduction.config_validation,
+fast); a few go through ``snakemake -n`` end to end.
+"""
+import copy
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+def _load_validation():
+    """As the workflow loads it: by path, without torch or timm."""
+    name = "tokenreduction_config_validation"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "src" / "tokenreduction" / "config_validation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cv = _load_validation()
+
+
+def _set(config, path, value):
+    """Set config[path] (dotted; [i] indexes lists); value DELETE removes it."""
+    parts = []
+    for part in path.split("."):
+        while "[" in part:
+            head, rest = part.split("[", 1)
+            if head:
+                parts.append(head)
+            index, part = rest.split("]", 1)
+            parts.append(int(index))
+        if part:
+            parts.append(part)
+    node = config
+    for part in parts[:-1]:
+        node = node[part]
+    if value is DELETE:
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = value
+
+
+DELETE = object()
+
+#: (id, {dotted path: new value}, key path the message must name)
+BROKEN = [
+    # the kinds of issue 16 that used to pass the dry run
+    ("evit-misspelled-option", {"methods.evit.fuse_tokn": True}, "methods.evit.fuse_tokn"),
+    ("kmedoids-misspelled-option", {"methods.kmedoids.cluster_iter": 3}, "methods.kmedoids.cluster_iter"),
+    ("locations-not-increasing", {"reduction_loc": [6, 3, 9]}, "reduction_loc"),
+    ("timm-model-missing", {"backbones.tiny.model": "vit_tinyy_patch16_224"}, "backbones.tiny.model"),
+    ("recipe-misspelled-key", {"finetune.epoch": 3}, "finetune.epoch"),
+    ("recipe-negative-epochs", {"finetune.epochs": -3}, "finetune.epochs"),
+    ("recipe-lr-as-text", {"finetune.lr": "1e-3"}, "finetune.lr"),
+    ("recipe-batch-size-zero", {"finetune.batch_size": 0}, "finetune.batch_size"),
+    ("atc-linkage-ward", {"methods.atc-average.linkage": "ward"}, "methods.atc-average.linkage"),
+    ("ots-r-too-large", {"ots.r": [0, 2, 40]}, "ots.r"),
+    # kinds caught before (schema and workflow checks)
+    ("unknown-method", {"methods.topk.method": "topkk"}, "methods.topk.method"),
+    ("keep-rate-above-one", {"experiments[0].keep_rates": [0.5, 1.5]}, "experiments[0].keep_rates[1]"),
+    ("keep-rate-zero", {"experiments[0].keep_rates": [0.0]}, "experiments[0].keep_rates[0]"),
+    ("location-beyond-depth", {"reduction_loc": [3, 6, 12]}, "reduction_loc"),
+    ("dataset-root-missing", {"datasets.digits.kind": "imagefolder", "datasets.digits.root": "/nonexistent/digits"},
+     "datasets.digits.root"),
+    ("dataset-kind-unknown", {"datasets.digits.kind": "imagenett"}, "datasets.digits.kind"),
+    ("experiment-undefined-method", {"experiments[0].methods": ["topk", "nosuch"]}, "experiments[0].methods"),
+    ("experiment-undefined-backbone", {"experiments[1].backbones": ["huge"]}, "experiments[1].backbones"),
+    ("unknown-top-level-key", {"finetunes": {"epochs": 1}}, "finetunes"),
+    ("budget-unknown", {"budget": "exponential"}, "budget"),
+    ("init-checkpoint-missing", {"backbones.small.init": "/nonexistent/deit.pth"}, "backbones.small.init"),
+    # method options: values, types, builder-set options
+    ("heuristic-pattern-unknown", {"methods.heuristic.pattern": "l3"}, "methods.heuristic.pattern"),
+    ("dpcknn-k-zero", {"methods.dpcknn.k_neighbors": 0}, "methods.dpcknn.k_neighbors"),
+    ("sinkhorn-eps-negative", {"methods.sinkhorn.sinkhorn_eps": -1.0}, "methods.sinkhorn.sinkhorn_eps"),
+    ("kmedoids-iters-negative", {"methods.kmedoids.cluster_iters": -1}, "methods.kmedoids.cluster_iters"),
+    ("option-wrong-type", {"methods.evit.fuse_token": "yes"}, "methods.evit.fuse_token"),
+    ("option-int-given-float", {"methods.dpcknn.k_neighbors": 2.5}, "methods.dpcknn.k_neighbors"),
+    ("option-set-by-builder", {"methods.sit.num_out": 5}, "methods.sit.num_out"),
+    ("locations-repeated", {"reduction_loc": [3, 3, 9]}, "reduction_loc"),
+    ("variant-budget-unknown", {"methods.evit-cur.budget": "r"}, "methods.evit-cur.budget"),
+    ("clca-option-unknown", {"methods.evit-cur-clca.clca.num_clrs": 1}, "methods.evit-cur-clca.clca.num_clrs"),
+    ("clca-option-wrong-type", {"methods.tome-cur-clca.clca.clc": "on"}, "methods.tome-cur-clca.clca.clc"),
+    ("clca-option-out-of-range", {"methods.tome-cur-clca.clca.num_clr": -1}, "methods.tome-cur-clca.clca"),
+    # timm models
+    ("timm-tag-missing", {"backbones.tiny.model": "vit_tiny_patch16_224.nosuchtag"}, "backbones.tiny.model"),
+    ("timm-not-a-vit", {"backbones.tiny.model": "resnet50"}, "backbones.tiny.model"),
+    ("model-depth-zero", {"backbones.tiny.model_kwargs.depth": 0}, "backbones.tiny.model_kwargs.depth"),
+    ("no-class-token-for-cls-method", {"backbones.small.model_kwargs.class_token": False,
+                                       "backbones.small.model_kwargs.global_pool": "avg"}, "experiments[1].keep_rates"),
+    # recipes
+    ("recipe-warmup-negative", {"finetune.warmup_epochs": -1}, "finetune.warmup_epochs"),
+    ("recipe-text-for-float", {"finetune.mixup": "lots"}, "finetune.mixup"),
+    ("recipe-workflow-field", {"finetune.model": "deit_small_patch16_224"}, "finetune.model"),
+    ("recipe-bad-choice", {"finetune.multilabel_loss": "focal"}, "finetune.multilabel_loss"),
+    ("pretrain-recipe-key", {"pretrain.recipe.epoch": 3}, "pretrain.recipe.epoch"),
+    ("dataset-recipe-key", {"datasets.leaves.recipe.trainval": True}, "datasets.leaves.recipe.trainval"),
+    ("dataset-recipe-range", {"datasets.leaves.recipe.drop_path": -0.1}, "datasets.leaves.recipe.drop_path"),
+    ("mae-recipe-layer-decay", {"mae.recipe.layer_decay": 1.5}, "mae.recipe.layer_decay"),
+    ("mae-r-too-large", {"mae.r": [40]}, "mae.r"),
+    ("mae-undefined-backbone", {"mae.backbones": ["huge"]}, "mae.backbones"),
+    # off the shelf, benchmark, detection, diffusion sections
+    ("ots-multilabel-dataset", {"ots.dataset": "mosaic"}, "ots.dataset"),
+    ("ots-undefined-method", {"ots.methods": ["tome", "nosuch"]}, "ots.methods"),
+    ("ots-schedule-unknown", {"ots.schedules": ["linear"]}, "ots.schedules[0]"),
+    ("ots-preset-unknown", {"ots.backbones.tiny": {"preset": "augreg_gigantic"}}, "ots.backbones.tiny"),
+    ("benchmark-r-too-large", {"benchmark.r_models": [{"method": "tome", "r": 40}]}, "benchmark.r_models[0].r"),
+    ("benchmark-schedule-unknown", {"benchmark.r_models": [{"method": "tome", "r": 2, "schedule": "steady"}]},
+     "benchmark.r_models[0].schedule"),
+    ("benchmark-undefined-backbone", {"benchmark.backbones": ["huge"]}, "benchmark.backbones"),
+    ("detection-config-missing", {"detection.sizes.tiny.config": "configs/detection/nosuch.py"},
+     "detection.sizes.tiny.config"),
+    ("detection-checkpoint-missing", {"detection.sizes.tiny.load_from": "pretrained/nosuch.pth"},
+     "detection.sizes.tiny.load_from"),
+    ("detection-linkage-unknown", {"detection.methods.atc-average": "ward"}, "detection.methods.atc-average"),
+    ("diffusion-ratio-out-of-range", {"diffusion.experiments.tome-0.5.ratio": 1.5}, "diffusion.experiments.tome-0.5.ratio"),
+    ("diffusion-linkage-without-atc", {"diffusion.experiments.tome-0.5.linkage": "single"},
+     "diffusion.experiments.tome-0.5.linkage"),
+    ("diffusion-undefined-dataset", {"diffusion.dataset": "imagenet"}, "diffusion.dataset"),
+    ("diffusion-class-names-file-missing", {"diffusion.class_names": "/nonexistent/names.txt"}, "diffusion.class_names"),
+]
+
+
+def _broken(changes):
+    config = copy.deepcopy(DEMO)
+    for path, value in changes.items():
+        _set(config, path, value)
+    return config
+
+
+def test_the_demo_and_the_studies_are_valid(tmp_path):
+    assert cv.check_config(copy.deepcopy(DEMO), SCHEMA, repo=REPO) == []
+    for name in ("which-tokens.yaml", "clca.yaml", "atc.yaml"):
+        config = yaml.safe_load((REPO / "config" / name).read_text())
+        for key, spec in config["datasets"].items():
+            spec["root"] = str(tmp_path)
+        problems = cv.check_config(config, SCHEMA, repo=REPO)
+        # the ATC study names checkpoint files and roots a user downloads first
+        assert all("does not exist" in message for _, message in problems), (name, problems)
+        if name != "atc.yaml":
+            assert problems == [], (name, problems)
+
+
+@pytest.mark.parametrize("changes,key", [row[1:] for row in BROKEN], ids=[row[0] for row in BROKEN])
+def test_broken_config_is_caught_with_its_key(changes, key):
+    problems = cv.check_config(_broken(changes), SCHEMA, repo=REPO)
+    assert problems, "not caught"
+    keys = [k for k, _ in problems]
+    assert key in keys, problems
+    text = cv.format_problems(problems)
+    assert "Traceback" not in text and key in text
+
+
+def test_broken_config_kinds_count():
+    """The table covers at least 30 kinds of mistakes (issue 16 asks for them)."""
+    assert len({row[0] for row in BROKEN}) == len(BROKEN) >= 30
+
+
+def test_messages_say_what_is_wrong():
+    def message(changes, key):
+        return dict(cv.check_config(_broken(changes), SCHEMA, repo=REPO))[key]
+
+    assert "fuse_token" in message({"methods.evit.fuse_tokn": True}, "methods.evit.fuse_tokn")  # did you mean
+    assert "single, complete, average" in message({"methods.atc-average.linkage": "ward"}, "methods.atc-average.linkage")
+    assert "1.0e-3" in message({"finetune.lr": "1e-3"}, "finetune.lr")
+    assert "increasing" in message({"reduction_loc": [6, 3, 9]}, "reduction_loc")
+    too_large = message({"ots.r": [0, 2, 40]}, "ots.r")
+    assert "r=40" in too_large and "block" in too_large
+    assert "0..11" in message({"reduction_loc": [3, 6, 12]}, "reduction_loc")
+
+
+def test_r_at_the_limit_passes_and_one_more_fails():
+    """The budget simulation agrees with the library: the demo backbone has 64
+    patches and 12 blocks, so constant r = 5 leaves tokens everywhere
+    (ToMe halves at most) while topk at r = 6 runs out at block 10."""
+    ok = _broken({"ots.r": [5], "ots.schedules": ["constant"]})
+    assert cv.check_config(ok, SCHEMA, repo=REPO) == []
+    bad = _broken({"ots.r": [6], "ots.schedules": ["constant"]})
+    problems = cv.check_config(bad, SCHEMA, repo=REPO)
+    assert [k for k, _ in problems] == ["ots.r"], problems
+    assert "'topk'" in problems[0][1] and "block 10" in problems[0][1]
+
+
+def test_method_options_match_the_reducer_classes():
+    """The options read from the sources are the constructors' keyword
+    arguments, and the builder-set ones are those of fixed-output methods."""
+    import inspect
+
+    from tokenreduction.reduction import get_method, list_methods
+
+    catalog = cv.method_catalog()
+    assert sorted(catalog) == list_methods()
+    for name in list_methods():
+        cls = get_method(name)
+        params = set()
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass):
+                continue
+            sig = inspect.signature(klass.__init__)
+            params |= {p for p, v in sig.parameters.items() if v.kind is v.POSITIONAL_OR_KEYWORD or v.kind is v.KEYWORD_ONLY}
+            if not any(v.kind is v.VAR_KEYWORD for v in sig.parameters.values()):
+                break
+        params -= {"self", "dim"}
+        assert set(catalog[name].options) == params, name
+        assert bool(catalog[name].builder_options) == bool(cls.fixed_output or getattr(cls, "needs_grid", False)), name
+
+
+def test_constructor_checks_agree_with_the_classes():
+    """A value the DAG-build check rejects is one the real constructor rejects."""
+    from tokenreduction.reduction import get_method
+
+    cases = [("atc", {"linkage": "ward"}), ("heuristic", {"pattern": "l3"}), ("dpcknn", {"k_neighbors": 0}),
+             ("kmedoids", {"cluster_iters": -1}), ("sinkhorn", {"sinkhorn_eps": 0.0, "num_out": 4})]
+    for name, options in cases:
+        checked = {k: v for k, v in options.items() if k != "num_out"}
+        assert cv.method_catalog()[name].check_options(checked, dim=16), name
+        with pytest.raises(ValueError):
+            get_method(name)(dim=16, **options)
+    assert cv.method_catalog()["atc"].check_options({"linkage": "single"}, dim=16) == []
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("deit_tiny_patch16_224", {}),
+    ("vit_huge_patch14_224", {}),
+    ("vit_large_patch16_384", {}),
+    ("vit_base_patch16_224.mae", {}),
+    ("vit_base_patch16_clip_224.laion2b", {"img_size": 448}),
+    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "depth": 6}),
+])
+def test_depth_and_patches_are_timms(name, kwargs):
+    """Read from timm's sources = what timm builds (on the meta device)."""
+    import timm
+    import torch
+
+    info = cv.timm_model_info(name, kwargs)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    assert info.depth == len(model.blocks)
+    assert info.num_patches == model.patch_embed.num_patches
+
+
+def test_timm_index_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cv.timm_architectures.cache_clear()
+    try:
+        first = cv.timm_architectures()
+        files = list((tmp_path / "tokenreduction").glob("timm-*.json"))
+        assert len(files) == 1 and "deit_small_patch16_224" in first
+        cv.timm_architectures.cache_clear()
+        assert cv.timm_architectures() == yaml.safe_load(files[0].read_text())
+    finally:
+        cv.timm_architectures.cache_clear()
+
+
+def _dry_run(tmp_path, changes):
+    config = _broken(changes)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path / "work"),
+         "-n", "--configfile", str(path)],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"methods.evit.fuse_tokn": True}, "methods.evit.fuse_tokn"),
+    ({"reduction_loc": [6, 3, 9]}, "reduction_loc"),
+    ({"finetune.epoch": 3, "finetune.lr": "1e-3"}, "finetune.epoch"),
+], ids=["option", "locations", "recipe"])
+def test_snakemake_dry_run_stops_with_the_key_and_no_traceback(tmp_path, changes, key):
+    proc = _dry_run(tmp_path, changes)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert key in out and "invalid config" in out
+    assert "Traceback" not in out and 'File "' not in out, out

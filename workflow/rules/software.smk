@@ -1,0 +1,54 @@
+# The interpreter every job of the main environment runs, and the stage times
+# printed at the end of a run. Shell commands call
+# `"$TOKENREDUCTION_PYTHON" script ...` (detection jobs:
+# "$TOKENREDUCTION_MMDET_PYTHON"), never a bare `python`: a plain shell's
+# `python` is not the one that has this package installed. The interpreter is
+# passed in the environment that jobs inherit rather than as a parameter, so
+# that running from another checkout or venv path does not rerun every job.
+
+import importlib.util
+import os
+import time
+
+_RUN_START = time.time()
+
+
+def _load_runtime():
+    """workflow/lib/runtime.py (plain Python, no torch)."""
+    path = ROOT / "workflow" / "lib" / "runtime.py"
+    spec = importlib.util.spec_from_file_location("tokenreduction_runtime", path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+runtime = _load_runtime()
+DEPLOYMENTS = {m.value for m in workflow.deployment_settings.deployment_method}
+
+try:
+    # main environment: `python` of the config, else the interpreter running
+    # Snakemake when it has this package, else .venv/bin/python; under
+    # --sdm conda the environment's own python
+    PYTHON = runtime.main_python(ROOT, config.get("python"), DEPLOYMENTS)
+except runtime.InterpreterError as err:
+    raise ConfigError(str(err)) from None
+os.environ.update(TOKENREDUCTION_PYTHON=PYTHON)
+
+# envs/{torch,diffusion}.post-deploy.sh install this repository into the conda
+# environments Snakemake creates (--sdm conda): they read its path from here
+os.environ.update(TOKENREDUCTION_ROOT=str(ROOT))
+
+
+onstart:
+    print(f"main environment's jobs run {PYTHON}")
+
+
+onsuccess:
+    records = runtime.job_records(Path(".snakemake") / "metadata", since=_RUN_START)
+    if records:
+        rows = runtime.stage_times(records)
+        print(
+            "\nTime per stage (job time summed over its jobs; from/to: since the run started):"
+        )
+        print(runtime.format_stage_times(rows, _RUN_START, time.time()))
+        runtime.write_stage_times(rows, Path(RESULTS) / "logs" / "stage_times.tsv")
