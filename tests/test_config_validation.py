@@ -5,6 +5,7 @@ fast); a few go through ``snakemake -n`` end to end.
 """
 import copy
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +34,9 @@ cv = _load_validation()
 
 
 def _set(config, path, value):
-    """Set config[path] (dotted; [i] indexes lists); value DELETE removes it."""
-    parts = []
-    for part in path.split("."):
+    """Set config[path] (dotted, [i] indexes lists; or a tuple of keys)."""
+    parts = list(path) if isinstance(path, tuple) else []
+    for part in [] if isinstance(path, tuple) else path.split("."):
         while "[" in part:
             head, rest = part.split("[", 1)
             if head:
@@ -47,13 +48,7 @@ def _set(config, path, value):
     node = config
     for part in parts[:-1]:
         node = node[part]
-    if value is DELETE:
-        del node[parts[-1]]
-    else:
-        node[parts[-1]] = value
-
-
-DELETE = object()
+    node[parts[-1]] = value
 
 #: (id, {dotted path: new value}, key path the message must name)
 BROKEN = [
@@ -115,7 +110,7 @@ BROKEN = [
     ("ots-multilabel-dataset", {"ots.dataset": "mosaic"}, "ots.dataset"),
     ("ots-undefined-method", {"ots.methods": ["tome", "nosuch"]}, "ots.methods"),
     ("ots-schedule-unknown", {"ots.schedules": ["linear"]}, "ots.schedules[0]"),
-    ("ots-preset-unknown", {"ots.backbones.tiny": {"preset": "augreg_gigantic"}}, "ots.backbones.tiny"),
+    ("ots-preset-unknown", {"ots.backbones.tiny": {"preset": "augreg_gigantic"}}, "ots.backbones.tiny.preset"),
     ("benchmark-r-too-large", {"benchmark.r_models": [{"method": "tome", "r": 40}]}, "benchmark.r_models[0].r"),
     ("benchmark-schedule-unknown", {"benchmark.r_models": [{"method": "tome", "r": 2, "schedule": "steady"}]},
      "benchmark.r_models[0].schedule"),
@@ -125,8 +120,9 @@ BROKEN = [
     ("detection-checkpoint-missing", {"detection.sizes.tiny.load_from": "pretrained/nosuch.pth"},
      "detection.sizes.tiny.load_from"),
     ("detection-linkage-unknown", {"detection.methods.atc-average": "ward"}, "detection.methods.atc-average"),
-    ("diffusion-ratio-out-of-range", {"diffusion.experiments.tome-0.5.ratio": 1.5}, "diffusion.experiments.tome-0.5.ratio"),
-    ("diffusion-linkage-without-atc", {"diffusion.experiments.tome-0.5.linkage": "single"},
+    ("diffusion-ratio-out-of-range", {("diffusion", "experiments", "tome-0.5", "ratio"): 1.5},
+     "diffusion.experiments.tome-0.5.ratio"),
+    ("diffusion-linkage-without-atc", {("diffusion", "experiments", "tome-0.5", "linkage"): "single"},
      "diffusion.experiments.tome-0.5.linkage"),
     ("diffusion-undefined-dataset", {"diffusion.dataset": "imagenet"}, "diffusion.dataset"),
     ("diffusion-class-names-file-missing", {"diffusion.class_names": "/nonexistent/names.txt"}, "diffusion.class_names"),
@@ -183,14 +179,26 @@ def test_messages_say_what_is_wrong():
 
 def test_r_at_the_limit_passes_and_one_more_fails():
     """The budget simulation agrees with the library: the demo backbone has 64
-    patches and 12 blocks, so constant r = 5 leaves tokens everywhere
-    (ToMe halves at most) while topk at r = 6 runs out at block 10."""
+    patches and 12 blocks, so constant r = 5 leaves tokens at every block,
+    while r = 6 asks block 10 for more tokens than are left (ToMe's halving
+    included: 64 - 9 x 6 - 5 = 5 left)."""
     ok = _broken({"ots.r": [5], "ots.schedules": ["constant"]})
     assert cv.check_config(ok, SCHEMA, repo=REPO) == []
     bad = _broken({"ots.r": [6], "ots.schedules": ["constant"]})
-    problems = cv.check_config(bad, SCHEMA, repo=REPO)
-    assert [k for k, _ in problems] == ["ots.r"], problems
-    assert "'topk'" in problems[0][1] and "block 10" in problems[0][1]
+    problems = dict(cv.check_config(bad, SCHEMA, repo=REPO))
+    assert list(problems) == ["ots.r"]
+    messages = [m for k, m in cv.check_config(bad, SCHEMA, repo=REPO)]
+    tome = next(m for m in messages if "'tome'" in m)
+    assert "block 10" in tome and "only 5 patch tokens" in tome
+    topk = next(m for m in messages if "'topk'" in m)
+    assert "block 10" in topk and "only 4 patch tokens" in topk
+    from tokenreduction import create_model
+
+    for method in ("tome", "topk"):  # the library agrees
+        kwargs = DEMO["backbones"]["tiny"]["model_kwargs"]
+        create_model("vit_tiny_patch16_224", method=method, r=5, **kwargs)
+        with pytest.raises(ValueError, match="block 10"):
+            create_model("vit_tiny_patch16_224", method=method, r=6, **kwargs)
 
 
 def test_method_options_match_the_reducer_classes():
@@ -259,7 +267,7 @@ def test_timm_index_is_cached(tmp_path, monkeypatch):
         files = list((tmp_path / "tokenreduction").glob("timm-*.json"))
         assert len(files) == 1 and "deit_small_patch16_224" in first
         cv.timm_architectures.cache_clear()
-        assert cv.timm_architectures() == yaml.safe_load(files[0].read_text())
+        assert cv.timm_architectures() == json.loads(files[0].read_text())
     finally:
         cv.timm_architectures.cache_clear()
 

@@ -321,3 +321,71 @@ _FULL = os.environ.get("TOKENREDUCTION_GOLDEN")
 @pytest.mark.parametrize("method,params,arrays", all_cases(Path(_FULL)) if _FULL else [])
 def test_full_golden_case(method, params, arrays):
     RUNNERS[method](method, params, arrays)
+
+
+# ------------------------------------------------------------- the whole patched model
+
+
+def published_tome_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int):
+    """ToMe's merge with a class token, written per image from the published
+    semantics: positions split into A (even, the CLS at 0, never merged) and B
+    (odd); each A token's best B partner by cosine of the metric; the r A
+    tokens with the best scores merge into their partners (size-weighted
+    mean, sizes summed). Output: unmerged A tokens in position order, then the
+    B tokens in position order. x (B, T, C), size (B, T), metric (B, T, D)."""
+    xs, ss = [], []
+    for b in range(x.shape[0]):
+        m = metric[b] / metric[b].norm(dim=-1, keepdim=True)
+        a_pos, b_pos = list(range(0, x.shape[1], 2)), list(range(1, x.shape[1], 2))
+        best = {}
+        for i in a_pos[1:]:
+            sims = m[b_pos] @ m[i]
+            j = int(sims.argmax())
+            best[i] = (float(sims[j]), b_pos[j])
+        merged = sorted(best, key=lambda i: -best[i][0])[:r]
+        groups = [[i] for i in a_pos if i not in merged] + [[j] + [i for i in merged if best[i][1] == j] for j in b_pos]
+        w = size[b]
+        xs.append(torch.stack([(w[g, None] * x[b, g]).sum(0) / w[g].sum() for g in groups]))
+        ss.append(torch.stack([w[g].sum() for g in groups]))
+    return torch.stack(xs), torch.stack(ss)
+
+
+def published_tome_forward(model, imgs: torch.Tensor, r: int) -> torch.Tensor:
+    """A timm ViT with ToMe's published timm patch: every block merges r tokens
+    (capped at (T - 1) // 2) after its attention residual, on the head-mean
+    keys, with proportional attention (log size added to the logits)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(imgs))))
+    size = torch.ones(x.shape[:2], dtype=x.dtype)
+    for blk in model.blocks:
+        attn = blk.attn
+        B, T, C = x.shape
+        q, k, v = attn.qkv(blk.norm1(x)).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-2, -1)) * attn.scale + size.log()[:, None, None, :]
+        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + attn.proj(out)
+        rr = min(r, (T - 1) // 2)
+        if rr > 0:
+            x, size = published_tome_merge(x, size, k.mean(dim=1), rr)
+        x = x + blk.mlp(blk.norm2(x))
+    return model.forward_head(model.norm(x))
+
+
+def test_tome_model_logits_match_published_patch():
+    import copy
+
+    import timm
+
+    import tokenreduction as tr
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=48, patch_size=8, depth=4,
+                              embed_dim=48, num_heads=3, num_classes=10).double().eval()
+    imgs = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        expected = published_tome_forward(model, imgs, r=8)
+        plain = model(imgs)
+        ours = tr.patch_model(copy.deepcopy(model), method="tome", r=8, prop_attn=True)
+        got = ours(imgs)
+    assert ours.reduction_state.tokens_kept == [28, 20, 12, 6]  # 36 patches, r = 8 capped at half
+    assert (expected - plain).abs().max() > 1e-3  # the merging changes the logits
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

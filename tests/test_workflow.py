@@ -36,8 +36,9 @@ def test_demo_dry_run_builds_every_stage(tmp_path):
 STUDY_FINETUNE_JOBS = {
     # 4 datasets x 3 capacities x (11 methods x 4 keep rates + baseline)
     "which-tokens.yaml": 4 * 3 * (11 * 4 + 1),
-    # 5 datasets x 2 backbones x (8 methods x with/without CLCA x 5 keep rates + baseline)
-    "clca.yaml": 5 * 2 * (8 * 2 * 5 + 1),
+    # 5 datasets x 2 backbones x (8 methods x with/without CLCA x 5 keep rates + baseline
+    # + the PEFT, H2T and VQT baselines, once each at keep rate 1)
+    "clca.yaml": 5 * 2 * (8 * 2 * 5 + 1 + 3),
 }
 
 

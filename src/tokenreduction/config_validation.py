@@ -690,6 +690,7 @@ def timm_architectures() -> dict[str, dict[str, Any]]:
             tags = {k.split(".", 1)[1] if "." in k else "": v for k, v in cfgs.items() if k.split(".", 1)[0] == node.name}
             archs[node.name] = {"file": path.name, "builds": builds, "args": args, "tags": tags,
                                 "defaults": vit_defaults}
+    archs = json.loads(json.dumps(archs))  # the same values as read back from the cache
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -913,7 +914,7 @@ class _Checker:
                 self.fail(f"methods.{name}.method",
                           f"unknown method {method!r}{_close(method, catalog)}; known methods: {', '.join(sorted(catalog))}")
                 continue
-            options = {k: v for k, v in spec.items() if k not in ("method", "budget", "clca")}
+            options = {k: v for k, v in spec.items() if k not in ("method", "budget", "clca", "tuning", "tuning_kwargs")}
             for key, message in catalog[method].check_options(options):
                 self.fail(f"methods.{name}.{key}" if key else f"methods.{name}", message)
             if spec.get("clca"):
@@ -972,7 +973,7 @@ class _Checker:
             return
         self._simulated.add(sig)
         mi = method_catalog()[method]
-        values = {k: v for k, v in spec.items() if k not in ("method", "budget", "clca")}
+        values = {k: v for k, v in spec.items() if k not in ("method", "budget", "clca", "tuning", "tuning_kwargs")}
         if info.embed_dim is not None:
             message = mi.run_constructor_checks(values, int(info.embed_dim))
             if message:
@@ -1010,7 +1011,10 @@ class _Checker:
                 if n < 1:
                     raise ValueError(f"no patch tokens are left after block {loc}")
         except ValueError as err:
-            self.fail(key, f"{what}: {err}")
+            once = (key, backbone, budget, json.dumps([keep_rate, r, schedule]))
+            if once not in self._simulated:  # one line per setting, not per method
+                self._simulated.add(once)
+                self.fail(key, f"{what}: {err}")
 
     def experiments(self) -> None:
         cfg = self.config
@@ -1126,6 +1130,10 @@ class _Checker:
                     info = _replace(info, img_size=int(spec["img_size"]))
             else:
                 preset = presets.get(spec["preset"])
+                if presets and preset is None:
+                    self.fail(f"{key}.preset", f"unknown backbone preset {spec['preset']!r}{_close(spec['preset'], presets)};"
+                              f" known presets (tokenreduction.ots.PRESETS): {', '.join(presets)}")
+                    continue
                 if spec.get("checkpoint") and not self.path(spec["checkpoint"]).is_file():
                     self.fail(f"{key}.checkpoint", f"{spec['checkpoint']} does not exist")
                 if preset is not None and {"depth", "patch_size", "img_size"} <= set(preset):
@@ -1315,7 +1323,7 @@ def validate_config(config: dict, schema: Optional[dict] = None, base: Optional[
 def load_schema(path: Path) -> dict:
     import yaml
 
-    return yaml.safe_load(Path(path).read_text())
+    return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

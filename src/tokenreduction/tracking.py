@@ -143,6 +143,8 @@ def wandb_settings(out_dir: Union[str, Path], cfg: Mapping[str, Any], job_type: 
         after = ()
     if stage in ("finetune", "mae") and len(after) >= 2:
         group = f"{after[0]}/{after[1]}"
+    elif stage == "pretrain" and after:  # results/pretrain/<backbone>
+        group = f"{cfg.get('dataset')}/{after[0]}"
     else:
         group = f"{cfg.get('dataset')}/{cfg.get('model')}"
     tags = [str(cfg.get("method") or "none")] + _budget_tags(cfg)

@@ -34,10 +34,13 @@ rule analysis_compare:
         runtime=lambda w, attempt: 60 * attempt,
     params:
         eval_dir=eval_root,
+        pwcca=ANALYSIS.get("pwcca", "study"),
+        baseline_rate=_baseline_rate_arg(),
         code=analysis_code,
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} compare --summary {input.summary:q} --dataset {wildcards.dataset}'
-        " --axis {wildcards.axis} --eval-dir {params.eval_dir:q} --out {output:q} > {log:q} 2>&1"
+        " --axis {wildcards.axis} --eval-dir {params.eval_dir:q} --pwcca {params.pwcca}"
+        " --baseline-rate {params.baseline_rate} --out {output:q} > {log:q} 2>&1"
 
 
 rule analysis_collate:
@@ -100,8 +103,42 @@ rule analysis_correlate:
     params:
         code=analysis_code,
     shell:
-        '"$TOKENREDUCTION_PYTHON" {input.script:q} correlate --collated {input.collated:q} --out {output.table:q}'
-        " --figure {output.figure:q} > {log:q} 2>&1"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} correlate --collated {input.collated:q} --axis {wildcards.axis}'
+        " --out {output.table:q} --pooled {output.pooled:q} --figure {output.figure:q} > {log:q} 2>&1"
+
+
+rule analysis_rho_heatmap:
+    input:
+        script=script_path("analysis.py"),
+        pooled=expand(
+            f"{RESULTS}/analysis/{{{{dataset}}}}/correlations_{{axis}}_pooled.csv",
+            axis=ANALYSIS_AXES,
+        ),
+    output:
+        report(
+            f"{RESULTS}/analysis/{{dataset}}/rho_heatmap.png",
+            caption="../report/rho_heatmap.rst",
+            category="Analysis",
+            subcategory="{dataset}",
+        ),
+    log:
+        f"{RESULTS}/logs/analysis/{{dataset}}/rho_heatmap.log",
+    group:
+        "analysis"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        pooled=lambda w, input: " ".join(
+            f"{axis}={path}" for axis, path in zip(ANALYSIS_AXES, input.pooled)
+        ),
+        code=analysis_code,
+    shell:
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} rho-heatmap --pooled {params.pooled} --title {wildcards.dataset:q}'
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule token_statistics:
@@ -161,6 +198,8 @@ rule compare_heatmaps:
         mem_mb=2000,
         runtime=30,
     params:
+        kl_base=ANALYSIS.get("kl_base", 2),
         code=analysis_code,
     shell:
-        '"$TOKENREDUCTION_PYTHON" {input.script:q} heatmaps --token-stats {input.stats:q} --out {output:q} > {log:q} 2>&1'
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} heatmaps --token-stats {input.stats:q} --kl-base {params.kl_base}'
+        " --out {output:q} > {log:q} 2>&1"

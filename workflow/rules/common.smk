@@ -4,6 +4,7 @@ Everything the rules need to know about the config is computed here once, at
 DAG build: invalid configs stop here with the offending key named.
 """
 
+import functools
 import importlib.util
 import json
 import sys
@@ -110,6 +111,10 @@ def _runs():
                     for m in exp["methods"]:
                         if m == base:
                             continue
+                        if config["methods"][m]["method"] == BASELINE:
+                            # another unreduced variant (a PEFT baseline): once, at keep rate 1
+                            runs[(d, b, m, "1", s)] = None
+                            continue
                         for kr in exp["keep_rates"]:
                             runs[(d, b, m, fmt_rate(kr), s)] = None
     keys = ("dataset", "backbone", "method", "keep_rate", "seed")
@@ -192,8 +197,10 @@ def _method_fields(method_name, keep_rate):
     method = spec.pop("method")
     budget = spec.pop("budget", None) or config["budget"]
     clca = spec.pop("clca", None)
+    # which parameters train (CLCA study's PEFT / H2T / VQT baselines)
+    tuning = {k: spec.pop(k) for k in ("tuning", "tuning_kwargs") if spec.get(k)}
     if method == BASELINE:
-        return {"method": None}
+        return {"method": None, **tuning}
     fields = {
         "method": method,
         "keep_rate": float(keep_rate),
@@ -203,12 +210,15 @@ def _method_fields(method_name, keep_rate):
     }
     if clca:
         fields["clca"] = clca
+    fields.update(tuning)
     return fields
 
 
 def _stages(stages, method_name):
     """The code stages of a job, with CLCA's package for CLCA variants."""
-    return stages + (("clca",) if method_spec(method_name).get("clca") else ())
+    spec = method_spec(method_name)
+    uses_clca = spec.get("clca") or spec.get("tuning", "full") != "full"
+    return stages + (("clca",) if uses_clca else ())
 
 
 def _data_fields(dataset):
@@ -256,17 +266,22 @@ def pretrain_spec(wildcards):
     return json.dumps(fields, sort_keys=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _code_hash(stages, method):
+    """provenance.code_hash once per (stages, method) in this DAG build (not
+    once per job: reading the sources for each of 1000 jobs costs seconds)."""
+    return provenance.code_hash(stages, method)
+
+
 def finetune_code(wildcards):
     """Fingerprint of the code a fine-tuning job runs (see tokenreduction.provenance)."""
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(
-        _stages(("model", "data", "train"), wildcards.method), method
-    )
+    return _code_hash(_stages(("model", "data", "train"), wildcards.method), method)
 
 
 def evaluate_code(wildcards):
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(
+    return _code_hash(
         _stages(("model", "data", "train", "evaluate"), wildcards.method), method
     )
 

@@ -17,6 +17,12 @@ rule summarise:
             caption="../report/accuracy_vs_gflops.rst",
             category="Summary",
         ),
+        drop_table=f"{RESULTS}/summary/accuracy_drop.csv",
+        drop_plot=report(
+            f"{RESULTS}/summary/accuracy_drop.png",
+            caption="../report/accuracy_drop.rst",
+            category="Summary",
+        ),
     log:
         f"{RESULTS}/logs/summarise.log",
     localrule: True
@@ -28,8 +34,10 @@ rule summarise:
         runtime=10,
     params:
         runs=json.dumps(RUNS),
+        baseline=baseline_method(),
         code=lambda w: provenance.code_hash(("evaluate",)),
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} --runs {params.runs:q} --metrics {input.metrics:q}'
         " --table {output.table:q} --keep-rate-plot {output.keep_rate_plot:q}"
-        " --gflops-plot {output.gflops_plot:q} > {log:q} 2>&1"
+        " --gflops-plot {output.gflops_plot:q} --baseline {params.baseline:q}"
+        " --drop-table {output.drop_table:q} --drop-plot {output.drop_plot:q} > {log:q} 2>&1"

@@ -16,7 +16,15 @@ from .compare import (
 # heatmaps.similarity (SIM) is exported as histogram_intersection: the name
 # `similarity` is the submodule of the feature metrics.
 from .heatmaps import emd, heatmap_metrics, histogram_intersection, jsd, kld, pearson_cc, spearman_cc
-from .patterns import cluster_agreement, count_tokens, kept_iou, kept_patches, token_depth_from_kept, token_depth_map
+from .patterns import (
+    cluster_agreement,
+    count_tokens,
+    kept_from_centres,
+    kept_iou,
+    kept_patches,
+    token_depth_from_kept,
+    token_depth_map,
+)
 from .similarity import (
     cca_correlations,
     feature_similarities,
@@ -32,7 +40,7 @@ from .similarity import (
 __all__ = [
     "align_images", "cca_correlations", "cluster_agreement", "compare_features", "compare_patterns",
     "count_tokens", "emd", "feature_similarities", "heatmap_metrics", "jsd", "kept_iou",
-    "kept_patches", "kld", "lin_cka_dist", "lin_cka_prime_dist", "load_npz", "mean_cca_corr",
+    "kept_from_centres", "kept_patches", "kld", "lin_cka_dist", "lin_cka_prime_dist", "load_npz", "mean_cca_corr",
     "mean_sq_cca_corr", "pairs", "pearson_cc", "preprocess", "procrustes_dist", "pwcca_dist",
     "histogram_intersection", "spearman_cc", "token_depth_from_kept", "token_depth_map", "token_statistics",
 ]

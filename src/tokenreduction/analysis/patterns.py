@@ -59,6 +59,33 @@ def kept_patches(composed) -> np.ndarray:
     return ((c >= 0) & (counts == 1)).reshape(shape)
 
 
+def kept_from_centres(centres: Sequence, num_patches: int) -> np.ndarray:
+    """Per-stage cluster centres -> (S, B, P) bool kept-patch masks.
+
+    centres: one (B, k_s) int array per stage: the input token of that stage
+    behind each output token (K-Medoids' medoids, DPC-KNN's density peaks; the
+    study's ``Kept_Token`` of those methods). Chaining them back to the P
+    original patches (a stage-s token is the patch its centre chain starts
+    from) gives the patches kept as tokens after each stage."""
+    masks = []
+    current = None  # (B, k) original patch behind each token of the current stage
+    for s, c in enumerate(centres):
+        c = as_numpy(c).astype(np.int64, copy=False)
+        if c.ndim != 2:
+            raise ValueError(f"centres of stage {s} must be (B, k), got shape {c.shape}")
+        if current is None:
+            current = np.broadcast_to(np.arange(num_patches), (c.shape[0], num_patches))
+        if c.shape[0] != current.shape[0] or (c.size and (c.min() < 0 or c.max() >= current.shape[1])):
+            raise ValueError(f"centres of stage {s} index tokens outside 0..{current.shape[1] - 1}")
+        current = np.take_along_axis(current, c, axis=1)
+        mask = np.zeros((c.shape[0], num_patches), dtype=bool)
+        np.put_along_axis(mask, current, True, axis=1)
+        masks.append(mask)
+    if not masks:
+        return np.zeros((0, 0, num_patches), dtype=bool)
+    return np.stack(masks)
+
+
 def kept_iou(kept_a, kept_b) -> np.ndarray:
     """(B, P) bool, (B, P) bool -> (B,) float64 IoU |a & b| / |a | b| of the
     kept-patch sets per image. Two empty sets give 1.0 (identical patterns)."""

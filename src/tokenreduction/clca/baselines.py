@@ -12,8 +12,10 @@ registry (:data:`TUNING_MODES`, :func:`register_tuning`), which the trainer's
     (``model.clca``, when present) train.
 ``h2t``
     :class:`Head2ToeViT` (Evci et al., ICML 2022): a linear classifier on the
-    pooled features of every block of the frozen backbone, with group-lasso
-    feature selection.
+    features of the chosen blocks of the frozen backbone (``features="block"``:
+    CLS and patch mean of each block output; ``"sublayer"``: the CLCA
+    reference's token means of each block's sub-layers), with optional
+    group-lasso feature selection.
 ``vqt``
     :class:`VisualQueryTuningViT` (Tu et al., CVPR 2023): learnable query
     tokens per block that read each block's input without changing it; a
@@ -178,12 +180,63 @@ def head2toe_features(
     return torch.cat(feats, dim=1)
 
 
+#: the sub-layers whose token means H2T's "sublayer" features read, per block:
+#: the normalised block input (norm1), the attention branch (drop_path1), the
+#: MLP's hidden activation (mlp.act) and the MLP branch (drop_path2)
+H2T_SUBLAYERS = ("norm1", "drop_path1", "mlp.act", "drop_path2")
+H2T_FEATURES = ("sublayer", "block")
+
+
+def _token_mean(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook on a block's sub-layer: keep the mean over tokens (B, C)
+    of its output until the block's collecting hook takes it."""
+    module.__dict__["_h2t_mean"] = output.mean(dim=1)
+
+
+def _collect_sublayers(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook on a block: its sub-layer token means, concatenated and
+    L2-normalised (the reference's per-layer H2T feature), into
+    ``ctx.h2t_layers``."""
+    parts = []
+    for name in H2T_SUBLAYERS:
+        sub = module.get_submodule(name)
+        parts.append(sub.__dict__.pop("_h2t_mean"))
+    if len(args) > 1 and isinstance(args[1], ReductionContext):
+        ctx = args[1]
+        ctx.__dict__.setdefault("h2t_layers", []).append(F.normalize(torch.cat(parts, dim=1), dim=-1))
+
+
+def _sublayers_of(block: nn.Module, index: int, dim: int) -> list:
+    """[(sub-layer module, output channels)] of ``H2T_SUBLAYERS`` in `block`."""
+    mods = []
+    for name in H2T_SUBLAYERS:
+        try:
+            mod = block.get_submodule(name)
+            width = block.get_submodule("mlp.fc1").out_features if name == "mlp.act" else dim
+        except AttributeError:
+            raise ValueError(
+                f"H2T sublayer features need blocks with {', '.join(H2T_SUBLAYERS)} and mlp.fc1; block "
+                f"{index} ({type(block).__name__}) lacks {name!r}: use features='block'"
+            ) from None
+        mods.append((mod, int(width)))
+    return mods
+
+
 @register_tuning("h2t")
 class Head2ToeViT(_FrozenBackbone):
-    """Head2Toe: a linear head on the features of all blocks of a frozen ViT.
+    """Head2Toe: a linear head on the features of the blocks of a frozen ViT.
 
+    features: "block" (default): per block the CLS token and the mean of the
+    valid patch tokens of the block output, normalised per block by a
+    LayerNorm without affine. "sublayer" (the CLCA reference's
+    ``vit_h2t.py``): per block the means over all tokens of the outputs of
+    ``H2T_SUBLAYERS`` (norm1, attention branch, MLP activation, MLP branch:
+    3 D + hidden channels), concatenated and L2-normalised, plus the
+    L2-normalised token means of the embedded input (block 0's input) and of
+    the final normed tokens. layers: the blocks read (None: every block; the
+    reference reads its --reduction_loc blocks when given).
     pool_dim: channels kept per block (feature-wise average pooling; None
-    keeps 2D, or D without a class token). group_lasso: weight of the group
+    keeps them all). group_lasso: weight of the group
     lasso penalty sum_j ||W[:, j]||_2 over the head's input features
     (:meth:`regularization_loss`, added by the trainer) until features are
     selected. keep_fraction < 1: at the end of epoch ``select_epoch`` (default
@@ -199,6 +252,8 @@ class Head2ToeViT(_FrozenBackbone):
         keep_fraction: float = 1.0,
         group_lasso: float = 0.0,
         select_epoch: Optional[int] = None,
+        features: str = "block",
+        layers: Optional[list] = None,
     ) -> None:
         super().__init__(backbone)
         if not 0.0 < keep_fraction <= 1.0:
@@ -207,25 +262,51 @@ class Head2ToeViT(_FrozenBackbone):
             raise ValueError(f"group_lasso must be >= 0, got {group_lasso}")
         if pool_dim is not None and pool_dim < 1:
             raise ValueError(f"pool_dim must be >= 1 or null, got {pool_dim}")
+        if features not in H2T_FEATURES:
+            raise ValueError(f"features must be one of {', '.join(H2T_FEATURES)}, got {features!r}")
+        depth, dim = len(backbone.blocks), backbone.embed_dim
+        self.layers = _check_layers(layers, depth)
         self.has_cls = bool(getattr(backbone, "has_class_token", backbone.num_prefix_tokens > 0))
-        per_block = backbone.embed_dim * (2 if self.has_cls else 1)
+        self.feature_kind = features
+        if features == "block":
+            widths = [dim * (2 if self.has_cls else 1)] * len(self.layers)
+            for i in self.layers:
+                backbone.blocks[i].register_forward_hook(_capture_output)
+        else:
+            widths = [dim]  # the embedded input
+            for i in self.layers:
+                blk = backbone.blocks[i]
+                mods = _sublayers_of(blk, i, dim)
+                widths.append(sum(w for _, w in mods))
+                for m, _ in mods:
+                    m.register_forward_hook(_token_mean)
+                blk.register_forward_hook(_collect_sublayers)
+            widths.append(dim)  # the final normed tokens
+            backbone.blocks[0].register_forward_pre_hook(_capture_input)
         if pool_dim is not None:
-            per_block = min(per_block, pool_dim)
+            widths = [min(w, pool_dim) for w in widths]
         self.pool_dim = pool_dim
         self.keep_fraction = keep_fraction
         self.group_lasso = group_lasso
         self.select_epoch = select_epoch
-        num_features = per_block * len(backbone.blocks)
+        num_features = sum(widths)
         self.classifier = nn.Linear(num_features, backbone.num_classes)
         self.register_buffer("selected", torch.ones(num_features, dtype=torch.bool))
         self.register_buffer("selection_done", torch.tensor(False))
-        for blk in backbone.blocks:
-            blk.register_forward_hook(_capture_output)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        self.backbone.forward_features(x)
-        outputs = _pop(self.backbone.reduction_state, "block_outputs")
-        return head2toe_features(outputs, self.has_cls, self.pool_dim)
+        tokens = self.backbone.forward_features(x)
+        ctx = self.backbone.reduction_state
+        if self.feature_kind == "block":
+            outputs = _pop(ctx, "block_outputs")
+            return head2toe_features(outputs, self.has_cls, self.pool_dim)
+        embedded = _pop(ctx, "block_inputs")[0][0]
+        vectors = [F.normalize(embedded.mean(dim=1), dim=-1), *_pop(ctx, "h2t_layers"),
+                   F.normalize(tokens.mean(dim=1), dim=-1)]
+        if self.pool_dim is not None:
+            vectors = [F.adaptive_avg_pool1d(v[:, None], self.pool_dim)[:, 0] if v.shape[1] > self.pool_dim else v
+                       for v in vectors]
+        return torch.cat(vectors, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
@@ -257,6 +338,16 @@ class Head2ToeViT(_FrozenBackbone):
             self.select_features()
 
 
+def _check_layers(layers: Optional[list], depth: int) -> list:
+    """The sorted distinct block indices to read (None: every block)."""
+    if layers is None:
+        return list(range(depth))
+    out = sorted({int(i) for i in layers})
+    if not out or out[0] < 0 or out[-1] >= depth:
+        raise ValueError(f"layers must be block indices in 0..{depth - 1}, got {list(layers)}")
+    return out
+
+
 # ---------------------------------------------------------------- VQT
 def query_block_forward(block: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
     """One ViT block applied to query tokens only: queries (B, Q, C) attend to
@@ -283,28 +374,32 @@ def query_block_forward(block: nn.Module, x: torch.Tensor, bias: Optional[torch.
 
 @register_tuning("vqt")
 class VisualQueryTuningViT(_FrozenBackbone):
-    """Visual query tuning: ``num_queries`` learnable queries per block
-    (``queries``, (depth, Q, D)) read each block's input (the tokens the
-    block receives, before any reduction at that block); the classifier sees
-    the backbone's final pooled feature and every query output (each
-    normalised by a LayerNorm without affine)."""
+    """Visual query tuning: ``num_queries`` learnable queries per chosen block
+    (``queries``, (L, Q, D)) read that block's input (the tokens the block
+    receives, before any reduction at that block); the classifier sees the
+    backbone's final pooled feature and every query output (each normalised
+    by a LayerNorm without affine). layers: the blocks with queries (None:
+    every block). The CLCA reference (``vit_vqt.py``) uses 5 queries per
+    block of its --reduction_loc (every block without it)."""
 
-    def __init__(self, backbone: nn.Module, num_queries: int = 1) -> None:
+    def __init__(self, backbone: nn.Module, num_queries: int = 1, layers: Optional[list] = None) -> None:
         super().__init__(backbone)
         if num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {num_queries}")
         depth, dim = len(backbone.blocks), backbone.embed_dim
+        self.layers = _check_layers(layers, depth)
         self.num_queries = num_queries
-        self.queries = nn.Parameter(nn.init.trunc_normal_(torch.zeros(depth, num_queries, dim), std=0.02))
+        self.queries = nn.Parameter(
+            nn.init.trunc_normal_(torch.zeros(len(self.layers), num_queries, dim), std=0.02))
         clca = getattr(backbone, "clca", None)
         if getattr(clca, "head", None) is not None:  # CLCA's pre-logits: the stacked CLS tokens
             pooled_dim = dim * len(clca.cls_layers)
         else:
             pooled_dim = backbone.num_features
-        head_in = pooled_dim + depth * num_queries * dim
+        head_in = pooled_dim + len(self.layers) * num_queries * dim
         self.classifier = nn.Linear(head_in, backbone.num_classes)
-        for blk in backbone.blocks:
-            blk.register_forward_pre_hook(_capture_input)
+        for i in self.layers:
+            backbone.blocks[i].register_forward_pre_hook(_capture_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
@@ -313,8 +408,8 @@ class VisualQueryTuningViT(_FrozenBackbone):
         pooled = bb.forward_head(tokens, pre_logits=True)
         B = x.shape[0]
         outs = []
-        for blk, (xin, bias), q in zip(bb.blocks, inputs, self.queries):
-            z = query_block_forward(blk, xin, bias, q[None].expand(B, -1, -1).to(xin.dtype))
+        for i, (xin, bias), q in zip(self.layers, inputs, self.queries):
+            z = query_block_forward(bb.blocks[i], xin, bias, q[None].expand(B, -1, -1).to(xin.dtype))
             outs.append(F.layer_norm(z, z.shape[-1:]).flatten(1))
         return self.classifier(torch.cat([pooled] + outs, dim=1))
 

@@ -9,7 +9,7 @@ and records each stage's pattern. After the forward it stays on the model as
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -22,14 +22,16 @@ class StageRecord:
     """One reduction stage of one forward.
 
     assignment: (B, N_in) output patch-token index of each input patch token
-    (-1 dropped); weights: (B, N_in, M) for soft methods.
+    (-1 dropped); weights: (B, N_in, M) for soft methods. tokens_out: an int,
+    or for methods with a per-image count (ATS, DynamicViT training) the
+    largest count over the batch as a 0-dim tensor (``int()`` reads both).
     """
 
     block: int
     method: str
     kind: str
     tokens_in: int
-    tokens_out: int
+    tokens_out: Union[int, torch.Tensor]
     target: int
     assignment: torch.Tensor
     weights: Optional[torch.Tensor] = None
@@ -63,7 +65,7 @@ class ReductionContext:
     def tokens_kept(self) -> list[int]:
         """Patch tokens kept after each stage (the largest count over the
         batch for methods with a variable count)."""
-        return [s.tokens_out for s in self.stages]
+        return [int(s.tokens_out) for s in self.stages]
 
     def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """(B, 1, 1, T) additive attention bias: log(size) for proportional
@@ -114,7 +116,9 @@ class ReductionContext:
                 method=getattr(reducer, "method_name", type(reducer).__name__),
                 kind=reducer.kind,
                 tokens_in=patches.shape[1],
-                tokens_out=out.x.shape[1] if kept is None else int(kept.max()),
+                # the largest count over the batch stays a 0-dim tensor (no
+                # host sync, no graph break under torch.compile); int() reads it
+                tokens_out=out.x.shape[1] if kept is None else kept.max(),
                 target=budget.target,
                 assignment=out.assignment.detach(),
                 weights=None if out.weights is None else out.weights.detach(),

@@ -88,19 +88,26 @@ def _rnn_merges(D: torch.Tensor, need: int, linkage: str):
     `need` merges below every later one. D (B, N, N) with inf on the diagonal
     (scratch, overwritten). Returns, per absorbed point j, (B, N) each: the
     point it was merged into (i < j; j itself when never absorbed), the
-    merge height (inf when none) and the round."""
+    merge height (inf when none) and the round.
+
+    Storage: row and column i of a merged cluster are written; the row and
+    column of an absorbed j are not, instead ``dead`` (B, N) (0, or inf for
+    absorbed points) is added to every row that is read."""
     B, N, _ = D.shape
     device, dtype = D.device, D.dtype
     inf = float("inf")
     flat = D.view(B * N, N)  # row r of image b is flat row b * N + r
+    columns = D.transpose(1, 2)  # columns[b, i] is column i of image b
     ar = torch.arange(N, device=device)
     ar_b = ar.expand(B, N)
     row_base = torch.arange(B, device=device) * N
     into = ar_b.contiguous()
     height = torch.full((B, N), inf, dtype=dtype, device=device)
     rounds = torch.zeros(B, N, dtype=torch.long, device=device)
-    size = torch.ones(B, N, dtype=dtype, device=device) if linkage == "average" else None
-    nn_dist, nn_idx = D.min(dim=2)  # (B, N); an inactive row has inf and points to itself
+    dead = torch.zeros(B, N, dtype=dtype, device=device)
+    size = torch.ones(B * N, dtype=dtype, device=device) if linkage == "average" else None
+    nn_dist, nn_idx = D.min(dim=2)  # (B, N); an absorbed row has inf and points to itself
+    nn_dist_f, nn_idx_f = nn_dist.view(-1), nn_idx.view(-1)
     step = 0
     while True:
         low = nn_dist.amin(dim=1, keepdim=True)  # no later merge is lower than this
@@ -113,72 +120,91 @@ def _rnn_merges(D: torch.Tensor, need: int, linkage: str):
             # incremental neighbours may break ties inconsistently (a cycle of
             # equal distances without a reciprocal pair): search those images
             # afresh, first index first, which always yields a pair
-            fresh_dist, fresh_idx = D[stuck].min(dim=2)
-            nn_dist[stuck], nn_idx[stuck] = fresh_dist, fresh_idx
+            fresh_dist, fresh_idx = (D[stuck] + dead[stuck][:, None, :]).min(dim=2)
+            nn_dist[stuck] = fresh_dist + dead[stuck]
+            nn_idx[stuck] = torch.where(dead[stuck] == 0, fresh_idx, ar)
             pairs = _reciprocal(nn_dist, nn_idx, ar) & todo[:, None]
             if bool((todo & ~pairs.any(dim=1)).any()):
                 bad = (todo & ~pairs.any(dim=1)).nonzero()[0].item()
                 raise ValueError(f"distance must be finite: image {bad} has no finite pair left to merge")
-        bi, i = pairs.nonzero(as_tuple=True)  # (P,) image and row of the pair's smaller index
-        j = nn_idx[bi, i]
-        height[bi, j] = nn_dist[bi, i]
-        into[bi, j] = i
-        rounds[bi, j] = step
-        fi, fj = row_base[bi] + i, row_base[bi] + j
+        fi = pairs.view(-1).nonzero().squeeze(1)  # flat row b * N + i of each pair's smaller index
+        bi = fi // N
+        i = fi - bi * N
+        j = nn_idx_f[fi]
+        fj = bi * N + j
+        height.view(-1)[fj] = nn_dist_f[fi]
+        into.view(-1)[fj] = i
+        rounds.view(-1)[fj] = step
+        dead.view(-1)[fj] = inf
         ri, rj = flat.index_select(0, fi), flat.index_select(0, fj)  # (P, N) rows i and j
-        # rows of the merged clusters against the old columns ...
-        merged_col = torch.zeros(B, N, dtype=torch.bool, device=device)
-        merged_col[bi, i] = True
-        partner = ar_b.clone()
-        partner[bi, i] = j  # column i reads column j too
         if linkage == "single":
             new = torch.minimum(ri, rj)
-            new = torch.minimum(new, new.gather(1, partner[bi]))
         elif linkage == "complete":
             new = torch.maximum(ri, rj)
-            new = torch.maximum(new, new.gather(1, partner[bi]))
         else:
-            si, sj = size[bi, i][:, None], size[bi, j][:, None]
-            new = (ri * si + rj * sj) / (si + sj)  # SciPy's form; inf stays inf
-            # ... and, where two pairs of this round meet, against the merged columns
-            col_si = torch.ones(B, N, dtype=dtype, device=device)
-            col_sj = torch.zeros(B, N, dtype=dtype, device=device)
-            col_si[bi, i], col_sj[bi, i] = si.squeeze(1), sj.squeeze(1)  # sizes of column i and its partner j
-            csi, csj = col_si[bi], col_sj[bi]
-            both = (new * csi + new.gather(1, partner[bi]) * csj) / (csi + csj)
-            new = torch.where(merged_col[bi], both, new)
-            size[bi, i] = (si + sj).squeeze(1)
-        gone = torch.zeros(B, N, dtype=torch.bool, device=device)
-        gone[bi, j] = True
-        new.masked_fill_(gone[bi], inf)  # absorbed columns
-        rows = torch.arange(bi.numel(), device=device)
-        new[rows, i] = inf  # diagonal
+            si, sj = size[fi], size[fj]
+            new = (ri * si[:, None] + rj * sj[:, None]) / (si + sj)[:, None]  # SciPy's form; inf stays inf
+        new += dead.index_select(0, bi)  # absorbed columns, of earlier rounds and this one
+        # where two pairs p, q of one image meet: combine column i_q with j_q too
+        p_idx, q_idx = _same_image_pairs(bi, B)
+        at_i = p_idx * N + i[q_idx]
+        at_j = p_idx * N + j[q_idx]
+        cells = new.view(-1)
+        a = cells[at_i]
+        if linkage == "single":
+            rows_j = torch.minimum(ri.view(-1)[at_j], rj.view(-1)[at_j])
+            cells[at_i] = torch.minimum(a, rows_j)
+        elif linkage == "complete":
+            rows_j = torch.maximum(ri.view(-1)[at_j], rj.view(-1)[at_j])
+            cells[at_i] = torch.maximum(a, rows_j)
+        else:
+            sp_i, sp_j = si[p_idx], sj[p_idx]
+            rows_j = (ri.view(-1)[at_j] * sp_i + rj.view(-1)[at_j] * sp_j) / (sp_i + sp_j)
+            sq_i, sq_j = si[q_idx], sj[q_idx]
+            cells[at_i] = (a * sq_i + rows_j * sq_j) / (sq_i + sq_j)
+            size[fi] = si + sj
+        new[torch.arange(fi.numel(), device=device), i] = inf  # diagonal
         flat.index_copy_(0, fi, new)
-        D[bi[:, None], ar[None, :], i[:, None]] = new  # column i
-        flat.index_fill_(0, fj, inf)
-        D[bi[:, None], ar[None, :], j[:, None]] = inf  # column j
+        columns[bi, i] = new  # column i (column j is dead)
         # nearest neighbours: only rows that pointed into a merged pair change
-        target = ar_b.clone()
-        target[bi, j] = i  # where a row pointing to j now points
-        stale = merged_col.gather(1, nn_idx) | gone.gather(1, nn_idx)
-        nn_dist[bi, j] = inf
-        nn_idx[bi, j] = j
-        stale &= ~gone
+        changed = torch.zeros(B * N, dtype=torch.bool, device=device)
+        changed[fi] = True
+        changed[fj] = True
+        stale = changed.view(B, N).gather(1, nn_idx).view(-1)
+        nn_dist_f[fj] = inf
+        nn_idx_f[fj] = j
+        stale[fj] = False
         if linkage == "single":
             # min(d(r, i), d(r, j)) is r's old distance: r now points to i
+            target = ar_b.contiguous()
+            target.view(-1)[fj] = i
             nn_idx = target.gather(1, nn_idx)
+            nn_idx_f = nn_idx.view(-1)
             best, arg = new.min(dim=1)
-            nn_dist[bi, i], nn_idx[bi, i] = best, arg
+            nn_dist_f[fi], nn_idx_f[fi] = best, arg
         else:
             # the distance to the merged cluster can only grow: search those
             # rows and the merged rows again, gathered over the batch
-            stale |= merged_col
-            flagged = stale.view(-1).nonzero().squeeze(1)
-            best, arg = flat.index_select(0, flagged).min(dim=1)
-            nn_dist.view(-1)[flagged] = best
-            nn_idx.view(-1)[flagged] = arg
+            stale[fi] = True
+            flagged = stale.nonzero().squeeze(1)
+            rows = flat.index_select(0, flagged) + dead.index_select(0, flagged // N)
+            best, arg = rows.min(dim=1)
+            nn_dist_f[flagged] = best
+            nn_idx_f[flagged] = arg
         step += 1
     return into, height, rounds
+
+
+def _same_image_pairs(bi: torch.Tensor, B: int):
+    """For pairs sorted by image bi (P,): every (p, q) of pairs in one image,
+    as two flat index tensors (sum over images of count^2,)."""
+    counts = torch.bincount(bi, minlength=B)
+    start = counts.cumsum(0) - counts  # first pair of each image
+    per_p = counts[bi]
+    p_idx = torch.repeat_interleave(torch.arange(bi.numel(), device=bi.device), per_p)
+    offset = per_p.cumsum(0) - per_p  # first slot of each p
+    q_idx = start[bi][p_idx] + torch.arange(p_idx.numel(), device=bi.device) - offset[p_idx]
+    return p_idx, q_idx
 
 
 def _reciprocal(nn_dist: torch.Tensor, nn_idx: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:

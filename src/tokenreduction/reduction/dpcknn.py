@@ -88,10 +88,13 @@ class DPCKNN(TokenReducer):
 
     def forward(self, x: torch.Tensor, size: torch.Tensor, feats: BlockFeatures, budget) -> ReductionOutput:
         k = min(budget.target, x.shape[1])
-        _, labels = dpc_knn_cluster(x, k, self.k_neighbors)
+        centres, labels = dpc_knn_cluster(x, k, self.k_neighbors)
         log_weight = None if self.score is None else self.score(x).squeeze(-1)
         if self.size_weighted:
             log_size = size.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny).log()
             log_weight = log_size if log_weight is None else log_weight + log_size
         pooled = merge_by_log_weight(x, labels, k, log_weight)
-        return ReductionOutput(x=pooled, size=sum_by_assignment(size, labels, k), assignment=labels)
+        # aux "centres" (B, k): the input token behind each output token (the
+        # study counted the centres as kept tokens; the evaluator records them)
+        return ReductionOutput(x=pooled, size=sum_by_assignment(size, labels, k), assignment=labels,
+                               aux={"centres": centres})

@@ -224,6 +224,9 @@ class KMedoids(TokenReducer):
         medoids, labels = kmedoids_cluster(
             x, weight, k, self.cluster_iters, self.init, self.medoid_update, first
         )
+        # aux "centres" (B, k): the medoid behind each output token (the study
+        # counted the medoids as kept tokens; the evaluator records them)
         return ReductionOutput(
-            x=batch_gather(x, medoids), size=sum_by_assignment(size, labels, k), assignment=labels
+            x=batch_gather(x, medoids), size=sum_by_assignment(size, labels, k), assignment=labels,
+            aux={"centres": medoids},
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-SELECTIONS = ("best", "last", "last_ema")
+from .config import SELECTIONS
 
 
 def update_best(
