@@ -275,3 +275,77 @@ def test_compare_runs_uses_axis_order_pwcca_mode_and_flags_degenerate_cca(tmp_pa
     # rates: true = B (the lumped 0.5 run), pred = A (singletons)
     h, c, _ = skm.homogeneity_completeness_v_measure(lumped[0, 0], singletons[0, 0])
     assert (rp.Homogeneity_mean, rp.Completeness_mean) == (pytest.approx(h), pytest.approx(c))
+
+
+def test_kept_from_centres_chains_centres_back_to_patches():
+    # 6 patches; stage 1 keeps tokens at input positions 1, 4, 5; stage 2 the
+    # stage-1 tokens 0 and 2, i.e. patches 1 and 5
+    kept = patterns_kept([np.array([[1, 4, 5]]), np.array([[0, 2]])], 6)
+    np.testing.assert_array_equal(kept[0, 0], [0, 1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(kept[1, 0], [0, 1, 0, 0, 0, 1])
+    with pytest.raises(ValueError, match="outside"):
+        patterns_kept([np.array([[1, 6]])], 6)
+
+
+def patterns_kept(centres, P):
+    from tokenreduction.analysis.patterns import kept_from_centres
+
+    return kept_from_centres(centres, P)
+
+
+@pytest.mark.parametrize("method", ["kmedoids", "dpcknn"])
+def test_clustering_methods_report_centres_that_are_their_own_tokens(method):
+    import torch
+
+    import tokenreduction as tr
+
+    torch.manual_seed(0)
+    m = tr.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=16, depth=12, num_heads=2,
+                        num_classes=3, method=method, keep_rate=0.5).eval()
+    with torch.no_grad():
+        m(torch.randn(2, 3, 32, 32))
+    centres = [a["centres"] for a in m.reduction_state.aux if "centres" in a]
+    composed = torch.stack(tr.model_patterns(m)).numpy()
+    assert len(centres) == composed.shape[0] == 3
+    kept = patterns_kept(centres, 64)
+    assert kept.sum(-1).tolist() == [[t] * 2 for t in m.tokens_kept]
+    for s in range(3):
+        for b in range(2):
+            # each output token has exactly one kept patch: its own centre
+            assert sorted(composed[s, b][kept[s, b]].tolist()) == list(range(m.tokens_kept[s]))
+    # the analysis then treats the run as prune-like by its centres
+    p = {"stage_blocks": np.array([3, 6, 9]), "composed": composed, "kind": "merge",
+         "image_ids": np.array(["a", "b"]), "kept": kept}
+    st = compare.token_statistics(p, depth=12)
+    assert st["prune_like"] and np.isfinite(st["mean_depth"])
+
+
+def test_evaluator_records_kmedoids_centres_as_kept(tmp_path):
+    import torch
+    from PIL import Image
+
+    from tokenreduction.evaluate import evaluate
+    from tokenreduction.train import train
+
+    rng_ = np.random.default_rng(1)
+    for split, n in (("train", 4), ("val", 3)):
+        for c in range(2):
+            d = tmp_path / "data" / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng_.random((16, 16, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    torch.manual_seed(0)
+    train(dict(model="vit_tiny_patch16_224", model_kwargs=dict(patch_size=4, embed_dim=16, depth=4, num_heads=2),
+               img_size=16, dataset="imagefolder", data_root=str(tmp_path / "data"), epochs=1, warmup_epochs=0,
+               batch_size=4, lr=1e-3, lr_batch_normalizer=None, num_workers=0, model_ema=False,
+               method="kmedoids", keep_rate=0.5, reduction_loc=[1, 2]), tmp_path / "run")
+    evaluate(tmp_path / "run" / "final.pth", "imagefolder", tmp_path / "data", split="val",
+             out_patterns=tmp_path / "patterns.npz", num_pattern_images=5, batch_size=4, device="cpu",
+             throughput_batch=2)
+    p = compare.load_npz(tmp_path / "patterns.npz")
+    assert p["kept"].shape == p["composed"].shape == (2, 5, 16) and p["kind"] == "merge"
+    # geometric budget 0.5: 8 then 4 centres per image, each its own token
+    assert p["kept"].sum(-1).tolist() == [[8] * 5, [4] * 5]
+    for s in range(2):
+        for b in range(5):
+            assert sorted(p["composed"][s, b][p["kept"][s, b]].tolist()) == list(range(p["kept"][s, b].sum()))

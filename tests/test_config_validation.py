@@ -100,6 +100,13 @@ BROKEN = [
     ("recipe-text-for-float", {"finetune.mixup": "lots"}, "finetune.mixup"),
     ("recipe-workflow-field", {"finetune.model": "deit_small_patch16_224"}, "finetune.model"),
     ("recipe-bad-choice", {"finetune.multilabel_loss": "focal"}, "finetune.multilabel_loss"),
+    ("recipe-optimizer-unknown", {"finetune.opt": "adamww"}, "finetune.opt"),
+    ("recipe-schedule-unknown", {"finetune.sched": "cosinee"}, "finetune.sched"),
+    ("recipe-tuning-unknown", {"finetune.tuning": "lora"}, "finetune.tuning"),
+    ("recipe-bool-as-text", {"finetune.amp": "yes"}, "finetune.amp"),
+    ("recipe-ema-decay-range", {"finetune.model_ema_decay": 2.0}, "finetune.model_ema_decay"),
+    ("sit-hidden-ratio-zero", {"methods.sit.hidden_ratio": 0.0}, "methods.sit"),
+    ("sinkhorn-iters-zero", {"methods.sinkhorn.cluster_iters": 0}, "methods.sinkhorn.cluster_iters"),
     ("pretrain-recipe-key", {"pretrain.recipe.epoch": 3}, "pretrain.recipe.epoch"),
     ("dataset-recipe-key", {"datasets.leaves.recipe.trainval": True}, "datasets.leaves.recipe.trainval"),
     ("dataset-recipe-range", {"datasets.leaves.recipe.drop_path": -0.1}, "datasets.leaves.recipe.drop_path"),
@@ -184,14 +191,11 @@ def test_r_at_the_limit_passes_and_one_more_fails():
     included: 64 - 9 x 6 - 5 = 5 left)."""
     ok = _broken({"ots.r": [5], "ots.schedules": ["constant"]})
     assert cv.check_config(ok, SCHEMA, repo=REPO) == []
-    bad = _broken({"ots.r": [6], "ots.schedules": ["constant"]})
-    problems = dict(cv.check_config(bad, SCHEMA, repo=REPO))
-    assert list(problems) == ["ots.r"]
-    messages = [m for k, m in cv.check_config(bad, SCHEMA, repo=REPO)]
-    tome = next(m for m in messages if "'tome'" in m)
-    assert "block 10" in tome and "only 5 patch tokens" in tome
-    topk = next(m for m in messages if "'topk'" in m)
-    assert "block 10" in topk and "only 4 patch tokens" in topk
+    for method, left in (("tome", 5), ("topk", 4)):
+        bad = _broken({"ots.r": [6], "ots.schedules": ["constant"], "ots.methods": [method]})
+        problems = cv.check_config(bad, SCHEMA, repo=REPO)
+        assert [k for k, _ in problems] == ["ots.r"], problems
+        assert "block 10" in problems[0][1] and f"only {left} patch tokens" in problems[0][1]
     from tokenreduction import create_model
 
     for method in ("tome", "topk"):  # the library agrees

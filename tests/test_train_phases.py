@@ -120,7 +120,7 @@ def test_plain_wins_a_tie_with_ema(data_root, tmp_path, monkeypatch):
     assert_same(final_state(tmp_path)["model"], fake.states[0])
 
 
-def test_final_weights_are_the_better_of_plain_and_ema_on_validation(data_root, tmp_path):
+def test_final_weights_are_the_better_of_plain_and_ema_on_validation(data_root, tmp_path, capsys):
     """A real run: EMA at decay 0.5 and plain differ; the evaluator, run on
     final.pth, reproduces the best validation number of log.csv."""
     result = train(tiny_config(data_root, epochs=3, model_ema_decay=0.5, lr=3e-3, mixup=0.0, cutmix=0.0), tmp_path)
@@ -133,6 +133,8 @@ def test_final_weights_are_the_better_of_plain_and_ema_on_validation(data_root, 
     m = evaluate(tmp_path / "final.pth", "imagefolder", data_root, split="val", device="cpu", batch_size=4,
                  throughput_batch=0, num_pattern_images=0)
     assert m["top1"] == pytest.approx(best) and m["throughput"] is None
+    # the evaluator's progress lines (12 images, batch 4: 3 steps)
+    assert "evaluate step 3/3 (100%), images 12," in capsys.readouterr().out
     assert result["weights"] == rows[-1]["best_weights"]
 
 

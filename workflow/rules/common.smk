@@ -18,7 +18,9 @@ ROOT = Path(workflow.basedir)
 def _load_config_validation():
     """tokenreduction.config_validation without importing torch or timm."""
     path = ROOT / "src" / "tokenreduction" / "config_validation.py"
-    spec = importlib.util.spec_from_file_location("tokenreduction_config_validation", path)
+    spec = importlib.util.spec_from_file_location(
+        "tokenreduction_config_validation", path
+    )
     loaded = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = loaded  # dataclasses look their module up
     spec.loader.exec_module(loaded)
@@ -37,7 +39,8 @@ _problems = config_validation.check_config(
 )
 if _problems:
     sys.exit(config_validation.format_problems(_problems))
-validate(config, schema="../schemas/config.schema.yaml")  # fills in the schema's defaults
+# fills in the schema's defaults
+validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = config["results"]
 

@@ -16,7 +16,9 @@ metrics JSON
     original patch the token it belongs to after each stage, -1 once dropped
     (:func:`tokenreduction.compose_assignments`), ``kind`` ("prune", "merge",
     "soft" or "none"), ``method``, ``image_ids`` (N_img,), ``grid`` (h, w).
-    The unreduced model has S = 0.
+    The unreduced model has S = 0. Methods whose stages report cluster
+    centres (K-Medoids, DPC-KNN) add ``kept`` (S, N_img, P) bool: the patches
+    behind the centres, which the study counted as kept tokens.
 ``cls_features.npz``
     ``blocks`` (K,), ``features`` (K, N_img, D) float32: the CLS token of the
     output of those blocks (before the final norm), ``image_ids``. Blocks are
@@ -48,6 +50,7 @@ from torch.utils.data import DataLoader
 
 from .. import tracking
 from ..metrics import mean_average_precision, topk_accuracy
+from ..analysis.patterns import kept_from_centres
 from ..patterns import compose_assignments
 from ..train.checkpoint import load_trained_model
 
@@ -171,6 +174,8 @@ class PassRecorder:
     logits: list = field(default_factory=list)
     targets: list = field(default_factory=list)
     composed: list = field(default_factory=list)
+    #: (S, b, P) bool centre masks per batch, when every stage reports centres
+    kept: list = field(default_factory=list)
     features: dict = field(default_factory=dict)
     stage_blocks: list = field(default_factory=list)
     kinds: list = field(default_factory=list)
@@ -213,6 +218,9 @@ class PassRecorder:
             if stages and self.want_patterns:
                 comp = compose_assignments([s.assignment for s in stages])
                 self.composed.append(torch.stack(comp)[:, :take].to(torch.int32).cpu())
+                centres = [a["centres"][:take].cpu() for a in getattr(state, "aux", []) if "centres" in a]
+                if len(centres) == len(stages):
+                    self.kept.append(kept_from_centres(centres, int(comp[0].shape[1])))
             for b in self.feat_blocks if self.want_features else ():
                 self.features[b].append(self.captured[b][:take])
             self.seen += take
@@ -353,6 +361,9 @@ def _write_patterns(path: PathLike, rec: PassRecorder, model: nn.Module, method:
     )
     kinds = rec.kinds
     kind = kinds[0] if kinds and len(set(kinds)) == 1 else ("none" if not kinds else "+".join(kinds))
+    extra = {}
+    if rec.kept and len(rec.kept) == len(rec.composed):
+        extra["kept"] = np.concatenate(rec.kept, axis=1)
     save_npz(
         path,
         stage_blocks=np.array(rec.stage_blocks, dtype=np.int64),
@@ -361,6 +372,7 @@ def _write_patterns(path: PathLike, rec: PassRecorder, model: nn.Module, method:
         method=np.array(method),
         image_ids=image_ids,
         grid=np.array(tuple(int(v) for v in model.patch_embed.grid_size), dtype=np.int64),
+        **extra,
     )
 
 

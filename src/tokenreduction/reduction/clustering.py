@@ -108,25 +108,47 @@ def _rnn_merges(D: torch.Tensor, need: int, linkage: str):
     size = torch.ones(B * N, dtype=dtype, device=device) if linkage == "average" else None
     nn_dist, nn_idx = D.min(dim=2)  # (B, N); an absorbed row has inf and points to itself
     nn_dist_f, nn_idx_f = nn_dist.view(-1), nn_idx.view(-1)
+    # Only merges up to a level `level` (B, 1) are made, and only rows whose
+    # neighbour distance is at most the level are kept exact; the others are
+    # `lazy`: nn_dist is then a lower bound (distances only grow). The level
+    # starts at the need-th smallest neighbour distance, a lower bound of the
+    # cut height, and is raised when no pair below it is left.
+    level = nn_dist.kthvalue(need, dim=1, keepdim=True).values
+    lazy = torch.zeros(B * N, dtype=torch.bool, device=device)
     step = 0
     while True:
+        flagged = (lazy.view(B, N) & (nn_dist <= level)).view(-1).nonzero().squeeze(1)
+        if flagged.numel():
+            rows = flat.index_select(0, flagged) + dead.index_select(0, flagged // N)
+            best, arg = rows.min(dim=1)
+            nn_dist_f[flagged], nn_idx_f[flagged] = best, arg
+            lazy[flagged] = False
         low = nn_dist.amin(dim=1, keepdim=True)  # no later merge is lower than this
-        todo = (height < low).sum(dim=1) < need  # (B,) images still merging
+        found = (height < low).sum(dim=1)
+        todo = found < need  # (B,) images still merging
         if not bool(todo.any()):
             break
-        pairs = _reciprocal(nn_dist, nn_idx, ar) & todo[:, None]
-        stuck = todo & ~pairs.any(dim=1)
-        if bool(stuck.any()):
-            # incremental neighbours may break ties inconsistently (a cycle of
-            # equal distances without a reciprocal pair): search those images
-            # afresh, first index first, which always yields a pair
-            fresh_dist, fresh_idx = (D[stuck] + dead[stuck][:, None, :]).min(dim=2)
-            nn_dist[stuck] = fresh_dist + dead[stuck]
-            nn_idx[stuck] = torch.where(dead[stuck] == 0, fresh_idx, ar)
-            pairs = _reciprocal(nn_dist, nn_idx, ar) & todo[:, None]
-            if bool((todo & ~pairs.any(dim=1)).any()):
-                bad = (todo & ~pairs.any(dim=1)).nonzero()[0].item()
-                raise ValueError(f"distance must be finite: image {bad} has no finite pair left to merge")
+        pairs = _reciprocal(nn_dist, nn_idx, ar) & (nn_dist <= level) & todo[:, None]
+        exhausted = todo & ~pairs.any(dim=1)
+        if bool(exhausted.any()):
+            stuck = exhausted & (low.squeeze(1) <= level.squeeze(1))
+            if bool(stuck.any()):
+                # incremental neighbours may break ties inconsistently (a cycle
+                # of equal distances without a reciprocal pair): search those
+                # images afresh, first index first, which always yields a pair
+                fresh_dist, fresh_idx = (D[stuck] + dead[stuck][:, None, :]).min(dim=2)
+                nn_dist[stuck] = fresh_dist + dead[stuck]
+                nn_idx[stuck] = torch.where(dead[stuck] == 0, fresh_idx, ar)
+                lazy.view(B, N)[stuck] = False
+                if not bool((_reciprocal(nn_dist, nn_idx, ar) & (nn_dist <= level))[stuck].any(dim=1).all()):
+                    bad = stuck.nonzero()[0].item()
+                    raise ValueError(f"distance must be finite: image {bad} has no finite pair left to merge")
+            # every pair below the level is merged: raise it to the k-th
+            # smallest neighbour distance, k = merges still missing (each
+            # later merge absorbs a cluster no closer than its bound)
+            raise_to = nn_dist.sort(dim=1).values.gather(1, (need - found).clamp_min(1)[:, None] - 1)
+            level = torch.where((exhausted & ~stuck)[:, None], raise_to, level)
+            continue
         fi = pairs.view(-1).nonzero().squeeze(1)  # flat row b * N + i of each pair's smaller index
         bi = fi // N
         i = fi - bi * N
@@ -183,14 +205,12 @@ def _rnn_merges(D: torch.Tensor, need: int, linkage: str):
             best, arg = new.min(dim=1)
             nn_dist_f[fi], nn_idx_f[fi] = best, arg
         else:
-            # the distance to the merged cluster can only grow: search those
-            # rows and the merged rows again, gathered over the batch
-            stale[fi] = True
-            flagged = stale.nonzero().squeeze(1)
-            rows = flat.index_select(0, flagged) + dead.index_select(0, flagged // N)
-            best, arg = rows.min(dim=1)
-            nn_dist_f[flagged] = best
-            nn_idx_f[flagged] = arg
+            # the distance to the merged cluster can only grow: the old
+            # distance is a lower bound, searched again when below the level
+            lazy |= stale
+            best, arg = new.min(dim=1)
+            nn_dist_f[fi], nn_idx_f[fi] = best, arg
+            lazy[fi] = False
         step += 1
     return into, height, rounds
 

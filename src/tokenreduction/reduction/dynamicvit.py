@@ -2,7 +2,8 @@
 
 Predictor (one per stage): LayerNorm, Linear(C, C), GELU; the channels are
 split into a local half (per token) and a global half, replaced by its mean
-over the tokens weighted by the running keep policy; the concatenation goes
+over the tokens weighted by the running keep policy, plus 1e-6 (the
+reference's eps, added to the mean itself); the concatenation goes
 through an MLP C -> C/2 -> C/4 -> 2 with GELUs and a log-softmax, giving the
 (keep, drop) log-probabilities of each token.
 

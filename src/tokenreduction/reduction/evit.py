@@ -4,6 +4,8 @@ Attentive = highest head-mean CLS attention (as Top-K). With ``fuse_token``
 the dropped tokens are fused into one extra token appended last: the sum of
 their features weighted by their CLS attention, *not* renormalised (as the
 reference does). The fused token takes part in later stages as a normal token.
+This is the reference rule (the only one); the kept tokens stay in their
+original order (the reference orders them by descending score).
 """
 from __future__ import annotations
 

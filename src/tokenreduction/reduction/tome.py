@@ -1,5 +1,10 @@
 """ToMe: bipartite soft matching on the head-mean keys, size-weighted merges.
 
+The matching is the reference's (facebookresearch/ToMe, the only rule): sets A
+and B alternate by position over the whole sequence with the prefix tokens
+included and protected (see :mod:`~tokenreduction.reduction.bipartite`), so
+the same tokens merge as in ``tome.patch.timm``; only the output order differs.
+
 Under the geometric budget the reference removes ``r = nominal[s-1] -
 nominal[s]`` at each stage and cannot remove more than half: the model records
 the count actually kept.

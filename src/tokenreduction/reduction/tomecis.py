@@ -2,7 +2,10 @@
 
 Score of token j: S_j = (CLS attention to j, averaged over heads) x
 ||value of j averaged over heads||_2 (not normalised). A merged token is
-sum_j S_j x_j / sum_j S_j; sizes are still summed, for proportional attention.
+sum_j S_j x_j / sum_j S_j (earlier sizes do not weight it, as in the
+reference); sizes are still summed, for proportional attention. The matching
+is ToMe's reference split (:mod:`~tokenreduction.reduction.bipartite`), the
+only rule.
 """
 from __future__ import annotations
 

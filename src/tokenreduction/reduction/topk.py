@@ -1,7 +1,9 @@
 """Top-K: keep the patch tokens the CLS token attends to most.
 
-Score = CLS attention averaged over heads (EViT's attentiveness); the kept
-tokens stay in their original order.
+Score = CLS attention averaged over heads (EViT's attentiveness); the top
+``budget.target`` are kept, as ``torch.topk`` in the reference (the only
+rule). The kept tokens stay in their original order (the reference orders them
+by descending score; the kept set is the same).
 """
 from __future__ import annotations
 
