@@ -24,6 +24,7 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/visualize.smk"
 include: "workflow/rules/ots.smk"
 include: "workflow/rules/detection.smk"
 include: "workflow/rules/benchmark.smk"
@@ -36,6 +37,7 @@ rule all:
     input:
         f"{RESULTS}/summary/metrics.csv",
         analysis_targets(),
+        pattern_targets(),
         diffusion_targets(),
         ots_targets(),
         mae_targets(),

@@ -23,6 +23,13 @@ TORCH=2.13.0
 MMCV=2.1.0
 CACHE=${TOKENREDUCTION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tokenreduction}
 start=$(date +%s)
+# one build of an environment at a time (two workflow runs may both want it)
+mkdir -p "$VENV"
+exec 9> "$VENV/.install.lock"
+if ! flock -n 9; then
+  echo "waiting for another install_mmdet.sh building $VENV"
+  flock 9
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi

@@ -73,23 +73,75 @@ def _random_distances(B: int, N: int, seed: int, dtype=torch.float64) -> torch.T
     return torch.cdist(points, points).to(dtype)
 
 
+BACKENDS = ["scipy", "rnn"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", LINKAGES)
 @pytest.mark.parametrize("N", [10, 37, 64])
-def test_labels_equal_scipy(method, N):
+def test_labels_equal_scipy(method, N, backend):
     for seed, k in enumerate(sorted({1, 2, 5, N // 3, N - 1, N})):
         distance = _random_distances(4, N, seed=100 * N + seed)
-        labels = agglomerative_labels(distance, k, method)
+        labels = agglomerative_labels(distance, k, method, backend=backend)
         assert labels.shape == (4, N) and labels.dtype == torch.long
         for b in range(4):
             expected = _scipy_labels(distance[b].numpy(), k, method)
             np.testing.assert_array_equal(labels[b].numpy(), expected, err_msg=f"{method} N={N} K={k} image {b}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", LINKAGES)
-def test_labels_equal_dense_reference(method):
+def test_labels_equal_dense_reference(method, backend):
     distance = _random_distances(3, 23, seed=7)
     for k in (1, 4, 11, 22):
-        assert torch.equal(agglomerative_labels(distance, k, method), _agglomerative_labels_dense(distance, k, method))
+        expected = _agglomerative_labels_dense(distance, k, method)
+        assert torch.equal(agglomerative_labels(distance, k, method, backend=backend), expected)
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_rnn_rounds_at_study_size_match_scipy(method):
+    """The batched rounds at ATC's size (N=196, K=137): many pairs per
+    round, pairs of one round that meet, lazy nearest neighbours."""
+    g = torch.Generator().manual_seed(19)
+    metric = torch.randn(6, 196, 64, generator=g, dtype=torch.float64)
+    distance = cosine_distance(metric)
+    assert distance.dtype == torch.float64
+    labels = agglomerative_labels(distance, 137, method, backend="rnn")
+    assert torch.equal(labels, agglomerative_labels(distance, 137, method, backend="scipy"))
+    for b in range(6):
+        np.testing.assert_array_equal(labels[b].numpy(), _scipy_labels(distance[b].numpy(), 137, method))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", LINKAGES)
+def test_tied_inputs_match_scipy(method, backend):
+    """Exact ties: duplicated tokens (distance 0 within a group) and coarsely
+    quantised distances elsewhere; where the cut is unambiguous (K at most
+    the number of distinct tokens) the partition is SciPy's."""
+    g = torch.Generator().manual_seed(23)
+    base = torch.randn(3, 12, 5, generator=g, dtype=torch.float64)
+    metric = base.repeat_interleave(3, dim=1)[:, torch.randperm(36, generator=g)]  # 12 groups of 3 identical tokens
+    distance = cosine_distance(metric).clamp_min(0.0)  # SciPy rejects -1e-16
+    for k in (12, 7, 3):
+        labels = agglomerative_labels(distance, k, method, backend=backend)
+        _assert_valid_partition(labels, k)
+        for b in range(3):
+            np.testing.assert_array_equal(labels[b].numpy(), _scipy_labels(distance[b].numpy(), k, method))
+    # integer-valued distances: many equal merge heights; still exactly K clusters
+    points = torch.randint(0, 4, (2, 30, 2), generator=g).double()
+    tied = torch.cdist(points, points, p=1)
+    for k in (25, 10, 4):
+        _assert_valid_partition(agglomerative_labels(tied, k, method, backend=backend), k)
+
+
+def test_labels_from_merges():
+    from tokenreduction.reduction.clustering import labels_from_merges
+
+    # 5 points: merge (3, 4) -> node 5, then (1, 5) -> node 6, then (0, 2) -> node 7
+    merges = torch.tensor([[[3, 4], [1, 5], [0, 2]]])
+    assert labels_from_merges(merges[:, :1], 5).tolist() == [[0, 1, 2, 3, 3]]
+    assert labels_from_merges(merges[:, :2], 5).tolist() == [[0, 1, 2, 1, 1]]
+    assert labels_from_merges(merges, 5).tolist() == [[0, 1, 0, 1, 1]]
 
 
 @pytest.mark.parametrize("method", LINKAGES)
@@ -99,6 +151,7 @@ def test_float32_cosine_distances_match_scipy(method):
     distance = cosine_distance(metric)
     assert distance.dtype == torch.float32
     labels = agglomerative_labels(distance, 20, method)
+    assert torch.equal(labels, agglomerative_labels(distance, 20, method, backend="rnn"))
     for b in range(4):
         expected = _scipy_labels(distance[b].double().numpy(), 20, method)
         np.testing.assert_array_equal(labels[b].numpy(), expected)
@@ -133,6 +186,8 @@ def test_ties_and_bfloat16_give_valid_partitions(method):
     labels16 = agglomerative_labels(distance16, 9, method)
     _assert_valid_partition(labels16, 9)
     assert torch.equal(labels16, agglomerative_labels(distance16.float(), 9, method))
+    _assert_valid_partition(agglomerative_labels(distance16, 9, method, backend="rnn"), 9)
+    _assert_valid_partition(agglomerative_labels(cosine_distance(metric), 8, method, backend="rnn"), 8)
 
 
 def test_bad_arguments():
@@ -143,6 +198,13 @@ def test_bad_arguments():
         agglomerative_labels(d, 0, "single")
     with pytest.raises(ValueError, match=r"\(B, N, N\)"):
         agglomerative_labels(d[0], 2, "single")
+    with pytest.raises(ValueError, match="backend"):
+        agglomerative_labels(d, 2, "single", backend="sklearn")
+    bad = d.clone()
+    bad[0, 1, 3] = bad[0, 3, 1] = float("nan")
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="finite"):
+            agglomerative_labels(bad, 1, "average", backend=backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -389,3 +389,57 @@ def test_tome_model_logits_match_published_patch():
     assert ours.reduction_state.tokens_kept == [28, 20, 12, 6]  # 36 patches, r = 8 capped at half
     assert (expected - plain).abs().max() > 1e-3  # the merging changes the logits
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 2, 3, 5])
+def test_bipartite_split_follows_position_in_whole_sequence(num_prefix):
+    """CLS, CLS + distillation, CLS + registers: the A/B split is by position
+    over the whole sequence, every prefix token protected (one in A never
+    merges, one in B receives nothing), as ToMe treats its CLS and
+    distillation tokens."""
+    from tokenreduction.reduction.bipartite import bipartite_assignment
+
+    torch.manual_seed(num_prefix)
+    B, N, D, r = 2, 15, 6, 5
+    metric = torch.randn(B, num_prefix + N, D, dtype=torch.float64)
+    assign, M = bipartite_assignment(metric[:, num_prefix:], r, num_prefix)
+    assert M == N - r
+    for b in range(B):
+        m = metric[b] / metric[b].norm(dim=-1, keepdim=True)
+        T = num_prefix + N
+        a_pos = [i for i in range(0, T, 2) if i >= num_prefix]
+        b_pos = [j for j in range(1, T, 2) if j >= num_prefix]
+        best = {i: max((float(m[i] @ m[j]), j) for j in b_pos) for i in a_pos}
+        merged = sorted(a_pos, key=lambda i: -best[i][0])[:r]
+        dest = {i: (best[i][1] if i in merged else i) for i in range(num_prefix, T)}
+        expected = [dest[i] - num_prefix for i in range(num_prefix, T)]
+        assert np.array_equal(canon(assign[b : b + 1].numpy()), canon(np.array([expected])))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_stays_float64(method):
+    torch.manual_seed(0)
+    B, N, C, H = 2, 16, 8, 2
+    kw = {"num_out": 4} if method in ("sit", "patchmerger", "sinkhorn") else {}
+    if method == "atc":
+        kw = {"linkage": "average"}
+    m = get_method(method)(dim=C, **kw).double().eval()
+    x = torch.randn(B, N, C, dtype=torch.float64)
+    feats = features(metric=torch.randn(B, N, 4, dtype=torch.float64),
+                     cls_attn=torch.rand(B, H, N, dtype=torch.float64).softmax(-1),
+                     value=torch.randn(B, H, N, 4, dtype=torch.float64),
+                     attn_received=torch.rand(B, N, dtype=torch.float64))
+    with torch.no_grad():
+        out = m(x, torch.ones(B, N, dtype=torch.float64), feats, StageBudget(target=6, r=6))
+    assert out.x.dtype == torch.float64
+    if out.weights is not None:
+        assert out.weights.dtype == torch.float64
+
+
+def test_kmedoids_resolves_float64_near_ties():
+    """Weights 1e-12 apart (equal in float32) still order the initial medoids."""
+    x = torch.randn(1, 6, 3, dtype=torch.float64)
+    w = torch.tensor([[1.0, 1.0 + 1e-12, 0.5, 0.4, 0.3, 0.2]], dtype=torch.float64)
+    m = get_method("kmedoids")(dim=3, cluster_iters=0)
+    out = m(x, torch.ones(1, 6), features(attn_received=w), StageBudget(target=1, r=0))
+    assert torch.equal(out.x[0, 0], x[0, 1])

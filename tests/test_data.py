@@ -13,6 +13,7 @@ from PIL import Image
 
 from tokenreduction.data import (
     DATASET_KINDS,
+    BadImageError,
     DatasetError,
     build_dataset,
     build_transform,
@@ -426,3 +427,158 @@ def test_eval_transforms_resize_crop_or_squash():
 def test_transform_rejects_unknown_option():
     with pytest.raises(ValueError, match="unknown augmentation"):
         build_transform(True, 32, "imagenet", randaug="m9")
+
+
+# ------------------------------------------------------------ corrupt and missing files
+def corrupt(path: Path, how: str) -> Path:
+    """Damage an image file in place: 'garbage' (not an image), 'truncated'
+    (the first half of a valid file), 'empty'."""
+    data = path.read_bytes()
+    path.write_bytes({"garbage": b"this is not an image" * 10, "truncated": data[: len(data) // 2], "empty": b""}[how])
+    return path
+
+
+def write_noise_image(path: Path, size=(64, 64), seed: int = 0) -> Path:
+    """A JPEG of random pixels: large enough that half of it is a truncated image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path, quality=95)
+    return path
+
+
+#: one fabricated dataset per reader that reads images: (kind, maker, split, path of one of its images)
+IMAGE_READERS = {
+    "imagefolder": (make_folder_tree, "train", "train/dog/train_dog_1.png"),
+    "nabirds": (make_nabirds, "train", "images/0295/bb2.jpg"),
+    "coco": (make_coco, "val", "val2014/COCO_val2014_000000000042.jpg"),
+    "nuswide": (make_nuswide, "val", "images/d.jpg"),
+    "ufgir": (make_ufgir, "test", "images/c1/5.png"),
+}
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "empty"])
+@pytest.mark.parametrize("kind", sorted(IMAGE_READERS))
+def test_corrupt_image_names_the_file_and_the_dataset(tmp_path, kind, how, monkeypatch):
+    monkeypatch.delenv("TOKENREDUCTION_SKIP_BAD_IMAGES", raising=False)
+    maker, split, rel = IMAGE_READERS[kind]
+    maker(tmp_path)
+    bad = tmp_path / rel
+    suffix = bad.suffix
+    write_noise_image(bad.with_suffix(".jpg"))
+    if suffix != ".jpg":
+        bad.with_suffix(".jpg").rename(bad)  # PIL reads the content, whatever the name
+    corrupt(bad, how)
+    ds = build_dataset(kind, tmp_path, split)
+    index = ds.paths.index(bad)
+    with pytest.raises(BadImageError) as e:
+        ds[index]
+    msg = str(e.value)
+    assert str(bad) in msg and ds.name in msg and "corrupt or truncated" in msg
+    assert "skip_bad_images" in msg  # how to skip instead
+    assert e.value.path == bad and isinstance(e.value, DatasetError)
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no decoder traceback chained
+    good = [i for i in range(len(ds)) if i != index]
+    assert all(isinstance(ds[i][0], Image.Image) for i in good)  # the others still read
+
+
+def test_skip_bad_images_replaces_each_bad_image_and_logs_the_count(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("TOKENREDUCTION_SKIP_BAD_IMAGES", raising=False)
+    for i in range(5):
+        write_image(tmp_path / "train" / "a" / f"{i}.png", value=40 * i)
+    corrupt(tmp_path / "train" / "a" / "1.png", "garbage")
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    skipping = build_dataset("imagefolder", tmp_path, "train", skip_bad_images=True)
+    (tmp_path / "train" / "a" / "3.png").unlink()  # listed at build time, gone when read
+    assert not ds.skip_bad_images  # off by default
+    with pytest.raises(BadImageError, match="1.png"):
+        ds[1]
+    caplog.set_level("WARNING", logger="tokenreduction.data.base")
+    pixels = [skipping[i][0].getpixel((0, 0))[0] for i in range(5)]
+    # 1 -> 2 and 3 -> 4 (the next readable image); 4 -> 4; the good ones unchanged
+    assert pixels == [0, 80, 80, 160, 160]
+    assert skipping.skipped == [tmp_path / "train" / "a" / "1.png", tmp_path / "train" / "a" / "3.png"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2  # once per bad file, not per read
+    assert "1.png" in warnings[0] and "1 bad image(s) skipped so far" in warnings[0] and "imagefolder:train" in warnings[0]
+    assert "3.png" in warnings[1] and "not found" in warnings[1] and "2 bad image(s) skipped so far" in warnings[1]
+    skipping[1]
+    assert len(caplog.records) == 2
+
+
+def test_skip_bad_images_from_the_environment_and_all_bad(tmp_path, monkeypatch):
+    write_image(tmp_path / "train" / "a" / "0.png")
+    corrupt(tmp_path / "train" / "a" / "0.png", "empty")
+    monkeypatch.setenv("TOKENREDUCTION_SKIP_BAD_IMAGES", "1")
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    assert ds.skip_bad_images
+    with pytest.raises(DatasetError, match="none of its 1 image files is readable"):
+        ds[0]
+    assert not build_dataset("imagefolder", tmp_path, "train", skip_bad_images=False).skip_bad_images
+    monkeypatch.setenv("TOKENREDUCTION_SKIP_BAD_IMAGES", "0")
+    assert not build_dataset("imagefolder", tmp_path, "train").skip_bad_images
+    monkeypatch.setenv("TOKENREDUCTION_SKIP_BAD_IMAGES", "maybe")
+    with pytest.raises(DatasetError, match="TOKENREDUCTION_SKIP_BAD_IMAGES='maybe'"):
+        build_dataset("imagefolder", tmp_path, "train")
+
+
+def test_bad_image_error_survives_a_dataloader_worker(tmp_path, monkeypatch):
+    """torch re-raises a worker's exception from its message alone: still a
+    DatasetError that names the file."""
+    monkeypatch.delenv("TOKENREDUCTION_SKIP_BAD_IMAGES", raising=False)
+    make_ufgir(tmp_path)
+    corrupt(tmp_path / "images" / "c1" / "3.png", "garbage")
+    ds = build_dataset("ufgir", tmp_path, "val", transform=lambda im: torch.zeros(1))
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1)
+    with pytest.raises(BadImageError, match="3.png is corrupt or truncated"):
+        next(iter(loader))
+
+
+# one reader per annotation/split file it needs: (kind, maker, split, file removed)
+ANNOTATION_FILES = [
+    ("nabirds", make_nabirds, "train", "images.txt"),
+    ("nabirds", make_nabirds, "train", "train_test_split.txt"),
+    ("coco", make_coco, "val", "annotations/instances_val2014.json"),
+    ("nuswide", make_nuswide, "train", "nus_wid_data.csv"),
+    ("ufgir", make_ufgir, "val", "val.csv"),
+]
+
+
+@pytest.mark.parametrize("kind,maker,split,rel", ANNOTATION_FILES)
+def test_missing_annotation_file_names_the_expected_path(tmp_path, kind, maker, split, rel):
+    maker(tmp_path)
+    (tmp_path / rel).unlink()
+    with pytest.raises(DatasetError) as e:
+        build_dataset(kind, tmp_path, split)
+    assert f"lacks {rel}" in str(e.value) and str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("kind,maker,split,rel", ANNOTATION_FILES)
+def test_truncated_or_binary_annotation_file_names_the_file(tmp_path, kind, maker, split, rel):
+    maker(tmp_path)
+    path = tmp_path / rel
+    path.write_bytes(b"\xff\xfe\x00\x9c garbage \x80\x81")
+    with pytest.raises(DatasetError) as e:
+        build_dataset(kind, tmp_path, split)
+    assert str(path) in str(e.value)
+    maker(tmp_path)
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2 + 3])  # cut mid-line
+    try:
+        ds = build_dataset(kind, tmp_path, split)
+    except DatasetError as err:
+        assert str(path) in str(err)
+    else:  # a cut that still parses: fewer rows, every one well formed
+        assert 0 < len(ds) or kind != "coco"
+
+
+def test_malformed_coco_entries_name_the_file(tmp_path):
+    make_coco(tmp_path)
+    p = tmp_path / "annotations" / "instances_val2014.json"
+    data = json.loads(p.read_text())
+    del data["annotations"][0]["image_id"]
+    p.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"instances_val2014.json lacks the field 'image_id'"):
+        build_dataset("coco", tmp_path, "val")
+    p.write_text(json.dumps([1, 2]))
+    with pytest.raises(DatasetError, match="holds a JSON list"):
+        build_dataset("coco", tmp_path, "val")

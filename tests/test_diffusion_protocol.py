@@ -125,3 +125,35 @@ def test_fid_prints_progress_lines(tmp_path):
                       progress_every=0.0, printer=lines.append)
     assert out["fid"] == pytest.approx(0.0, abs=1e-6)
     assert lines[-1].startswith("FID features (reference, then generated): 12/12 images")
+
+
+def test_config_check_counts_imagenet_class_names(tmp_path):
+    """At DAG build, an ImageNet class-names file must hold 1,000 names."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    name = "tokenreduction_config_validation"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, repo / "src" / "tokenreduction" / "config_validation.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    cv = sys.modules[name]
+    schema = yaml.safe_load((repo / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    config = yaml.safe_load((repo / "config" / "atc.yaml").read_text())
+    for spec in config["datasets"].values():
+        spec["root"] = str(tmp_path)
+    names = tmp_path / "names.txt"
+
+    def problems(n):
+        names.write_text("".join(f"class {i}, synonym\n" for i in range(n)))
+        config["diffusion"]["class_names"] = str(names)
+        return [(k, m) for k, m in cv.check_config(config, schema, repo=repo) if k == "diffusion.class_names"]
+
+    assert problems(1000) == []
+    (key, message), = problems(999)
+    assert "999 class names" in message and "exactly 1000" in message

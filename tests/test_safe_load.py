@@ -135,3 +135,14 @@ def test_deit_release_layout_loads_into_a_model(tmp_path):
     load_checkpoint(dst, path)
     for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_numpy_1x_checkpoint_names_load(tmp_path):
+    """A file pickled under numpy 1.x references numpy.core.multiarray.*."""
+    path = tmp_path / "old.pth"
+    torch.save({"rng": np.arange(3, dtype=np.uint32)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    if b"numpy._core.multiarray" not in data:
+        pytest.skip("this numpy already pickles numpy.core names")
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    np.testing.assert_array_equal(load_checkpoint_file(path)["rng"], np.arange(3))

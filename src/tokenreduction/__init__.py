@@ -28,8 +28,8 @@ _FROM_MODELS = (
 def __getattr__(name: str):
     if name in _FROM_MODELS:
         return getattr(models, name)
-    if name == "visualize":
-        from .visualize import visualize
+    if name == "visualize":  # matplotlib is imported only when a figure is drawn
+        from .visualization import visualize
 
         return visualize
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

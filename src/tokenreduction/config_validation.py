@@ -1296,7 +1296,15 @@ class _Checker:
             self.fail("diffusion.dataset", f"{diff['dataset']!r} is not defined under datasets: ({', '.join(self.config['datasets'])})")
         names = diff.get("class_names")
         if isinstance(names, str) and not self.path(names).is_file():
-            self.fail("diffusion.class_names", f"{names} does not exist (a .txt with one name per line or a .json)")
+            self.fail("diffusion.class_names", f"{names} does not exist (a .txt with one name per line, a .json, "
+                      "or the ATC study's class_names.py; README, 'Stable Diffusion and FID')")
+        elif diff["dataset"] in self.config["datasets"] and diff.get("num_classes") is None:
+            kind = self.config["datasets"][diff["dataset"]].get("kind")
+            count = _class_name_count(self.path(names)) if isinstance(names, str) else (
+                len(names) if isinstance(names, list) else None)
+            if kind == "imagenet" and count is not None and count != 1000:
+                self.fail("diffusion.class_names", f"holds {count} class names; ImageNet needs exactly 1000 "
+                          "(line i = class i in sorted-wnid order, e.g. 'tench, Tinca tinca')")
         for name, spec in diff["experiments"].items():
             merge = spec.get("merge_fn", "none")
             if merge != "atc" and "linkage" in spec:
@@ -1415,3 +1423,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _class_name_count(path: Path) -> Optional[int]:
+    """Names in a diffusion class-names file (.txt: non-empty lines; .json: a
+    list or a map); None for another format (checked when the job reads it)."""
+    try:
+        if path.suffix == ".txt":
+            return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        if path.suffix == ".json":
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            return len(loaded) if isinstance(loaded, (list, dict)) else None
+    except (OSError, ValueError):
+        return None
+    return None

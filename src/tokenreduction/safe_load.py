@@ -56,7 +56,9 @@ def _numpy_globals() -> list[Any]:
     names = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
              "Float16", "Float32", "Float64")
     dtypes = [getattr(np.dtypes, f"{n}DType") for n in names if hasattr(np, "dtypes")]
-    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
+    # files written under numpy 1.x name the same functions numpy.core.multiarray.*
+    aliases = [(_reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes, *aliases]
 
 
 #: the extra (non-tensor, non-container) types a checkpoint may hold
@@ -67,7 +69,7 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 def allowed_global_names() -> list[str]:
     """Qualified names of :data:`ALLOWED_GLOBALS` (for messages and docs)."""
-    return sorted(f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS)
+    return sorted({g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS})
 
 
 def load_checkpoint_file(path: PathLike, map_location: Any = "cpu") -> Any:

@@ -25,6 +25,22 @@ def _load_runtime():
 runtime = _load_runtime()
 DEPLOYMENTS = {m.value for m in workflow.deployment_settings.deployment_method}
 
+# a Snakemake process killed outright (SIGKILL, a lost session) leaves its
+# locks behind: release them once every run that could hold them is gone, so
+# that the same command runs again (workflow/lib/stale_locks.py)
+if workflow.is_main_process and not workflow.dryrun:
+    _spec = importlib.util.spec_from_file_location(
+        "tokenreduction_stale_locks", ROOT / "workflow" / "lib" / "stale_locks.py"
+    )
+    stale_locks = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(stale_locks)
+    if stale_locks.release_stale_locks():
+        print(
+            "released the locks left by a Snakemake run of this workflow that was killed",
+            file=sys.stderr,
+        )
+    stale_locks.register_run()
+
 try:
     # main environment: `python` of the config, else the interpreter running
     # Snakemake when it has this package, else .venv/bin/python; under
@@ -37,6 +53,14 @@ os.environ.update(TOKENREDUCTION_PYTHON=PYTHON)
 # envs/{torch,diffusion}.post-deploy.sh install this repository into the conda
 # environments Snakemake creates (--sdm conda): they read its path from here
 os.environ.update(TOKENREDUCTION_ROOT=str(ROOT))
+
+# data.skip_bad_images: the dataset readers of every job skip (and log) image
+# files they cannot decode instead of failing (tokenreduction.data.base)
+os.environ.update(
+    TOKENREDUCTION_SKIP_BAD_IMAGES=(
+        "1" if config.get("data", {}).get("skip_bad_images", False) else "0"
+    )
+)
 
 
 onstart:

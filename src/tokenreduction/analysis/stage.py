@@ -233,11 +233,11 @@ def _scatter(table: pd.DataFrame, measures: Sequence[str], stats: pd.DataFrame, 
         ax.axis("off")
     if not measures:
         axes[0][0].text(0.5, 0.5, "no pairs on this axis", ha="center", va="center")
-    if axis:
-        fig.suptitle(f"{axis} axis: all pairs pooled, one order per pair", fontsize=9)
     fig.tight_layout()
+    if axis:  # above the panels (the tight bounding box makes room)
+        fig.suptitle(f"{axis} axis: all pairs pooled, one order per pair", fontsize=9, y=1.0, va="bottom")
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -258,35 +258,43 @@ def rho_heatmap(pooled_csvs: Mapping[str, PathLike], out_png: PathLike, title: s
     """One compact figure: per axis a measure x block heatmap of the pooled
     Spearman rho between the metric difference and each measure (diverging
     colours, -1 blue .. +1 red, the value written in each cell, blank where
-    undefined). Returns {axis: rho_matrix}."""
+    undefined); all panels share the rows, columns and colour scale. Returns
+    {axis: rho_matrix}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mats = {axis: rho_matrix(pd.read_csv(path)) for axis, path in pooled_csvs.items()}
+    rows = list(dict.fromkeys(m for mat in mats.values() for m in mat.index))
+    cols = sorted({b for mat in mats.values() for b in mat.columns})
     n = max(1, len(mats))
-    heights = [max(2, len(m.index)) for m in mats.values()] or [2]
-    fig, axes = plt.subplots(1, n, figsize=(3.0 * n + 0.8, 0.32 * max(heights) + 1.4), squeeze=False)
+    width = 0.75 + 0.5 * max(1, len(cols))
+    fig, axes = plt.subplots(1, n, figsize=(width * n + 2.2, 0.3 * max(2, len(rows)) + 1.3),
+                             squeeze=False, sharey=True)
     image = None
-    for ax, (axis, mat) in zip(axes.flat, mats.items()):
-        ax.set_title(f"{axis}", fontsize=9)
-        if mat.empty:
+    for k, (ax, (axis, mat)) in enumerate(zip(axes.flat, mats.items())):
+        ax.set_title(axis, fontsize=9)
+        if not rows:
             ax.text(0.5, 0.5, "no pairs", ha="center", va="center", fontsize=8)
             ax.axis("off")
             continue
-        values = mat.to_numpy(dtype=float)
+        values = mat.reindex(index=rows, columns=cols).to_numpy(dtype=float)
         image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-        ax.set_xticks(range(values.shape[1]), [str(b) for b in mat.columns], fontsize=7)
-        ax.set_yticks(range(values.shape[0]), list(mat.index), fontsize=7)
+        ax.set_xticks(range(len(cols)), [str(b) for b in cols], fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.tick_params(axis="y", labelleft=k == 0)
         ax.set_xlabel("block", fontsize=7)
+        if mat.empty:
+            ax.text(len(cols) / 2 - 0.5, len(rows) / 2 - 0.5, "no pairs", ha="center", va="center", fontsize=8)
         for (i, j), v in np.ndenumerate(values):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if abs(v) > 0.6 else "black")
     if image is not None:
         fig.colorbar(image, ax=list(axes.flat), fraction=0.04, pad=0.02, label="Spearman rho")
-    fig.suptitle(title or "rho(metric A - metric B, measure), pairs pooled", fontsize=9)
+    fig.suptitle(f"{title + ': ' if title else ''}rho(metric A - metric B, measure), pairs pooled per axis",
+                 fontsize=9)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -9,12 +9,13 @@ kinds, a float32 multi-hot tensor (num_classes,) for multi-label kinds
 train/eval transforms; ``make_digits_dataset`` / ``make_digits_mosaic_dataset``
 write the demo datasets from scikit-learn's bundled digits.
 """
-from .base import DatasetError, ImageListDataset
+from .base import BadImageError, DatasetError, ImageListDataset
 from .demo import make_digits_dataset, make_digits_mosaic_dataset
 from .readers import DATASET_KINDS, build_dataset
 from .transforms import MULTILABEL_KINDS, build_transform
 
 __all__ = [
+    "BadImageError",
     "DATASET_KINDS",
     "DatasetError",
     "ImageListDataset",

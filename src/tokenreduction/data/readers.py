@@ -46,10 +46,12 @@ from .base import (
     ImageListDataset,
     PathLike,
     check_split,
+    open_text,
     parse_int,
     read_csv_rows,
     read_pairs,
     require_entries,
+    skip_bad_images_default,
 )
 from .demo import DIGIT_CLASSES, DIGITS_MARKER, MOSAIC_CSV
 
@@ -178,25 +180,31 @@ def read_coco(root: Path, split: str) -> ImageListDataset:
     ann_rel = f"annotations/instances_{split}2014.json"
     require_entries(root, [f"{split}2014/", ann_rel], "COCO", COCO_LAYOUT)
     ann_file = root / ann_rel
-    try:
-        with open(ann_file, encoding="utf-8") as f:
+    with open_text(ann_file) as f:
+        try:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{ann_file} is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{ann_file} is not valid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{ann_file} holds a JSON {type(data).__name__}, expected an object with images, annotations, categories")
     for key in ("images", "annotations", "categories"):
-        if key not in data:
+        if not isinstance(data.get(key), list):
             raise DatasetError(f"{ann_file} lacks the '{key}' list")
-    cat_ids = sorted(int(c["id"]) for c in data["categories"])
-    cat_name = {int(c["id"]): c.get("name", str(c["id"])) for c in data["categories"]}
+    try:
+        cat_ids = sorted(int(c["id"]) for c in data["categories"])
+        cat_name = {int(c["id"]): c.get("name", str(c["id"])) for c in data["categories"]}
+        files = {int(im["id"]): im["file_name"] for im in data["images"]}
+        pairs = [(a.get("id"), int(a["image_id"]), int(a["category_id"])) for a in data["annotations"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"lacks the field {e}" if isinstance(e, KeyError) else f"has a malformed entry ({e})"
+        raise DatasetError(f"{ann_file} {what}; expected COCO instances format") from None
     cat_index = {c: i for i, c in enumerate(cat_ids)}
-    files = {int(im["id"]): im["file_name"] for im in data["images"]}
     present: dict[int, set] = {}
-    for a in data["annotations"]:
-        img, cat = int(a["image_id"]), int(a["category_id"])
+    for ann_id, img, cat in pairs:
         if cat not in cat_index:
-            raise DatasetError(f"{ann_file}: annotation {a.get('id')} has unknown category_id {cat}")
+            raise DatasetError(f"{ann_file}: annotation {ann_id} has unknown category_id {cat}")
         if img not in files:
-            raise DatasetError(f"{ann_file}: annotation {a.get('id')} refers to unknown image_id {img}")
+            raise DatasetError(f"{ann_file}: annotation {ann_id} refers to unknown image_id {img}")
         present.setdefault(img, set()).add(cat_index[cat])
     image_ids = sorted(present)  # images with no annotation are left out
     targets = np.zeros((len(image_ids), len(cat_ids)), dtype=np.uint8)
@@ -332,12 +340,19 @@ READERS: dict[str, Callable[..., ImageListDataset]] = {
 DATASET_KINDS = tuple(READERS)
 
 
-def build_dataset(kind: str, root: PathLike, split: str, transform=None, **options) -> ImageListDataset:
+def build_dataset(
+    kind: str, root: PathLike, split: str, transform=None, *, skip_bad_images: Optional[bool] = None, **options
+) -> ImageListDataset:
     """Read dataset ``kind`` at ``root`` for ``split``; ``dataset[i] = (transform(image), target)``.
 
     ``options`` go to the reader: ``classes`` (imagefolder, nuswide),
     ``csv_name`` (nuswide), ``images_dir`` and ``num_classes`` (ufgir).
-    Raises DatasetError (a ValueError) on a missing or malformed dataset.
+    Raises DatasetError (a ValueError) naming the file on a missing or
+    malformed dataset, annotation or split file; reading a missing, corrupt
+    or truncated image raises BadImageError (a DatasetError) naming the file
+    and the dataset, unless ``skip_bad_images`` (default: the environment
+    variable TOKENREDUCTION_SKIP_BAD_IMAGES, else False), which logs and
+    replaces each bad image (see :class:`ImageListDataset`).
     """
     if kind not in READERS:
         raise DatasetError(f"unknown dataset kind {kind!r}; expected one of {list(DATASET_KINDS)}")
@@ -348,7 +363,9 @@ def build_dataset(kind: str, root: PathLike, split: str, transform=None, **optio
         raise DatasetError(f"dataset kind {kind!r} takes no option(s) {unknown}; it accepts {accepted}")
     if root is None or str(root) == "":
         raise DatasetError(f"dataset kind {kind!r}: no root given")
+    skip = skip_bad_images_default() if skip_bad_images is None else bool(skip_bad_images)
     ds = reader(Path(root).expanduser(), split, **options)
+    ds.skip_bad_images = skip
     ds.transform = transform
     ds.kind = kind
     ds.split = split

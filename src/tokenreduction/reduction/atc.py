@@ -7,10 +7,10 @@ clusters remain; each cluster becomes one token, the size-weighted mean of
 its members, and sizes add up (proportional attention uses them). The class
 token is never clustered. No learnable parameters.
 
-The reference clusters each image with scikit-learn on the CPU; here the
-whole batch is clustered at once on the tokens' device by
-:func:`~tokenreduction.reduction.clustering.agglomerative_labels` (same
-partition as SciPy's linkage cut at K clusters). Output tokens are ordered by
+The reference clusters each image with scikit-learn on the CPU; here
+:func:`~tokenreduction.reduction.clustering.agglomerative_labels` gives the
+same partition (SciPy's linkage cut at K clusters): SciPy's compiled
+dendrogram per image on the CPU, batched tensor rounds on a GPU. Output tokens are ordered by
 the smallest patch index of their cluster.
 
 Budgets: under the keep-rate budgets the number of clusters is the stage
@@ -32,8 +32,9 @@ from .registry import register
 
 
 def cosine_distance(metric: torch.Tensor) -> torch.Tensor:
-    """metric (B, N, D) -> (B, N, N) float32 cosine distance 1 - cos."""
-    m = metric.float()
+    """metric (B, N, D) -> (B, N, N) cosine distance 1 - cos, in float32
+    (float64 metrics stay float64)."""
+    m = metric.double() if metric.dtype == torch.float64 else metric.float()
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return 1.0 - m @ m.transpose(1, 2)
 

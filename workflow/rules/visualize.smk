@@ -1,0 +1,80 @@
+# Pictures of the reduction patterns: per dataset, the same few validation
+# images for every run (method x keep rate x backbone, first seed), one row per
+# run and one column per image and reduction stage; pruned patches black,
+# merged groups coloured with white borders (tokenreduction.visualization).
+# Config (optional): visualize: {num_images: 3}.
+
+VISUALIZE = config.get("visualize") or {}
+
+
+def _pattern_runs(dataset):
+    """The reduced runs of a dataset in a stable order: backbone, method (as
+    in the config), keep rate; only the first seed."""
+    seed = min(config["seeds"])
+    order = {name: i for i, name in enumerate(config["methods"])}
+    backbones = list(config["backbones"])
+    runs = [
+        r
+        for r in RUNS
+        if r["dataset"] == dataset and r["seed"] == seed and method_spec(r["method"])["method"] != BASELINE
+    ]
+    return sorted(runs, key=lambda r: (backbones.index(r["backbone"]), order.get(r["method"], -1), float(r["keep_rate"])))
+
+
+def _pattern_files(name):
+    def files(wildcards):
+        return [f"{RESULTS}/eval/{RUN_DIR}/{name}".format(**r) for r in _pattern_runs(wildcards.dataset)]
+
+    return files
+
+
+def _pattern_labels(wildcards):
+    runs = _pattern_runs(wildcards.dataset)
+    several = len({r["backbone"] for r in runs}) > 1
+    return [
+        f"{r['method']} kr{r['keep_rate']}" + (f" ({r['backbone']})" if several else "") for r in runs
+    ]
+
+
+def pattern_targets():
+    return [
+        f"{RESULTS}/patterns/{dataset}/pattern_grid.png"
+        for dataset in analysis_datasets()
+        if _pattern_runs(dataset)
+    ]
+
+
+rule pattern_grid:
+    input:
+        script=script_path("visualize_patterns.py"),
+        library=f"{ROOT}/src/tokenreduction/visualization.py",
+        data=lambda w: dataset_manifest(w.dataset),
+        patterns=_pattern_files("patterns.npz"),
+        metrics=_pattern_files("metrics.json"),
+    output:
+        report(
+            f"{RESULTS}/patterns/{{dataset}}/pattern_grid.png",
+            caption="../report/pattern_grid.rst",
+            category="Patterns",
+            subcategory="{dataset}",
+        ),
+    log:
+        f"{RESULTS}/logs/patterns/{{dataset}}.log",
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda w, attempt: 2000 * attempt,
+        runtime=lambda w, attempt: 10 * attempt,
+    params:
+        kind=lambda w: config["datasets"][w.dataset]["kind"],
+        root=lambda w: dataset_root(w.dataset),
+        img_size=lambda w: config["datasets"][w.dataset]["img_size"],
+        labels=_pattern_labels,
+        num_images=VISUALIZE.get("num_images", 3),
+        title=lambda w: f"Reduction patterns on {w.dataset}: the same validation images for every run",
+    shell:
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --kind {params.kind} --root {params.root:q}'
+        " --img-size {params.img_size} --patterns {input.patterns:q} --metrics {input.metrics:q}"
+        " --labels {params.labels:q} --num-images {params.num_images} --title {params.title:q}"
+        " --out {output:q} > {log:q} 2>&1"
