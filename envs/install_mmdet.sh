@@ -54,9 +54,12 @@ has mmengine==0.10.7 ninja wheel || "${PIP[@]}" "setuptools>=77.0.3,<81" wheel n
 if ! has "mmcv==$MMCV" || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
   key=$("$PY" -c "import sys, platform, torch; print(f'mmcv-$MMCV-torch-{torch.__version__}-cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}')")
   wheels="$CACHE/wheels/$key"
+  mkdir -p "$CACHE/wheels"
+  # one compile per key at a time: a second build waits, then takes the wheel
+  exec 8> "$CACHE/wheels/$key.lock"
+  flock 8
   if ! ls "$wheels"/mmcv-*.whl > /dev/null 2>&1; then
     echo "compiling mmcv $MMCV with its ops against torch $($PY -c 'import torch; print(torch.__version__)') (cached as $wheels)"
-    mkdir -p "$CACHE/wheels"
     tmp=$(mktemp -d "$CACHE/wheels/.build-XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     # pip's own cache is bypassed: its wheel would not say which torch it was built against
@@ -68,6 +71,7 @@ if ! has "mmcv==$MMCV" || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
   else
     echo "mmcv $MMCV: cached wheel $wheels"
   fi
+  flock -u 8
   "${PIP[@]}" "$wheels"/mmcv-*.whl "numpy<2"
 fi
 has mmdet==3.3.0 pycocotools || "${PIP[@]}" "mmdet==3.3.0" pycocotools "numpy<2"

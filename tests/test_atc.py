@@ -101,7 +101,8 @@ def test_labels_equal_dense_reference(method, backend):
 @pytest.mark.parametrize("method", LINKAGES)
 def test_rnn_rounds_at_study_size_match_scipy(method):
     """The batched rounds at ATC's size (N=196, K=137): many pairs per
-    round, pairs of one round that meet, lazy nearest neighbours."""
+    round, pairs of one round that are each other's neighbours' clusters,
+    merges beyond the cut that must be left out."""
     g = torch.Generator().manual_seed(19)
     metric = torch.randn(6, 196, 64, generator=g, dtype=torch.float64)
     distance = cosine_distance(metric)

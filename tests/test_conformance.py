@@ -9,7 +9,8 @@ without depending on output order: partitions through the assignment (which
 also pairs the output tokens), kept tokens as index sets.
 
 ``TOKENREDUCTION_GOLDEN`` (a folder holding the full golden set, same
-layout) runs the same checks on every case there as well.
+layout; default ``../shared/golden`` beside the checkout when it exists) runs
+the same checks on every case there as well.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ RTOL, ATOL = 1e-7, 1e-9  # float64 library vs float64 reference
 
 def load_cases(folder: Path, method: str) -> list:
     d = np.load(folder / f"{method}.npz")
+    numbers = json.loads(str(d["meta"])).get("fixture_cases")  # golden case numbers of a fixture file
     cases = []
     for i in range(int(d["n_cases"])):
         pre = f"c{i}_"
@@ -45,7 +47,7 @@ def load_cases(folder: Path, method: str) -> list:
             for k in ("x", "attn_cls"):
                 arrs[k] = other[pre + k]
         params = json.loads(str(arrs.pop("params")))
-        cases.append((f"{method}-{i}", params, arrs))
+        cases.append((f"{method}-{numbers[i] if numbers else i}", params, arrs))
     return cases
 
 
@@ -314,10 +316,11 @@ def test_golden_case(method, params, arrays):
     RUNNERS[method](method, params, arrays)
 
 
-_FULL = os.environ.get("TOKENREDUCTION_GOLDEN")
+_SIBLING = Path(__file__).resolve().parents[2] / "shared" / "golden"  # the full set next to a checkout, if any
+_FULL = os.environ.get("TOKENREDUCTION_GOLDEN") or (str(_SIBLING) if (_SIBLING / "tome.npz").exists() else None)
 
 
-@pytest.mark.skipif(not _FULL, reason="set TOKENREDUCTION_GOLDEN to a folder with the full golden set")
+@pytest.mark.skipif(not _FULL, reason="no full golden set (TOKENREDUCTION_GOLDEN)")
 @pytest.mark.parametrize("method,params,arrays", all_cases(Path(_FULL)) if _FULL else [])
 def test_full_golden_case(method, params, arrays):
     RUNNERS[method](method, params, arrays)

@@ -103,7 +103,7 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu") -> Any:
             f"cannot read checkpoint {path} (truncated, corrupt or not a checkpoint; nothing in it was"
             f" executed): {_last_line(text)}"
         ) from None
-    except (EOFError, zipfile.BadZipFile) as err:
+    except (EOFError, zipfile.BadZipFile, OSError) as err:  # OSError: a zip cut inside its records
         raise CorruptCheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {err!r}") from None
     except RuntimeError as err:
         text = str(err)

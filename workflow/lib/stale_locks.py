@@ -54,8 +54,8 @@ def is_dead(record: dict, host: Optional[str] = None) -> bool:
 
 def release_stale_locks(meta: Path = Path(".snakemake"), host: Optional[str] = None) -> list[Path]:
     """Remove the lock files under ``meta``/locks when every recorded run is
-    dead on this host (see the module docstring), and the records of dead
-    runs of this host in any case. Returns the lock files removed."""
+    dead on this host (see the module docstring), then the records of the
+    dead runs (kept while locks remain). Returns the lock files removed."""
     runs = meta / RUNS_DIR
     records = []
     for path in sorted(runs.glob("*.json")) if runs.is_dir() else []:
@@ -73,6 +73,8 @@ def release_stale_locks(meta: Path = Path(".snakemake"), host: Optional[str] = N
                 removed.append(lock)
             except FileNotFoundError:
                 pass
+    if locks and not removed:
+        return removed  # keep the records that may release these locks later
     for path in dead:
         try:
             path.unlink()

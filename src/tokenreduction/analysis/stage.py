@@ -104,7 +104,7 @@ def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathL
     out = out.reindex(columns=[c for c in columns if c in out.columns] + [c for c in out.columns if c not in columns])
     if degenerate:
         log.warning(
-            "WARNING: degenerate CCA in %d feature comparisons (PWCCA, MeanCCA, MeanSqCCA are NaN there): "
+            "degenerate CCA in %d feature comparisons (PWCCA, MeanCCA, MeanSqCCA are NaN there): "
             "evaluate more images than the two widths together (evaluate.num_pattern_images). First: %s",
             len(degenerate), degenerate[0],
         )

@@ -9,9 +9,12 @@ batch sizes B and linkages, for each back end:
 * ``sklearn``: per image ``AgglomerativeClustering(n_clusters=K,
   metric="precomputed", linkage=...)`` as ATC's reference code does;
 * ``fastcluster``: per image ``fastcluster.linkage`` + SciPy's ``fcluster``;
-* ``atc``: the library's batched clustering
-  (:func:`tokenreduction.reduction.clustering.agglomerative_labels`), all
-  images at once, on the CPU, and ``atc-cuda`` on a GPU when there is one;
+* ``atc``: the library's clustering
+  (:func:`tokenreduction.reduction.clustering.agglomerative_labels`) with its
+  default back end for the device (on the CPU SciPy's compiled dendrogram
+  per image, cut in batched tensor code), ``atc-rnn`` its batched tensor
+  back end (reciprocal-nearest-neighbour rounds, all images at once) on the
+  CPU, and ``atc-cuda`` (the tensor back end) on a GPU when there is one;
 * ``cuml``: RAPIDS cuML ``AgglomerativeClustering`` (cosine, pairwise
   connectivity; single linkage only) per image, when importable on a GPU.
 
@@ -127,9 +130,9 @@ def _sklearn(problem: ClusteringInput, k: int, linkage: str) -> np.ndarray:
     ])
 
 
-def _atc(device: str) -> Callable[[ClusteringInput, int, str], torch.Tensor]:
+def _atc(device: str, backend: str = "auto") -> Callable[[ClusteringInput, int, str], torch.Tensor]:
     def run(problem: ClusteringInput, k: int, linkage: str) -> torch.Tensor:
-        return agglomerative_labels(problem.on("distance", device), k, linkage)
+        return agglomerative_labels(problem.on("distance", device), k, linkage, backend=backend)
 
     return run
 
@@ -167,6 +170,7 @@ BACKENDS: Dict[str, Backend] = {
     "sklearn": Backend("sklearn", _sklearn, available=_needs("sklearn")),
     "fastcluster": Backend("fastcluster", _fastcluster, available=_needs("fastcluster")),
     "atc": Backend("atc", _atc("cpu")),
+    "atc-rnn": Backend("atc-rnn", _atc("cpu", "rnn")),
     "atc-cuda": Backend("atc-cuda", _atc("cuda"), device="cuda", available=_needs_cuda()),
     "cuml": Backend("cuml", _cuml, linkages=("single",), device="cuda", available=_needs_cuda("cuml")),
 }

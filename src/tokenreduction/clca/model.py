@@ -3,7 +3,10 @@
 :func:`apply_clca` extends a model built by :func:`tokenreduction.create_model`
 (any method, or none) in place, through the two extension points of
 :class:`~tokenreduction.models.vit.ReducedViTMixin` (``_before_blocks``,
-``_after_block``):
+``_after_block``). It registers itself as the model extension ``clca``
+(:mod:`tokenreduction.models.extensions`), so ``create_model(...,
+clca=dict(...))`` finds it by name: this package depends on the models
+layer, never the reverse.
 
 * **CLA head** (``ifa_head``): the CLS token after each CLCA layer (the
   reduction locations) and after the last block, stacked (B, D, L), goes

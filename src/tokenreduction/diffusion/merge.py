@@ -23,7 +23,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..reduction.clustering import agglomerative_labels, check_linkage
-from ..reduction.ops import batch_gather, labels_to_assignment, pool_by_assignment
+from ..reduction.ops import labels_to_assignment
 
 MergeFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -143,18 +143,34 @@ def atc_assignment(metric: torch.Tensor, r: int, linkage: str = "average") -> Tu
 
 def merge_closures(assignment: torch.Tensor, num_out: int) -> Tuple[MergeFn, MergeFn]:
     """(merge, unmerge) for an assignment (B, N) into num_out tokens (see the
-    module docstring). Inputs must have the assignment's (B, N)."""
+    module docstring). Inputs must have the assignment's (B, N).
+
+    Both work on whole token rows of the flattened batch: merge adds rows
+    into their slot (``index_add_``) and scales by 1 / count, unmerge copies
+    rows (``index_select``); the counts are computed once per assignment."""
     B, N = assignment.shape
+    device = assignment.device
+    flat = (assignment + torch.arange(B, device=device)[:, None] * num_out).reshape(-1)  # (B * N,) rows
+    counts = torch.zeros(B * num_out, device=device).index_add_(0, flat, torch.ones(B * N, device=device))
+    inv_count = (1.0 / counts.clamp_min(1.0))[:, None]  # (B * M, 1) float32
+    cast: dict = {}
 
     def merge(x: torch.Tensor) -> torch.Tensor:
         if x.shape[:2] != (B, N):
             raise ValueError(f"merge expects tokens of shape ({B}, {N}, C), got {tuple(x.shape)}")
-        return pool_by_assignment(x, assignment, num_out)[0]
+        C = x.shape[-1]
+        scale = cast.get(x.dtype)
+        if scale is None:
+            scale = cast[x.dtype] = inv_count.to(x.dtype)
+        out = torch.zeros(B * num_out, C, dtype=x.dtype, device=x.device)
+        out.index_add_(0, flat, x.reshape(B * N, C))
+        return (out * scale).view(B, num_out, C)
 
     def unmerge(y: torch.Tensor) -> torch.Tensor:
         if y.shape[:2] != (B, num_out):
             raise ValueError(f"unmerge expects tokens of shape ({B}, {num_out}, C), got {tuple(y.shape)}")
-        return batch_gather(y, assignment)
+        C = y.shape[-1]
+        return y.reshape(B * num_out, C).index_select(0, flat).view(B, N, C)
 
     return merge, unmerge
 

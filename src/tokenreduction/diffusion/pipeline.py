@@ -147,7 +147,15 @@ def load_pipeline(source: PathLike, device: Optional[str] = None, dtype: Optiona
     Hugging Face cache, downloading if allowed). Returns the pipeline on the
     device, progress bars off, no safety checker (as the study)."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()  # as the study: logs get our progress lines instead
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers ships with the diffusion env
+        pass
     dev = resolve_device(device)
     source = str(source)
     local = Path(source).exists()

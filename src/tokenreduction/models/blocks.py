@@ -58,9 +58,15 @@ class TokenBlock(Block):
         return self._modules.get("reduction")
 
     def forward(self, x: torch.Tensor, ctx: Optional[ReductionContext] = None, **kwargs) -> torch.Tensor:
-        if ctx is None:  # a stock call (e.g. from timm helpers): plain block
-            return super().forward(x, **kwargs)
         reducer = self.reducer
+        if ctx is None or (
+            reducer is None and not self.provide_received and ctx.keep_score is None and ctx.mask is None
+            and not (ctx.prop_attn and ctx.merged)
+        ):
+            # a stock call (e.g. from timm helpers), or nothing to do here (no
+            # reducer, no attention bias, no features to hand on): timm's own
+            # block, so an unreduced model costs what stock timm costs
+            return super().forward(x, **kwargs)
         if reducer is not None and reducer.position == "pre":
             x = self._reduce(ctx, x, BlockFeatures(attn_received=ctx.attn_received))
         need = reducer.needs if (reducer is not None and reducer.position == "mid") else frozenset()

@@ -135,8 +135,15 @@ def _scipy_labels(distance: torch.Tensor, need: int, linkage: str) -> torch.Tens
     """(B, N, N) distances -> (B, N) labels of the first `need` merges of
     SciPy's dendrogram of each image (CPU, float64)."""
     B, N, _ = distance.shape
-    rows, cols = torch.triu_indices(N, N, 1)
-    condensed = distance.to("cpu", torch.float64).reshape(B, N * N)[:, rows * N + cols].numpy()
+    square = distance.cpu()
+    if square.dtype not in (torch.float32, torch.float64):
+        square = square.double()
+    square = square.numpy()
+    condensed = np.empty((B, N * (N - 1) // 2), dtype=np.float64)
+    start = 0
+    for r in range(N - 1):  # row r's upper triangle, all images at once (a strided copy)
+        condensed[:, start:start + N - 1 - r] = square[:, r, r + 1:]
+        start += N - 1 - r
     if not np.isfinite(condensed).all():
         bad = int(np.nonzero(~np.isfinite(condensed).all(axis=1))[0][0])
         raise ValueError(f"distance must be finite: image {bad} has inf or nan entries")
@@ -189,7 +196,6 @@ def _rnn_merges(D: torch.Tensor, need: int, linkage: str):
     columns = D.transpose(1, 2)  # columns[b, i] is column i of image b
     ar = torch.arange(N, device=device)
     ar_b = ar.expand(B, N)
-    row_base = torch.arange(B, device=device) * N
     into = ar_b.contiguous()
     height = torch.full((B, N), inf, dtype=dtype, device=device)
     rounds = torch.zeros(B, N, dtype=torch.long, device=device)

@@ -1,0 +1,299 @@
+"""The speed table of issue 19, measured side by side in one run.
+
+    python benchmarks/speed_table.py [--quick] [--sections ...] [--out results/benchmarks/speed_table.csv]
+
+Rows (each a ratio of callables timed round-robin in this process, medians
+over rounds after warm-up, torch on one thread unless --threads says more):
+
+unreduced   DeiT-S (random weights) through ``tr.patch_model`` with no
+            reduction vs the same stock timm model: stock time / patched time.
+atc_batch   clustering B=64 images of N=196 tokens into K=137 (C=64 random
+            features, float32 cosine distances as ATC computes them), per
+            linkage: this library (``agglomerative_labels``, default back end
+            and the tensor "rnn" back end) vs the official per-image
+            scikit-learn loop (``AgglomerativeClustering(K,
+            metric="precomputed")``, as ATC's code) and a per-image SciPy loop
+            (``linkage`` + ``fcluster(K, "maxclust")`` on the condensed
+            distances). Every side starts from the same (B, N, N) tensor and
+            includes its own conversions. ``agree`` is the fraction of images
+            whose partition equals SciPy's.
+atc_large   one image, N=1024 and N=4096 (a 512-px SD latent), K=N/2,
+            library vs SciPy (same as above).
+sd_unet     an SD-v1.5-layout UNet (diffusers ``UNet2DConditionModel``:
+            3 cross-attention down blocks + 1 plain, mirrored up; narrow widths
+            64/128/256/256 so it runs on a CPU; random weights), one forward
+            at a 64x64 latent (32x32 with --quick), batch 2 (classifier-free
+            guidance), merging ratio 0.5 at the highest resolution
+            (max_downsample 1, self-attention): no merging vs tomesd vs this
+            library's ToMe-SD vs this library's ATC (average linkage).
+            Speed-up = time without merging / time with.
+
+The machine may be shared: the load average before and after is written
+next to the figures. Writes a long CSV (section, name, metric, value)
+atomically and prints one table per section.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+import pandas as pd
+import torch
+
+import tokenreduction as tr
+from tokenreduction.reduction.atc import cosine_distance
+from tokenreduction.reduction.clustering import LINKAGES, agglomerative_labels
+
+Row = Dict[str, object]
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int) -> Dict[str, List[float]]:
+    """Run the callables round-robin; returns {name: [seconds per timed run]}."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for rnd in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if rnd >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def med(values: List[float]) -> float:
+    return float(statistics.median(values))
+
+
+def ratio(num: List[float], den: List[float]) -> float:
+    """Median over rounds of num / den (taken side by side in each round)."""
+    return med([a / b for a, b in zip(num, den)])
+
+
+def canonical(labels) -> np.ndarray:
+    """(B, N) labels -> each point named by the smallest index of its cluster."""
+    arr = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    out = np.empty(arr.shape, dtype=np.int64)
+    for b, row in enumerate(arr):
+        _, first, inverse = np.unique(row, return_index=True, return_inverse=True)
+        out[b] = first[inverse.reshape(-1)]
+    return out
+
+
+# --- per-image reference loops ------------------------------------------------------------------
+
+
+def scipy_loop(distance: torch.Tensor, k: int, method: str) -> np.ndarray:
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    square = distance.double().numpy()
+    rows, cols = np.triu_indices(square.shape[1], k=1)
+    return np.stack([fcluster(linkage(d[rows, cols], method=method), k, criterion="maxclust") for d in square])
+
+
+def sklearn_loop(distance: torch.Tensor, k: int, method: str) -> np.ndarray:
+    from sklearn.cluster import AgglomerativeClustering
+
+    square = distance.numpy()
+    return np.stack([
+        AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=method).fit_predict(d) for d in square
+    ])
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+
+def unreduced(args) -> List[Row]:
+    import timm
+
+    torch.manual_seed(0)
+    stock = timm.create_model("deit_small_patch16_224").eval()
+    patched = tr.patch_model(copy.deepcopy(stock)).eval()
+    images = torch.randn(args.model_batch, 3, 224, 224)
+    with torch.inference_mode():
+        same = bool(torch.equal(stock(images), patched(images)))
+        times = interleaved({"stock": lambda: stock(images), "patched": lambda: patched(images)},
+                            args.model_warmup, args.model_repeats)
+    head = {"section": "unreduced", "name": f"deit_s b{args.model_batch}"}
+    return [
+        {**head, "metric": "stock_ms", "value": 1e3 * med(times["stock"])},
+        {**head, "metric": "patched_ms", "value": 1e3 * med(times["patched"])},
+        {**head, "metric": "speed_vs_stock", "value": ratio(times["stock"], times["patched"])},
+        {**head, "metric": "same_logits", "value": same},
+    ]
+
+
+def atc_batch(args) -> List[Row]:
+    B, N, C, K = 64, 196, 64, 137
+    torch.manual_seed(0)
+    distance = cosine_distance(torch.randn(B, N, C))
+    rows: List[Row] = []
+    for method in LINKAGES:
+        fns = {
+            "library": lambda: agglomerative_labels(distance, K, method),
+            "library_rnn": lambda: agglomerative_labels(distance, K, method, backend="rnn"),
+            "scipy": lambda: scipy_loop(distance, K, method),
+            "sklearn": lambda: sklearn_loop(distance, K, method),
+        }
+        times = interleaved(fns, args.warmup, args.repeats)
+        reference = canonical(scipy_loop(distance, K, method))
+        head = {"section": "atc_batch", "name": f"{method} B{B} N{N} K{K}"}
+        rows += [{**head, "metric": f"{name}_ms", "value": 1e3 * med(t)} for name, t in times.items()]
+        rows += [
+            {**head, "metric": "library_vs_sklearn", "value": ratio(times["sklearn"], times["library"])},
+            {**head, "metric": "library_vs_scipy", "value": ratio(times["scipy"], times["library"])},
+            {**head, "metric": "rnn_vs_scipy", "value": ratio(times["scipy"], times["library_rnn"])},
+            {**head, "metric": "agree", "value": float(
+                (canonical(agglomerative_labels(distance, K, method)) == reference).all(1).mean())},
+            {**head, "metric": "rnn_agree", "value": float(
+                (canonical(agglomerative_labels(distance, K, method, backend="rnn")) == reference).all(1).mean())},
+        ]
+    return rows
+
+
+def atc_large(args) -> List[Row]:
+    rows: List[Row] = []
+    for N in args.large_sizes:
+        K = N // 2
+        torch.manual_seed(N)
+        distance = cosine_distance(torch.randn(1, N, 64))
+        for method in args.large_linkages:
+            fns = {"library": lambda: agglomerative_labels(distance, K, method),
+                   "scipy": lambda: scipy_loop(distance, K, method)}
+            repeats = args.repeats if N <= 1024 else max(1, args.repeats // 3)
+            times = interleaved(fns, 1 if N <= 1024 else 0, repeats)
+            head = {"section": "atc_large", "name": f"{method} N{N} K{K}"}
+            agree = bool((canonical(agglomerative_labels(distance, K, method))
+                          == canonical(scipy_loop(distance, K, method))).all())
+            rows += [
+                {**head, "metric": "library_ms", "value": 1e3 * med(times["library"])},
+                {**head, "metric": "scipy_ms", "value": 1e3 * med(times["scipy"])},
+                {**head, "metric": "library_vs_scipy", "value": ratio(times["scipy"], times["library"])},
+                {**head, "metric": "agree", "value": agree},
+            ]
+    return rows
+
+
+def sd_layout_unet(sample_size: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(64, 128, 256, 256),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=8,
+    ).eval()
+
+
+def sd_unet(args) -> List[Row]:
+    from tokenreduction.diffusion import patch as sd_patch
+
+    side = args.latent
+    base = sd_layout_unet(side)
+    sample = torch.randn(2, 4, side, side)
+    text = torch.randn(2, 77, 128)
+    step = torch.tensor(500)
+    variants = {"none": base}
+    try:
+        import tomesd
+
+        variants["tomesd"] = tomesd.apply_patch(copy.deepcopy(base), ratio=0.5, max_downsample=1)
+    except ImportError:  # reported, not fatal
+        print("tomesd is not installed: its row is skipped", file=sys.stderr)
+    variants["tome_sd"] = sd_patch.apply_patch(copy.deepcopy(base), ratio=0.5, max_downsample=1)
+    variants["atc_sd"] = sd_patch.apply_patch(copy.deepcopy(base), ratio=0.5, max_downsample=1, merge_fn="atc",
+                                             linkage="average")
+
+    def run(unet):
+        return lambda: unet(sample, step, encoder_hidden_states=text).sample
+
+    with torch.inference_mode():
+        times = interleaved({name: run(unet) for name, unet in variants.items()}, 1, args.unet_repeats)
+    rows: List[Row] = []
+    for name in variants:
+        head = {"section": "sd_unet", "name": f"{name} {side}x{side} b2 r0.5"}
+        rows += [{**head, "metric": "ms", "value": 1e3 * med(times[name])}]
+        if name != "none":
+            rows.append({**head, "metric": "speedup_vs_none", "value": ratio(times["none"], times[name])})
+    if "tomesd" in variants:
+        rows.append({"section": "sd_unet", "name": "tome_sd vs tomesd", "metric": "speed_ratio",
+                     "value": ratio(times["tomesd"], times["tome_sd"])})
+    return rows
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            frame.to_csv(handle, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def print_tables(frame: pd.DataFrame) -> None:
+    for section, part in frame.groupby("section", sort=False):
+        table = part.pivot(index="name", columns="metric", values="value")
+        table = table[[c for c in dict.fromkeys(part["metric"]) if c in table.columns]]
+        table = table.loc[list(dict.fromkeys(part["name"]))]
+        table = table.map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v))
+                          else f"{v:.3g}" if isinstance(v, float) else v)
+        print(f"\n== {section} ==")
+        print(table.to_string())
+
+
+SECTIONS = {"unreduced": unreduced, "atc_batch": atc_batch, "atc_large": atc_large, "sd_unet": sd_unet}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller model batch, 32x32 latent")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/speed_table.csv"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model_batch, args.model_warmup, args.model_repeats = 8, 1, 5
+        args.warmup, args.repeats, args.unet_repeats, args.latent = 1, 3, 2, 32
+        args.large_sizes, args.large_linkages = [1024], ["average"]
+    else:
+        args.model_batch, args.model_warmup, args.model_repeats = 32, 1, 9
+        args.warmup, args.repeats, args.unet_repeats, args.latent = 1, 7, 3, 64
+        args.large_sizes, args.large_linkages = [1024, 4096], list(LINKAGES)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows: List[Row] = [{"section": "settings", "name": "run", "metric": "load_before", "value": os.getloadavg()[0]}]
+    for name in args.sections:
+        start = time.perf_counter()
+        rows += SECTIONS[name](args)
+        print(f"[{name}: {time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f}]", file=sys.stderr)
+    settings = {"load_after": os.getloadavg()[0], "cpus": os.cpu_count(), "threads": args.threads,
+                "quick": int(args.quick), "torch": torch.__version__}
+    rows += [{"section": "settings", "name": "run", "metric": k, "value": v} for k, v in settings.items()]
+    frame = pd.DataFrame(rows, columns=["section", "name", "metric", "value"])
+    write_csv_atomic(frame, args.out)
+    print_tables(frame)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

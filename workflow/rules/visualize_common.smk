@@ -1,0 +1,54 @@
+# Input functions of the pattern grid rule (visualize.smk).
+
+
+VISUALIZE = config.get("visualize") or {}
+
+
+def _pattern_runs(dataset):
+    """The reduced runs of a dataset in a stable order: backbone, method (as
+    in the config), keep rate; only the first seed."""
+    seed = min(config["seeds"])
+    order = {name: i for i, name in enumerate(config["methods"])}
+    backbones = list(config["backbones"])
+    runs = [
+        r
+        for r in RUNS
+        if r["dataset"] == dataset
+        and r["seed"] == seed
+        and method_spec(r["method"])["method"] != BASELINE
+    ]
+    return sorted(
+        runs,
+        key=lambda r: (
+            backbones.index(r["backbone"]),
+            order.get(r["method"], -1),
+            float(r["keep_rate"]),
+        ),
+    )
+
+
+def _pattern_files(name):
+    def files(wildcards):
+        return [
+            f"{RESULTS}/eval/{RUN_DIR}/{name}".format(**r)
+            for r in _pattern_runs(wildcards.dataset)
+        ]
+
+    return files
+
+
+def _pattern_labels(wildcards):
+    runs = _pattern_runs(wildcards.dataset)
+    several = len({r["backbone"] for r in runs}) > 1
+    return [
+        f"{r['method']} kr{r['keep_rate']}" + (f" ({r['backbone']})" if several else "")
+        for r in runs
+    ]
+
+
+def pattern_targets():
+    return [
+        f"{RESULTS}/patterns/{dataset}/pattern_grid.png"
+        for dataset in analysis_datasets()
+        if _pattern_runs(dataset)
+    ]
