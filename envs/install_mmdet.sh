@@ -6,8 +6,8 @@
 #
 # The OpenMMLab stack pins older versions than the rest of the project: mmdet
 # 3.3.0 asserts mmcv<2.2.0, so mmcv 2.1.0 + mmengine 0.10.7, with mmcv's
-# compiled ops built from source against torch 2.13.0 (CPU build; ~12 min on 2
-# cores, MAX_JOBS compilers at once). The compiled mmcv wheel is cached under
+# compiled ops built from source against torch 2.13.0 (CPU build, without
+# debug info; MAX_JOBS compilers at once). The compiled mmcv wheel is cached under
 # ${TOKENREDUCTION_CACHE:-~/.cache/tokenreduction}/wheels/, keyed by the mmcv
 # version, the torch version and the Python tag, so a rebuild installs it in
 # seconds; a fresh machine compiles. No torchvision/timm here:
@@ -62,8 +62,10 @@ if ! has "mmcv==$MMCV" || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
     echo "compiling mmcv $MMCV with its ops against torch $($PY -c 'import torch; print(torch.__version__)') (cached as $wheels)"
     tmp=$(mktemp -d "$CACHE/wheels/.build-XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
-    # pip's own cache is bypassed: its wheel would not say which torch it was built against
-    MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
+    # pip's own cache is bypassed: its wheel would not say which torch it was built against.
+    # CFLAGS=-g0: no debug info (Python's own flags say -g), which halves the
+    # compile time (roi_align.cpp: 36 -> 17 s of CPU) and shrinks the objects 50x.
+    CFLAGS="${CFLAGS:-} -g0" MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
       "$PY" -m pip wheel --quiet --no-deps --no-build-isolation --no-cache-dir "mmcv==$MMCV" -w "$tmp"
     # atomic: another build of the same key may have finished meanwhile
     mv -T "$tmp" "$wheels" 2>/dev/null || rm -rf "$tmp"

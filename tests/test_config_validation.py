@@ -298,3 +298,20 @@ def test_snakemake_dry_run_stops_with_the_key_and_no_traceback(tmp_path, changes
     assert proc.returncode != 0
     assert key in out and "invalid config" in out
     assert "Traceback" not in out and 'File "' not in out, out
+
+
+def test_schema_lists_agree_with_the_library():
+    """Where the schema repeats a library list (for its own error messages),
+    the lists are the same."""
+    from tokenreduction.data import DATASET_KINDS, MULTILABEL_KINDS
+
+    kinds, multilabel = cv.dataset_kinds()
+    assert kinds == tuple(DATASET_KINDS) and set(multilabel) == set(MULTILABEL_KINDS)
+    dataset_entry = SCHEMA["properties"]["datasets"]["additionalProperties"]
+    assert set(dataset_entry["properties"]["kind"]["enum"]) == set(DATASET_KINDS)
+    from tokenreduction.ots import PRESETS
+
+    assert set(cv.ots_presets()) == set(PRESETS)
+    for name, preset in PRESETS.items():
+        read = cv.ots_presets()[name]
+        assert (read["depth"], read["patch_size"], read["img_size"]) == (preset.depth, preset.patch_size, preset.img_size)

@@ -49,6 +49,7 @@ BASELINE_NAMES = ("none", "deit", "baseline")
 #: (``tokenreduction.models.vit._sized``), by the class flag that asks for them
 BUILDER_OPTIONS = {"fixed_output": ("num_out", "num_in"), "needs_grid": ("grid_size",)}
 DEMO_KINDS = ("digits", "digits_multilabel", "digits_ufgir")
+#: fallback where data/transforms.py cannot be read (see :func:`dataset_kinds`)
 MULTILABEL_KINDS = ("coco", "nuswide", "digits_multilabel")
 #: TrainConfig fields the workflow fills from other sections (not recipe keys)
 WORKFLOW_FIELDS = {
@@ -618,6 +619,37 @@ def tuning_modes() -> tuple[str, ...]:
     return tuple(dict.fromkeys(names)) if len(names) > 1 else ()
 
 
+def _literal_set(node: ast.expr) -> Optional[tuple]:
+    """A literal collection, also written frozenset({...}) / tuple(...)."""
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("frozenset", "set", "tuple") and node.args:
+        node = node.args[0]
+    try:
+        value = ast.literal_eval(node)
+    except ValueError:
+        return None
+    return tuple(value)
+
+
+@lru_cache(maxsize=None)
+def dataset_kinds() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every dataset kind, the multi-label ones): the keys of data/readers.py's
+    READERS and data/transforms.py's MULTILABEL_KINDS; () where not readable."""
+    kinds: tuple = ()
+    multilabel: tuple = ()
+    readers, transforms = PACKAGE / "data" / "readers.py", PACKAGE / "data" / "transforms.py"
+    if readers.is_file():
+        for node in _module(readers).tree.body:
+            target = node.target if isinstance(node, ast.AnnAssign) else (
+                node.targets[0] if isinstance(node, ast.Assign) else None)
+            if getattr(target, "id", None) == "READERS" and isinstance(node.value, ast.Dict):
+                kinds = tuple(k.value for k in node.value.keys if isinstance(k, ast.Constant))
+    if transforms.is_file():
+        for node in _module(transforms).tree.body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MULTILABEL_KINDS":
+                multilabel = tuple(sorted(_literal_set(node.value) or ()))
+    return kinds, multilabel
+
+
 # ---------------------------------------------------------------- timm models
 
 
@@ -913,7 +945,12 @@ class _Checker:
     # -- datasets, backbones ---------------------------------------------------
 
     def datasets(self) -> None:
+        kinds = dataset_kinds()[0]
         for name, spec in self.config["datasets"].items():
+            if kinds and spec["kind"] not in kinds:
+                self.fail(f"datasets.{name}.kind", f"unknown dataset kind {spec['kind']!r}{_close(spec['kind'], kinds)};"
+                          f" known kinds (tokenreduction.data.DATASET_KINDS): {', '.join(kinds)}")
+                continue
             if spec["kind"] not in DEMO_KINDS and not self.path(spec["root"]).exists():
                 self.fail(f"datasets.{name}.root", f"{spec['root']} does not exist (dataset {name!r}, kind {spec['kind']})")
             if spec.get("recipe") is not None:
@@ -1101,8 +1138,8 @@ class _Checker:
         for name, value in recipe.items():
             if name not in hints:
                 self.fail(f"{key}.{name}", f"unknown training setting{_close(name, hints)} (see tokenreduction.train.config.TrainConfig)")
-            elif name in WORKFLOW_FIELDS and not key.startswith("mae.recipe") or name in ("model", "method", "dataset", "seed"):
-                self.fail(f"{key}.{name}", f"is set by the workflow from {WORKFLOW_FIELDS.get(name, 'another section')}; remove it here")
+            elif name in WORKFLOW_FIELDS:
+                self.fail(f"{key}.{name}", f"is set by the workflow from {WORKFLOW_FIELDS[name]}; remove it here")
             else:
                 why = type_problem(value, hints[name])
                 if why:
@@ -1174,7 +1211,7 @@ class _Checker:
         if dataset not in self.config["datasets"]:
             self.fail(key, f"{dataset!r} is not defined under datasets: ({', '.join(self.config['datasets'])})")
             return False
-        if self.config["datasets"][dataset]["kind"] in MULTILABEL_KINDS:
+        if self.config["datasets"][dataset]["kind"] in (dataset_kinds()[1] or MULTILABEL_KINDS):
             self.fail(key, f"{dataset!r} is multi-label; this stage reports top-1/top-5")
             return False
         return True
