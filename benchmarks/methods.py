@@ -9,7 +9,7 @@
     (softmaxed over all tokens), head-mean keys, values, attention received,
     computed by that block's own qkv. Learnable methods in eval mode.
 (b) DeiT-S (random weights) throughput at keep rate 0.7, blocks 3/6/9, for
-    topk, evit, tome, and ToMe r=13 ('r' budget), relative to the unreduced
+    topk, evit, tome, atc (average linkage), and ToMe r=13 ('r' budget), relative to the unreduced
     model, next to the FLOPs ratio (``count_flops``): achieved speed-up over
     the speed-up the FLOPs imply. Reduced and baseline runs are interleaved to
     cancel drift; medians after warm-up.
@@ -141,6 +141,7 @@ def throughput(args) -> List[Row]:
         "topk kr0.7": dict(method="topk", keep_rate=0.7, reduction_loc=(3, 6, 9)),
         "evit kr0.7": dict(method="evit", keep_rate=0.7, reduction_loc=(3, 6, 9)),
         "tome kr0.7": dict(method="tome", keep_rate=0.7, reduction_loc=(3, 6, 9)),
+        "atc kr0.7": dict(method="atc", keep_rate=0.7, reduction_loc=(3, 6, 9)),
         "tome r13": dict(method="tome", r=13),
     }
     torch.manual_seed(0)

@@ -7,6 +7,12 @@ over rounds after warm-up, torch on one thread unless --threads says more):
 
 unreduced   DeiT-S (random weights) through ``tr.patch_model`` with no
             reduction vs the same stock timm model: stock time / patched time.
+deit_s      DeiT-S at keep rate 0.7 (blocks 3/6/9) for topk, evit, tome, atc
+            and ToMe r=13: speed-up over the unreduced model next to the
+            speed-up its FLOPs imply (``benchmarks/methods.py`` section b).
+            The official ToMe patch (facebookresearch/ToMe) is not a package
+            that can be installed here, so its column of the issue's table is
+            not measured.
 atc_batch   clustering B=64 images of N=196 tokens into K=137 (C=64 random
             features, float32 cosine distances as ATC computes them), per
             linkage: this library (``agglomerative_labels``, default back end
@@ -256,7 +262,15 @@ def print_tables(frame: pd.DataFrame) -> None:
         print(table.to_string())
 
 
-SECTIONS = {"unreduced": unreduced, "atc_batch": atc_batch, "atc_large": atc_large, "sd_unet": sd_unet}
+def deit_s(args) -> List[Row]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import methods  # benchmarks/methods.py
+
+    return [{**row, "section": "deit_s"} for row in methods.throughput(args)]
+
+
+SECTIONS = {"unreduced": unreduced, "deit_s": deit_s, "atc_batch": atc_batch, "atc_large": atc_large,
+            "sd_unet": sd_unet}
 
 
 def parse_args(argv=None):
@@ -267,7 +281,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/speed_table.csv"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.model_batch, args.model_warmup, args.model_repeats = 8, 1, 5
+        args.model_batch, args.model_warmup, args.model_repeats = 8, 1, 3
         args.warmup, args.repeats, args.unet_repeats, args.latent = 1, 3, 2, 32
         args.large_sizes, args.large_linkages = [1024], ["average"]
     else:

@@ -1,6 +1,7 @@
 """The Snakemake process killed mid-run (SIGKILL), then the same command again:
 finished jobs are kept, incomplete ones rerun, and no file that looks complete
-is partial; plus the stale-lock release that lets the same command run again."""
+is partial; the stale-lock release that lets the same command run again; and
+a corrupt image met by a job, with and without ``data.skip_bad_images``."""
 from __future__ import annotations
 
 import base64
@@ -32,12 +33,12 @@ def _stale_locks():
 
 def _decoded(folder: Path) -> set[Path]:
     """The output paths Snakemake keys its records by under `folder` (file
-    names: base64 of the path, split into sub-folders when long)."""
+    names: urlsafe base64 of the path, split into '@'-prefixed sub-folders when long)."""
     out = set()
     if folder.is_dir():
         for f in folder.rglob("*"):
             if f.is_file():
-                key = "".join(f.relative_to(folder).parts)
+                key = "".join(part.removeprefix("@") for part in f.relative_to(folder).parts)
                 out.add(Path(base64.urlsafe_b64decode(key).decode()))
     return out
 
@@ -132,6 +133,23 @@ def test_snakemake_killed_mid_run_then_the_same_command_keeps_finished_jobs(tmp_
     # and a third run has nothing to do
     third = subprocess.run(cmd + ["-n"], capture_output=True, text=True, env=clean_env(), timeout=300)
     assert "Nothing to be done" in third.stdout + third.stderr, third.stdout[-3000:]
+
+    # a truncated image in the dataset: the evaluation job fails naming the file;
+    # with data.skip_bad_images (passed to the jobs by the workflow) it is skipped and counted in the log
+    bad = sorted((tmp_path / "data" / "digits" / "val").rglob("*.png"))[0]
+    bad.write_bytes(bad.read_bytes()[:60])
+    evaluation = results / "eval" / "digits" / "tiny" / "deit" / "kr1" / "seed0" / "metrics.json"
+    job_log = results / "logs" / "evaluate" / "digits" / "tiny" / "deit" / "kr1" / "seed0.log"
+    base = SNAKEMAKE + ["-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), str(evaluation), "--cores", "2"]
+    failed = subprocess.run(base + ["--configfile", str(path)], capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert failed.returncode != 0 and not evaluation.exists()
+    assert f"image file {bad} is corrupt or truncated" in job_log.read_text()
+    skip = write_config(tmp_path / "skip.yaml", {**config, "data": {"skip_bad_images": True}})
+    ok = subprocess.run(base + ["--configfile", str(skip)], capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
+    text = job_log.read_text()
+    assert f"skipped bad image {bad}" in text and "1 bad image(s) skipped so far" in text
+    assert json.loads(evaluation.read_text())["num_images"] > 0
 
 
 def test_stale_locks_are_released_only_when_every_recorded_run_is_dead(tmp_path):

@@ -4,7 +4,8 @@ A composed assignment (:func:`tokenreduction.compose_assignments`) says, for
 every original patch, which token it belongs to after a stage (-1 once it was
 dropped). Drawn over the image:
 
-* **pruned** patches are blacked out;
+* **pruned** patches are blacked out (with thin grey diagonals, so that they
+  stand apart from dark image content);
 * **merged** groups (two or more patches in one token: ToMe, ATC, K-Medoids,
   EViT's fused token, the argmax of soft methods) are tinted with one colour
   per group and outlined in white;
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 
 PRUNED_COLOR = (0.0, 0.0, 0.0)
+HATCH_COLOR = (0.4, 0.4, 0.4)
+HATCH_PERIOD = 5
 BORDER_COLOR = (1.0, 1.0, 1.0)
 
 
@@ -114,7 +117,11 @@ def pattern_image(
     index = _patch_labels(np.arange(h * w), (h, w), H, W)
     tint = patch_merged[index][..., None]
     out = np.where(tint, (1.0 - alpha) * rgb + alpha * patch_color[index], rgb)
-    out[labels < 0] = PRUNED_COLOR
+    pruned = labels < 0
+    out[pruned] = PRUNED_COLOR
+    # thin grey diagonals tell a pruned patch from dark image content
+    ys, xs = np.indices((H, W))
+    out[pruned & ((ys + xs) % HATCH_PERIOD == 0)] = HATCH_COLOR
 
     # borders: where the token changes between neighbouring pixels and one side is a merged group
     merged_px = patch_merged[index]
@@ -133,7 +140,7 @@ def _legend_handles():
     from matplotlib.patches import Patch
 
     return [
-        Patch(facecolor=PRUNED_COLOR, edgecolor="0.5", label="pruned patch"),
+        Patch(facecolor=PRUNED_COLOR, edgecolor=HATCH_COLOR, hatch="////", label="pruned patch"),
         Patch(facecolor=group_colors(3)[1], edgecolor=BORDER_COLOR, linewidth=1.5,
               label="merged group (one colour each, white border)"),
         Patch(facecolor="0.85", edgecolor="0.5", label="kept as its own token"),
