@@ -79,11 +79,17 @@ def main() -> None:
     grids = {r["grid"] for r in rows}
     if len(grids) != 1:
         sys.exit(f"the runs have different patch grids {sorted(grids)}; draw them in separate figures")
-    n = min([args.num_images] + [r["composed"].shape[1] for r in rows])
-    ids = rows[0]["ids"][:n]
+    # images spread over those every run stored (splits are often sorted by class)
+    stored = min(r["composed"].shape[1] for r in rows)
+    picks = sorted({int(round(v)) for v in np.linspace(0, stored - 1, min(args.num_images, stored))})
+    n = len(picks)
+    ids = [rows[0]["ids"][i] for i in picks]
     for r in rows[1:]:
-        if r["ids"][:n] != ids:
-            sys.exit(f"{r['path']} holds other images ({r['ids'][:n]}) than {rows[0]['path']} ({ids})")
+        theirs = [r["ids"][i] for i in picks]
+        if theirs != ids:
+            sys.exit(f"{r['path']} holds other images ({theirs}) than {rows[0]['path']} ({ids})")
+    for r in rows:
+        r["composed"] = r["composed"][:, picks]
 
     split = splits.pop()
     ds = build_dataset(args.kind, args.root, split, build_transform(False, args.img_size, args.kind))
@@ -106,7 +112,7 @@ def main() -> None:
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, out)
-    print(f"{len(rows)} runs x {n} images ({split}) -> {out}", flush=True)
+    print(f"{len(rows)} runs x {n} images ({split}: {', '.join(ids)}) -> {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -349,3 +349,19 @@ def test_evaluator_records_kmedoids_centres_as_kept(tmp_path):
     for s in range(2):
         for b in range(5):
             assert sorted(p["composed"][s, b][p["kept"][s, b]].tolist()) == list(range(p["kept"][s, b].sum()))
+
+
+def test_pooled_models_correlation_uses_the_absolute_difference(tmp_path):
+    # one order per pair, but which run sorts first is arbitrary across methods:
+    # the pooled models table correlates the measure with |metric A - metric B|
+    t = collated_models_table().iloc[:4].assign(metric_diff=[-3.0, -1.0, 1.0, 3.0],
+                                                run_b=["w", "x", "y", "z"])
+    t["IoU_mean@3"] = [3.0, 1.0, 1.5, 3.5]
+    t.to_csv(tmp_path / "c.csv", index=False)
+    stage.correlate_axis(tmp_path / "c.csv", tmp_path / "g.csv", tmp_path / "f.png", axis="models",
+                         out_pooled=tmp_path / "p.csv")
+    assert pd.read_csv(tmp_path / "p.csv").iloc[0].spearman_rho == pytest.approx(1.0)
+    t.assign(axis="rates").to_csv(tmp_path / "r.csv", index=False)
+    stage.correlate_axis(tmp_path / "r.csv", tmp_path / "g2.csv", tmp_path / "f2.png", axis="rates",
+                         out_pooled=tmp_path / "p2.csv")
+    assert pd.read_csv(tmp_path / "p2.csv").iloc[0].spearman_rho == pytest.approx(0.4)  # signed on other axes

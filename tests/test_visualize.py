@@ -156,7 +156,7 @@ def test_pattern_grid_script_on_the_digits_data(tmp_path):
            "--labels", "topk kr0.5", "tome kr0.5"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "2 runs x 2 images (val)" in done.stdout
+    assert "2 runs x 2 images (val: " in done.stdout
     from PIL import Image
 
     with Image.open(out) as png:

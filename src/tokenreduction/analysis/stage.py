@@ -179,9 +179,11 @@ def correlate_axis(collated_csv: PathLike, out_csv: PathLike, out_png: PathLike,
     (``CORRELATION_GROUPS`` of the axis; models: per method A, capacity and
     keep rate, the baseline's pairs counted at 0.9), columns
     ``CORRELATION_COLUMNS`` + group + the group columns. ``out_pooled``: all
-    pairs of the axis pooled, one order per pair (``one_order``). The figure:
-    one scatter per measure over the pooled pairs with its least-squares line
-    and the pooled rho. Returns the primary table."""
+    pairs of the axis pooled, one order per pair (``one_order``); on the models
+    axis against |metric A - metric B| (pooled over methods A, the sign of the
+    difference only says which name sorts first). The figure: one scatter per
+    measure over the pooled pairs with its least-squares line and the pooled
+    rho. Returns the primary table."""
     table = pd.read_csv(collated_csv)
     if axis is None:
         axis = str(table["axis"].iloc[0]) if len(table) else "rates"
@@ -193,18 +195,22 @@ def correlate_axis(collated_csv: PathLike, out_csv: PathLike, out_png: PathLike,
     grouped = (correlate_groups(_group_table(table, axis), "metric_diff", measures, by) if len(table)
                else pd.DataFrame(columns=[*CORRELATION_COLUMNS, "group", *by]))
     pooled_table = one_order(table)
-    pooled = correlate(pooled_table, "metric_diff", measures) if len(pooled_table) else empty
+    diff = "metric_diff"
+    if axis == "models" and len(pooled_table):
+        pooled_table = pooled_table.assign(abs_metric_diff=pooled_table["metric_diff"].abs())
+        diff = "abs_metric_diff"
+    pooled = correlate(pooled_table, diff, measures) if len(pooled_table) else empty
     with atomic_path(out_csv) as tmp:
         grouped.to_csv(tmp, index=False)
     if out_pooled is not None:
         with atomic_path(out_pooled) as tmp:
             pooled.to_csv(tmp, index=False)
-    _scatter(pooled_table, measures, pooled, out_png, axis)
+    _scatter(pooled_table, measures, pooled, out_png, axis, diff)
     return grouped
 
 
 def _scatter(table: pd.DataFrame, measures: Sequence[str], stats: pd.DataFrame, out_png: PathLike,
-             axis: str = "") -> None:
+             axis: str = "", diff: str = "metric_diff") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,10 +222,10 @@ def _scatter(table: pd.DataFrame, measures: Sequence[str], stats: pd.DataFrame, 
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     by_measure = stats.set_index("measure") if len(stats) else None
     for ax, measure in zip(axes.flat, measures):
-        sub = table[["metric_diff", measure]].dropna()
-        ax.scatter(sub[measure], sub["metric_diff"], s=12, alpha=0.7)
+        sub = table[[diff, measure]].dropna()
+        ax.scatter(sub[measure], sub[diff], s=12, alpha=0.7)
         if len(sub) >= 2 and sub[measure].nunique() > 1:
-            slope, icept = np.polyfit(sub[measure], sub["metric_diff"], 1)
+            slope, icept = np.polyfit(sub[measure], sub[diff], 1)
             xs = np.linspace(sub[measure].min(), sub[measure].max(), 20)
             ax.plot(xs, slope * xs + icept, color="C3")
         title = measure
@@ -228,7 +234,7 @@ def _scatter(table: pd.DataFrame, measures: Sequence[str], stats: pd.DataFrame, 
             title += f"\nrho={rho:.2f} (n={int(by_measure.loc[measure, 'n'])})" if np.isfinite(rho) else "\nrho=n/a"
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.set_ylabel("metric A - metric B", fontsize=7)
+        ax.set_ylabel("|metric A - metric B|" if diff == "abs_metric_diff" else "metric A - metric B", fontsize=7)
     for ax in list(axes.flat)[len(measures):]:
         ax.axis("off")
     if not measures:
@@ -249,7 +255,9 @@ def rho_matrix(pooled: pd.DataFrame) -> pd.DataFrame:
     split = pooled["measure"].astype(str).str.rsplit("@", n=1, expand=True)
     frame = pd.DataFrame({"measure": split[0].str.replace("_mean", "", regex=False),
                           "block": split[1].astype(int), "rho": pd.to_numeric(pooled["spearman_rho"])})
-    order = [m for m in dict.fromkeys(frame["measure"])]
+    known = [m.replace("_mean", "") for m in (*PATTERN_MEASURES, *FEATURE_MEASURES)]
+    present = list(dict.fromkeys(frame["measure"]))
+    order = [m for m in known if m in present] + [m for m in present if m not in known]
     wide = frame.pivot_table(index="measure", columns="block", values="rho", aggfunc="first", dropna=False)
     return wide.reindex(index=order).sort_index(axis=1)
 
@@ -266,7 +274,9 @@ def rho_heatmap(pooled_csvs: Mapping[str, PathLike], out_png: PathLike, title: s
     import matplotlib.pyplot as plt
 
     mats = {axis: rho_matrix(pd.read_csv(path)) for axis, path in pooled_csvs.items()}
-    rows = list(dict.fromkeys(m for mat in mats.values() for m in mat.index))
+    known = [m.replace("_mean", "") for m in (*PATTERN_MEASURES, *FEATURE_MEASURES)]
+    present = list(dict.fromkeys(m for mat in mats.values() for m in mat.index))
+    rows = [m for m in known if m in present] + [m for m in present if m not in known]
     cols = sorted({b for mat in mats.values() for b in mat.columns})
     n = max(1, len(mats))
     width = 0.75 + 0.5 * max(1, len(cols))
@@ -293,8 +303,8 @@ def rho_heatmap(pooled_csvs: Mapping[str, PathLike], out_png: PathLike, title: s
                         color="white" if abs(v) > 0.6 else "black")
     if image is not None:
         fig.colorbar(image, ax=list(axes.flat), fraction=0.04, pad=0.02, label="Spearman rho")
-    fig.suptitle(f"{title + ': ' if title else ''}rho(metric A - metric B, measure), pairs pooled per axis",
-                 fontsize=9)
+    fig.suptitle(f"{title + ': ' if title else ''}rho(metric A - metric B, measure), pairs pooled per axis "
+                 "(models: |metric A - metric B|)", fontsize=9)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
