@@ -155,7 +155,7 @@ def plot_accuracy_drop(drops: pd.DataFrame, path: Union[str, Path]) -> None:
         ax.set_title(f"{dataset} / {backbone}: unreduced {name} {base:.1f}", fontsize=10)
         ax.set_xlabel(f"drop in {name} from the unreduced model (points)")
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper right")  # the smallest drops are on top
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -197,7 +197,9 @@ def plot_accuracy(table: pd.DataFrame, x: str, path: Union[str, Path], baseline:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(sub["metric_name"].iloc[0] if len(sub) else "metric")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    for ax in axes[0]:  # each panel names its own methods, beside the plot
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

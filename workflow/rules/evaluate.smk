@@ -15,6 +15,7 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate/{RUN_DIR}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{RUN_DIR}.tsv"
+    priority: 10
     conda:
         "../../envs/torch.yaml"
     threads: job_threads()

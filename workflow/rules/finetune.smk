@@ -12,6 +12,7 @@ rule pretrain:
         f"{RESULTS}/logs/pretrain/{{backbone}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{backbone}}.tsv"
+    priority: 30
     conda:
         "../../envs/torch.yaml"
     threads: job_threads()
@@ -43,6 +44,7 @@ rule finetune:
         f"{RESULTS}/logs/finetune/{RUN_DIR}.log",
     benchmark:
         f"{RESULTS}/benchmarks/finetune/{RUN_DIR}.tsv"
+    priority: 20
     conda:
         "../../envs/torch.yaml"
     threads: job_threads()
