@@ -19,9 +19,6 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_c
 REDUCER_BREAKS = {
     "atc": "reduction/clustering.py: the agglomerative merge loop branches on a tensor each merge round "
     "(`bool(todo.any())` / a data-dependent `if`), one graph break per round (16 here)",
-    "heuristic": "reduction/heuristic.py: torch.unique over the grid's distance shells and int(counts[best]) "
-    "when ranking the grid, 8 breaks here; the ranking depends only on the grid and the count, so it could "
-    "be computed once per shape outside the traced forward",
 }
 METHODS = ["tome", "tomecis", "topk", "evit", "dpcknn", "kmedoids", "atc", "sit", "patchmerger", "sinkhorn",
            "heuristic", "ats", "dynamicvit"]

@@ -185,9 +185,10 @@ def plot_accuracy(table: pd.DataFrame, x: str, path: Union[str, Path], baseline:
         sub = table[(table.dataset == dataset) & (table.backbone == backbone)]
         base = sub[sub.keep_rate == 1.0]
         scale, xlabel = (1.0, "keep rate") if x == "keep_rate" else _flops_axis(sub[x].dropna())
-        for method, group in sub[sub.keep_rate < 1.0].groupby("method"):
+        colours = plt.get_cmap("tab20").colors  # more methods than tab10's ten colours
+        for i, (method, group) in enumerate(sub[sub.keep_rate < 1.0].groupby("method")):
             mean = group.groupby(x, as_index=False)["metric"].mean().sort_values(x)
-            ax.plot(mean[x] * scale, mean["metric"], marker="o", label=method)
+            ax.plot(mean[x] * scale, mean["metric"], marker="os^D"[i // 20 % 4], color=colours[i % 20], label=method)
         if len(base):
             ax.axhline(base["metric"].mean(), color="k", linestyle="--", label="no reduction")
         # a few short tick labels: FLOPs counts are long decimals that overlap

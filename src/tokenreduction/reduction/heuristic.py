@@ -21,6 +21,9 @@ index)), so the n tokens entering any stage are the n best-ranked patches in
 raster order; the stage needs no state, only the grid, which ``patch_model``
 passes as ``grid_size`` (``needs_grid``). Used on its own without
 ``grid_size``, the input of the call is taken as the full, square grid.
+The kept positions depend only on (grid, token count, requested count,
+pattern, rule): they are computed once in plain Python (cached) and, under
+torch.compile, baked into the graph as a constant index (no graph break).
 
 Unlike the reference, which masks the other tokens out of attention (as keys
 and as queries), the tokens are removed: for the kept tokens this is the same.
@@ -117,20 +120,44 @@ def heuristic_kept_count(grid_size: Sequence[int], num_tokens: int, k: int, patt
     return max(0, min(kept, num_tokens))
 
 
-@lru_cache(maxsize=64)
-def heuristic_keep_index(
-    grid_size: tuple[int, int], num_tokens: int, k: int, pattern: str = "l2", rule: str = "reference"
-) -> torch.Tensor:
-    """Indices (M,), ascending, among the `num_tokens` current tokens (the
-    `num_tokens` best-ranked patches in raster order) of the M tokens to keep
-    (M = k for ``rule="exact"``, whole shells for the reference).
-    Cached (the result is a CPU tensor: do not modify it in place)."""
-    rank, _ = _plan(tuple(grid_size), pattern, rule)
+@lru_cache(maxsize=256)
+def _keep_positions(
+    grid_size: tuple[int, int], num_tokens: int, k: int, pattern: str, rule: str
+) -> tuple[int, ...]:
+    """Plain-Python, cached: the ascending positions (among the `num_tokens`
+    current tokens) of the tokens a stage keeps, as a tuple of ints."""
+    rank, _ = _plan(grid_size, pattern, rule)
     if not 1 <= num_tokens <= rank.numel():
         raise ValueError(f"heuristic got {num_tokens} tokens for a grid of {rank.numel()} patches")
     m = heuristic_kept_count(grid_size, num_tokens, k, pattern, rule)
     current = rank[rank < num_tokens]  # ranks of the current tokens, raster order
-    return (current < m).nonzero().flatten()
+    return tuple((current < m).nonzero().flatten().tolist())
+
+
+def heuristic_keep_index(
+    grid_size: Sequence[int], num_tokens: int, k: int, pattern: str = "l2", rule: str = "reference"
+) -> torch.Tensor:
+    """Indices (M,), ascending, long, CPU, among the `num_tokens` current
+    tokens (the `num_tokens` best-ranked patches in raster order) of the M
+    tokens to keep (M = k for ``rule="exact"``, whole shells for the
+    reference). The ranking is cached per (grid, num_tokens, k, pattern, rule)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown heuristic rule {rule!r}; use one of {', '.join(RULES)}")
+    _check_pattern(pattern)
+    grid = (int(grid_size[0]), int(grid_size[1]))
+    return torch.tensor(_keep_positions(grid, int(num_tokens), int(k), pattern, rule), dtype=torch.long)
+
+
+@torch.compiler.assume_constant_result
+def _constant_keep_positions(
+    grid_size: tuple[int, int], num_tokens: int, k: int, pattern: str, rule: str
+) -> tuple[int, ...]:
+    """The forward's entry point: under torch.compile it is evaluated eagerly
+    while tracing and its result baked in as a constant (its inputs are
+    Python ints and strings that the traced forward specialises on: the token
+    count is a static dimension, the rest are module/budget attributes), so
+    the shell ranking (torch.unique, .item()) never enters the graph."""
+    return _keep_positions(grid_size, num_tokens, k, pattern, rule)
 
 
 @register("heuristic")
@@ -167,8 +194,9 @@ class Heuristic(TokenReducer):
 
     def forward(self, x: torch.Tensor, size: torch.Tensor, feats: BlockFeatures, budget) -> ReductionOutput:
         B, N, _ = x.shape
-        keep = heuristic_keep_index(self._grid(N), N, int(budget.target), self.pattern, self.rule).to(x.device)
-        k = keep.numel()
+        positions = _constant_keep_positions(self._grid(N), N, int(budget.target), self.pattern, self.rule)
+        keep = torch.tensor(positions, dtype=torch.long, device=x.device)  # constant index, no graph break
+        k = len(positions)
         keep_idx = keep.expand(B, k)
         assignment = torch.full((B, N), -1, dtype=torch.long, device=x.device)
         assignment[:, keep] = torch.arange(k, device=x.device)
