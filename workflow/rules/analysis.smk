@@ -6,13 +6,8 @@
 # kl_base 2, models_baseline_rate 0.9 (the models axis pairs the unreduced
 # baseline with the runs at this keep rate; null: not).
 
-ANALYSIS = config.get("analysis") or {}
 
-
-def _baseline_rate_arg():
-    rate = ANALYSIS.get("models_baseline_rate", 0.9)
-    return "none" if rate is None else str(rate)
-
+include: "analysis_common.smk"
 
 
 rule analysis_compare:
