@@ -332,7 +332,7 @@ def test_stage_times_count_each_job_once_and_only_this_run(tmp_path):
                                              "job_hash": job_hash, "incomplete": incomplete}))
 
     record("a1", "finetune", 100.0, 160.0, 1)
-    record("a2", "finetune", 100.0, 160.0, 1)  # a second output of the same job
+    record("a2", "finetune", 100.0, 159.5, 1)  # a second output of the same job
     record("b", "finetune", 150.0, 250.0, 2)
     record("c", "pretrain", 20.0, 90.0, 3)
     record("d", "evaluate", 10.0, 15.0, 4)      # finished before this run started

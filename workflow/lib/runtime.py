@@ -88,8 +88,9 @@ def shell_quote(value: str) -> str:
 
 def job_records(metadata_dir: Path, since: float = 0.0) -> list[dict]:
     """One record per job finished at or after ``since`` (seconds since the
-    epoch), from Snakemake's per-output metadata files (a job with several
-    outputs appears once): rule, start, end."""
+    epoch), from Snakemake's per-output metadata files: rule, start, end. A job
+    with several outputs has one file per output (same rule and job hash, end
+    times a little apart): it counts once, from its first start to its last end."""
     jobs = {}
     if not Path(metadata_dir).is_dir():
         return []
@@ -105,8 +106,11 @@ def job_records(metadata_dir: Path, since: float = 0.0) -> list[dict]:
             continue
         if end < since:
             continue
-        key = (rule, record.get("job_hash"), start, end)
-        jobs[key] = {"rule": rule, "start": float(start), "end": float(end)}
+        job_hash = record.get("job_hash")
+        key = (rule, job_hash) if job_hash is not None else (rule, start, end)
+        job = jobs.setdefault(key, {"rule": rule, "start": float(start), "end": float(end)})
+        job["start"] = min(job["start"], float(start))
+        job["end"] = max(job["end"], float(end))
     return sorted(jobs.values(), key=lambda j: (j["start"], j["rule"]))
 
 

@@ -361,6 +361,9 @@ def analysis_targets():
     per_dataset = [
         f"{RESULTS}/analysis/{{dataset}}/correlations_{axis}.csv"
         for axis in ANALYSIS_AXES
-    ] + [f"{RESULTS}/analysis/{{dataset}}/token_stats.json", f"{RESULTS}/analysis/{{dataset}}/rho_heatmap.png"]
+    ] + [
+        f"{RESULTS}/analysis/{{dataset}}/token_stats.json",
+        f"{RESULTS}/analysis/{{dataset}}/rho_heatmap.png",
+    ]
     targets = expand(per_dataset, dataset=analysis_datasets())
     return targets + [f"{RESULTS}/analysis/heatmap_comparison.csv"]
