@@ -30,7 +30,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -40,6 +39,7 @@ import pandas as pd
 import torch
 
 import tokenreduction as tr
+from tokenreduction.io import atomic_path
 from tokenreduction.models.budget import StageBudget
 from tokenreduction.reduction import BlockFeatures, get_method, list_methods
 from tokenreduction.reduction.atc import cosine_distance
@@ -256,16 +256,8 @@ def atc_vs_scipy(args) -> List[Row]:
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            frame.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def print_tables(frame: pd.DataFrame) -> None:
