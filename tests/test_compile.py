@@ -16,10 +16,7 @@ import tokenreduction as tr
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 
-REDUCER_BREAKS = {
-    "atc": "reduction/clustering.py: the agglomerative merge loop branches on a tensor each merge round "
-    "(`bool(todo.any())` / a data-dependent `if`), one graph break per round (16 here)",
-}
+REDUCER_BREAKS: dict = {}  # method -> reason, for a reducer that still breaks the graph
 METHODS = ["tome", "tomecis", "topk", "evit", "dpcknn", "kmedoids", "atc", "sit", "patchmerger", "sinkhorn",
            "heuristic", "ats", "dynamicvit"]
 

@@ -47,7 +47,8 @@ def atc_merge(
     means, sizes summed, assignment (B, N) to the output index."""
     with torch.no_grad():
         labels = agglomerative_labels(cosine_distance(metric), num_clusters, linkage)
-    assignment, num_out = labels_to_assignment(labels)
+    # the clustering yields exactly min(K, N) clusters per image
+    assignment, num_out = labels_to_assignment(labels, num_out=min(int(num_clusters), x.shape[1]))
     merged, _ = pool_by_assignment(x, assignment, num_out, weight=size)
     return ReductionOutput(x=merged, size=sum_by_assignment(size, assignment, num_out), assignment=assignment)
 

@@ -91,9 +91,16 @@ def agglomerative_labels(
         raise ValueError(f"distance must be a float tensor, got {distance.dtype}")
     if int(num_clusters) < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+    # one opaque operator: torch.compile traces around it without a graph break
+    return _labels_op(distance.detach(), int(num_clusters), linkage, backend)
+
+
+@torch.library.custom_op("tokenreduction::agglomerative_labels", mutates_args=())
+def _labels_op(distance: torch.Tensor, num_clusters: int, linkage: str, backend: str) -> torch.Tensor:
+    """The clustering itself (arguments checked by agglomerative_labels)."""
     B, N, _ = distance.shape
     device = distance.device
-    need = N - min(int(num_clusters), N)
+    need = N - min(num_clusters, N)
     if need == 0 or B == 0:
         return torch.arange(N, device=device).expand(B, N).contiguous()
     if backend == "auto":
@@ -105,6 +112,11 @@ def agglomerative_labels(
     D.diagonal(dim1=1, dim2=2).fill_(float("inf"))
     into, height, rounds = _rnn_merges(D, need, linkage)
     return _cut(into, height, rounds, need)
+
+
+@_labels_op.register_fake
+def _(distance, num_clusters, linkage, backend):
+    return distance.new_empty(distance.shape[:2], dtype=torch.long)
 
 
 # ------------------------------------------------------------------ SciPy back end

@@ -72,17 +72,22 @@ def sum_by_assignment(
     return out.scatter_add_(1, assignment, values)
 
 
-def labels_to_assignment(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
+def labels_to_assignment(
+    labels: torch.Tensor, num_out: Optional[int] = None
+) -> Tuple[torch.Tensor, int]:
     """Relabel cluster ids (B, N), each cluster named by any of its members'
     indices in [0, N), to ranks 0..M-1 ordered by that name; every image must
-    have the same number of clusters M. Returns (assignment (B, N), M)."""
+    have the same number of clusters M. Returns (assignment (B, N), M).
+    A caller that knows M (a clustering with exactly M clusters) passes it:
+    then nothing is read back from the tensors (no sync, no graph break)."""
     B, N = labels.shape
     present = torch.zeros(B, N, dtype=torch.long, device=labels.device)
     present.scatter_(1, labels, 1)
-    counts = present.sum(1)
-    num_out = int(counts[0])
-    if not bool((counts == num_out).all()):
-        raise RuntimeError("cluster counts differ between images")
+    if num_out is None:
+        counts = present.sum(1)
+        num_out = int(counts[0])
+        if not bool((counts == num_out).all()):
+            raise RuntimeError("cluster counts differ between images")
     rank = present.cumsum(1) - 1
     return rank.gather(1, labels), num_out
 
