@@ -405,3 +405,16 @@ def test_wandb_run_named_after_its_path_and_resumed(data_root, tmp_path, monkeyp
     assert len({i["id"] for i in inits}) == 1 and inits[1]["name"] == first["name"]
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{first['id']}"))
     assert len(offline) >= 2  # the training run, resumed, then the evaluation
+
+
+def test_cooldown_epochs_train_at_min_lr_after_the_schedule(data_root, tmp_path):
+    """epochs=2 + cooldown_epochs=2 (the CLCA reference's recipe shape): four
+    epochs are trained; the cosine schedule ends after the first two, so the
+    last two run at min_lr exactly, and the epochs before it above it."""
+    train(tiny_config(data_root, epochs=2, warmup_epochs=0, cooldown_epochs=2, min_lr=1e-5, lr=1e-3,
+                      sched_in_steps=False, model_ema=False), tmp_path)
+    rows = read_log(tmp_path)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] > lrs[1] > 1e-5
+    assert lrs[2] == pytest.approx(1e-5) and lrs[3] == pytest.approx(1e-5)

@@ -63,6 +63,9 @@ class TrainConfig:
     # schedule
     epochs: int = 30
     warmup_epochs: int = 20
+    #: epochs at min_lr after the schedule's `epochs` (timm's and the CLCA
+    #: reference's cooldown); training runs epochs + cooldown_epochs
+    cooldown_epochs: int = 0
     max_steps: Optional[int] = None
     batch_size: int = 256
     grad_accum_steps: int = 1
@@ -123,6 +126,11 @@ class TrainConfig:
     progress_seconds: float = 60.0
     checkpoint_every_steps: Optional[int] = None
 
+    @property
+    def total_epochs(self) -> int:
+        """Epochs trained: the schedule's plus the cooldown at min_lr."""
+        return self.epochs + self.cooldown_epochs
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -136,8 +144,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
-        if self.warmup_epochs < 0 or self.num_workers < 0:
-            raise ValueError("warmup_epochs and num_workers must be >= 0")
+        if self.warmup_epochs < 0 or self.num_workers < 0 or self.cooldown_epochs < 0:
+            raise ValueError("warmup_epochs, cooldown_epochs and num_workers must be >= 0")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_batch_normalizer is not None and self.lr_batch_normalizer <= 0:

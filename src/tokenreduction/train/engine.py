@@ -484,7 +484,7 @@ def validate_and_select(run: Run, epoch_start: float) -> None:
             flush=True,
         )
     if hasattr(p.bare, "end_epoch"):  # a tuning mode's epoch hook (Head2Toe's feature selection)
-        p.bare.end_epoch(st.epoch, cfg.epochs)
+        p.bare.end_epoch(st.epoch, cfg.total_epochs)
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -566,7 +566,7 @@ def train(
     run = Run(cfg=cfg, out_dir=out_dir, rt=rt, data=data, parts=parts, stop_after_steps=stop_after_steps, on_step=on_step)
     restore_state(run, on_config_change)
     st = run.state
-    total = data.updates_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, data.updates_per_epoch * cfg.epochs)
+    total = data.updates_per_epoch * cfg.total_epochs if cfg.max_steps is None else min(cfg.max_steps, data.updates_per_epoch * cfg.total_epochs)
     run.progress = tracking.ProgressLog("train", total, every_steps=cfg.log_every, every_seconds=cfg.progress_seconds, start_step=st.step)
     if rt.is_main and cfg.wandb_project:
         run.wandb_run = tracking.start_wandb(tracking.wandb_settings(out_dir, cfg.to_dict()), cfg.to_dict(), dir=out_dir)
@@ -576,13 +576,13 @@ def train(
         parts.scheduler.step_update(st.step)
     try:
         with SignalFlag() as run.sig:
-            while not st.finished and st.epoch < cfg.epochs and not (cfg.max_steps is not None and st.step >= cfg.max_steps):
+            while not st.finished and st.epoch < cfg.total_epochs and not (cfg.max_steps is not None and st.step >= cfg.max_steps):
                 epoch_start = time.time()
                 reached_max = train_one_epoch(run)
                 validate_and_select(run, epoch_start)
                 st.epoch += 1
                 st.batch_in_epoch, st.loss_sum, st.loss_count = 0, 0.0, 0
-                st.finished = reached_max or st.epoch >= cfg.epochs
+                st.finished = reached_max or st.epoch >= cfg.total_epochs
                 save_checkpoint(run)
                 if not st.finished and _stop_requested(run):
                     _interrupt(run)

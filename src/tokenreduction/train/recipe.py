@@ -105,6 +105,7 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_
         optimizer,
         sched=cfg.sched,
         num_epochs=cfg.epochs,
+        cooldown_epochs=cfg.cooldown_epochs,
         warmup_epochs=cfg.warmup_epochs,
         warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr,
