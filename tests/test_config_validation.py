@@ -97,6 +97,7 @@ BROKEN = [
                                        "backbones.small.model_kwargs.global_pool": "avg"}, "experiments[1].keep_rates"),
     # recipes
     ("recipe-warmup-negative", {"finetune.warmup_epochs": -1}, "finetune.warmup_epochs"),
+    ("recipe-cooldown-negative", {"finetune.cooldown_epochs": -1}, "finetune.cooldown_epochs"),
     ("recipe-text-for-float", {"finetune.mixup": "lots"}, "finetune.mixup"),
     ("recipe-workflow-field", {"finetune.model": "deit_small_patch16_224"}, "finetune.model"),
     ("recipe-bad-choice", {"finetune.multilabel_loss": "focal"}, "finetune.multilabel_loss"),

@@ -144,8 +144,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
-        if self.warmup_epochs < 0 or self.num_workers < 0 or self.cooldown_epochs < 0:
-            raise ValueError("warmup_epochs, cooldown_epochs and num_workers must be >= 0")
+        if self.warmup_epochs < 0 or self.num_workers < 0:
+            raise ValueError("warmup_epochs and num_workers must be >= 0")
+        if self.cooldown_epochs < 0:
+            raise ValueError(f"cooldown_epochs must be >= 0, got {self.cooldown_epochs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_batch_normalizer is not None and self.lr_batch_normalizer <= 0:
