@@ -311,7 +311,7 @@ def _wait_for_training(out_path: Path, train_log: Path, proc: subprocess.Popen, 
         if proc.poll() is not None:
             raise AssertionError("snakemake ended before the job could be killed:\n" + out_path.read_text()[-4000:])
         subs = submissions(out_path.read_text())
-        if subs and train_log.exists() and re.search(r"step (\d*[1-9]\d*) loss", train_log.read_text()):
+        if subs and train_log.exists() and re.search(r"train step (\d*[1-9]\d*)\b[^\n]*, loss ", train_log.read_text()):
             return subs[0][0]
         time.sleep(0.5)
     raise AssertionError("training never started:\n" + out_path.read_text()[-4000:])
