@@ -277,6 +277,7 @@ def test_demo_on_slurm_reruns_nothing_reruns_only_what_changed_and_resumes(tmp_p
     train_log = results / "logs" / "finetune" / f"{run}.log"
     cmd = snakemake_cmd([str(target), *SLURM_ARGS, "--configfile", str(path3)], tmp_path, 420)
     log_path = tmp_path / "resume.out"
+    train_log.unlink()  # step 3's log of the same run already has progress lines: wait for this run's own
     with open(log_path, "w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=snakemake_env(config_home))
         try:
