@@ -26,18 +26,7 @@ from tokenreduction.train import engine, load_trained_model, train
 
 torch.set_num_threads(1)
 
-TINY = dict(patch_size=4, embed_dim=16, depth=4, num_heads=2)
-
-
-def make_imagefolder(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 4) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray((rng.random((16, 16, 3)) * 80 + c * 80).astype(np.uint8)).save(d / f"{split}_{c}_{i}.png")
-    return root
+from test_train import TINY, make_imagefolder  # the same tiny model and fabricated folders
 
 
 @pytest.fixture(scope="module")
