@@ -74,6 +74,8 @@ def _random_distances(B: int, N: int, seed: int, dtype=torch.float64) -> torch.T
 
 
 BACKENDS = ["scipy", "rnn"]
+if __import__("tokenreduction.reduction._native_clustering", fromlist=["library"]).library() is not None:
+    BACKENDS.append("native")  # the compiled kernel (needs a C compiler; see tests/test_clustering_native.py)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

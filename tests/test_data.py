@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from tokenreduction.data import (
     DATASET_KINDS,
@@ -608,3 +609,39 @@ def test_corrupt_checkpoint_names_the_file_in_the_model_loader_and_evaluation(tm
         assert e.value.__cause__ is None
         with pytest.raises(CorruptCheckpointError, match=bad.name):
             load_for_evaluation(bad, "imagefolder", tmp_path / "data", "val", 16, "cpu")
+
+
+def test_zoom_out_shrinks_the_digit_onto_a_black_canvas():
+    from tokenreduction.data.transforms import ZoomOut
+
+    img = Image.new("RGB", (32, 32), (200, 200, 200))  # a "digit" filling the image
+    torch.manual_seed(0)
+    for _ in range(5):
+        out = np.asarray(ZoomOut(1.0, (0.5, 0.5), interpolation=InterpolationMode.NEAREST)(img))[:, :, 0]
+        assert out.shape == (32, 32)
+        rows, cols = np.flatnonzero(out.any(1)), np.flatnonzero(out.any(0))
+        # one 16x16 block of the grey value, the rest black, anywhere in the canvas
+        assert len(rows) == 16 and len(cols) == 16 and np.ptp(rows) == 15 and np.ptp(cols) == 15
+        assert (out > 0).sum() == 256 and set(np.unique(out)) == {0, 200}
+    assert ZoomOut(0.0)(img) is img  # p = 0: unchanged
+    with pytest.raises(ValueError, match="zoom_out_scale"):
+        ZoomOut(0.5, (0.0, 1.0))
+    with pytest.raises(ValueError, match="probability"):
+        ZoomOut(1.5)
+
+
+def test_digits_training_transform_zooms_out_by_default_only_on_digits():
+    from tokenreduction.data import transforms as tfm
+
+    aug = tfm.train_augmentation("digits", auto_augment=None, reprob=0.0)
+    assert aug["zoom_out"] == tfm.DIGITS_ZOOM_OUT > 0 and aug["zoom_out_scale"] == tfm.DIGITS_ZOOM_OUT_SCALE
+    zooms = [t for t in build_transform(True, 32, "digits", **aug).transforms if isinstance(t, tfm.ZoomOut)]
+    assert len(zooms) == 1 and zooms[0].p == tfm.DIGITS_ZOOM_OUT
+    assert "zoom_out" not in tfm.train_augmentation("digits", zoom_out=0)
+    assert "zoom_out" not in tfm.train_augmentation("imagenet") and "zoom_out" not in tfm.train_augmentation("digits_multilabel")
+    # the eval transform never zooms; a digit image zoomed out keeps only a quarter of its pixels lit
+    assert not any(isinstance(t, tfm.ZoomOut) for t in build_transform(False, 32, "digits").transforms)
+    torch.manual_seed(0)
+    full = Image.new("RGB", (32, 32), (255, 255, 255))
+    x = build_transform(True, 32, "digits", zoom_out=1.0, zoom_out_scale=(0.5, 0.5), mean=(0, 0, 0), std=(1, 1, 1))(full)
+    assert 0.2 < float((x[0] > 0.5).float().mean()) < 0.3

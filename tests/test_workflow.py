@@ -28,7 +28,20 @@ def test_demo_dry_run_builds_every_stage(tmp_path):
     demo = load_config("config.yaml")
     assert jobs["prepare_dataset"] == len(demo["datasets"])
     assert jobs["pretrain"] == len(demo["backbones"])
-    assert jobs["finetune"] == jobs["evaluate"] >= 40
+    # evaluate.after_training: each fine-tuning job evaluates its model and
+    # writes the evaluation outputs itself (no evaluate job)
+    assert demo["evaluate"]["after_training"] is True
+    assert jobs["finetune"] >= 40 and "evaluate" not in jobs
+    finetune_outputs = [
+        line for block in out.split("rule finetune:")[1:] for line in block.splitlines()[:3] if "output:" in line
+    ]
+    assert len(finetune_outputs) == jobs["finetune"]
+    assert all(
+        all(f"/{name}" in line for name in ("metrics.json", "patterns.npz", "cls_features.npz", "final.pth"))
+        and "results/eval/" in line
+        for line in finetune_outputs
+    ), finetune_outputs[:2]
+    assert "--then-evaluate" in out
     assert jobs["summarise"] == 1
 
 
@@ -49,6 +62,9 @@ def test_study_configs_dry_run(tmp_path, name):
     out = snakemake(["-n", "--configfile", str(path)], tmp_path).stdout
     jobs = planned_jobs(out)
     assert jobs["finetune"] == STUDY_FINETUNE_JOBS[name]
+    # the studies evaluate each run in a job of its own (an evaluation change
+    # reruns no training)
+    assert jobs["evaluate"] == jobs["finetune"] and "--then-evaluate" not in out
     assert "pretrain" not in jobs  # real runs start from timm's weights
 
 
@@ -110,7 +126,10 @@ def tiny_demo_config(tmp_path) -> dict:
     }
     config["pretrain"]["recipe"].update(epochs=1, max_steps=4)
     config["finetune"].update(epochs=1, max_steps=3, batch_size=32)
-    config["evaluate"].update(num_pattern_images=16, throughput_batch=4, batch_size=64)
+    # the studies' route (one evaluate job per run), which the Slurm, restart
+    # and rerun tests exercise; the demo's after_training route is tested in
+    # test_demo_dry_run_builds_every_stage and tests/test_train_then_evaluate.py
+    config["evaluate"].update(num_pattern_images=16, throughput_batch=4, batch_size=64, after_training=False)
     config["experiments"] = [
         {"datasets": ["digits"], "backbones": ["tiny"], "methods": ["topk", "evit"], "keep_rates": [0.5]}
     ]

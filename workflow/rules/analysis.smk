@@ -5,6 +5,9 @@
 # Conventions (config `analysis:`; the study's by default): pwcca study|paired,
 # kl_base 2, models_baseline_rate 0.9 (the models axis pairs the unreduced
 # baseline with the runs at this keep rate; null: not).
+# No `group:` here: Snakemake checks a job group by a walk of the whole DAG per
+# pair of its jobs, which made a third of config/clca.yaml's DAG build
+# (benchmarks/dag_build.py); each analysis job is its own cluster job.
 
 
 include: "analysis_common.smk"
@@ -19,8 +22,6 @@ rule analysis_compare:
         f"{RESULTS}/analysis/{{dataset}}/compare_{{axis}}.csv",
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/compare_{{axis}}.log",
-    group:
-        "analysis"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -52,8 +53,6 @@ rule analysis_collate:
         ),
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/collate_{{axis}}.log",
-    group:
-        "analysis"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -87,8 +86,6 @@ rule analysis_correlate:
         ),
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/correlate_{{axis}}.log",
-    group:
-        "analysis"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -118,8 +115,6 @@ rule analysis_rho_heatmap:
         ),
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/rho_heatmap.log",
-    group:
-        "analysis"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -151,8 +146,6 @@ rule token_statistics:
         ),
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/token_stats.log",
-    group:
-        "analysis"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -184,8 +177,6 @@ rule compare_heatmaps:
         ),
     log:
         f"{RESULTS}/logs/analysis/heatmaps.log",
-    group:
-        "analysis"
     conda:
         "../../envs/torch.yaml"
     threads: 1

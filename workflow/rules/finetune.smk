@@ -1,4 +1,9 @@
-# Pretraining (demo backbones only) and fine-tuning with reduction.
+# Pretraining (demo backbones only) and fine-tuning with reduction. With
+# evaluate.after_training (the demo), a fine-tuning job also evaluates its
+# model and writes the evaluate rule's outputs (evaluate_common.smk).
+
+
+include: "evaluate_common.smk"
 
 
 rule pretrain:
@@ -37,6 +42,7 @@ rule finetune:
         init=init_input,
         teacher=teacher_input,
     output:
+        **(EVAL_OUTPUTS if EVAL_AFTER_TRAINING else {}),
         model=f"{RESULTS}/finetune/{RUN_DIR}/final.pth",
         metrics=f"{RESULTS}/finetune/{RUN_DIR}/train_metrics.json",
         log_csv=f"{RESULTS}/finetune/{RUN_DIR}/log.csv",
@@ -51,12 +57,13 @@ rule finetune:
     resources:
         gpu=lambda w: _gpus("train"),
         mem_mb=train_mem,
-        runtime=train_runtime,
+        runtime=finetune_job_runtime,
     params:
         spec=finetune_spec,
-        code=finetune_code,
+        then_evaluate=then_evaluate_arg,
+        code=finetune_job_code,
     shell:
         "set --; if [ {resources.gpu} -gt 1 ]; then"
         " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"
         ' OMP_NUM_THREADS={threads} "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
-        " --final {output.model:q} > {log:q} 2>&1"
+        " --final {output.model:q} {params.then_evaluate} > {log:q} 2>&1"

@@ -42,7 +42,7 @@ UFGIR_KINDS = frozenset({"ufgir", "digits_ufgir"})
 _TIMM_KEYS = frozenset(inspect.signature(create_transform).parameters) - {
     "input_size", "is_training", "interpolation", "mean", "std", "crop_pct",
 }
-_EXTRA_KEYS = frozenset({"cutout", "trivial_augment"})
+_EXTRA_KEYS = frozenset({"cutout", "trivial_augment", "zoom_out", "zoom_out_scale", "zoom_out_grid"})
 
 
 def _interp(name: str) -> InterpolationMode:
@@ -74,6 +74,49 @@ class Cutout:
         return f"Cutout(factor={self.factor})"
 
 
+class ZoomOut:
+    """With probability ``p``, shrink a PIL image by a factor drawn uniformly
+    from ``scale`` and paste it at a uniformly random position of a canvas of
+    the original size filled with ``fill``; otherwise return it unchanged.
+
+    The demo pretrains on digits that fill the 32-px image, while the mosaics
+    hold them at half that size in any quadrant: zoomed-out copies teach the
+    backbone the digits at both scales and anywhere in the image.
+    """
+
+    def __init__(self, p: float = 0.5, scale: Sequence[float] = (0.5, 1.0), fill: int = 0,
+                 interpolation: InterpolationMode = InterpolationMode.BILINEAR, grid: int = 1) -> None:
+        lo, hi = (float(v) for v in scale)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"zoom_out probability must be in [0, 1], got {p}")
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"zoom_out_scale must satisfy 0 < lo <= hi <= 1, got {tuple(scale)}")
+        if int(grid) < 1 or hi > 1.0 / int(grid):
+            raise ValueError(f"zoom_out_grid {grid} needs a scale of at most 1/grid, got {tuple(scale)}")
+        self.p, self.scale, self.fill, self.interpolation = float(p), (lo, hi), int(fill), interpolation
+        self.grid = int(grid)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.p <= 0.0 or float(torch.rand(())) >= self.p:
+            return img
+        lo, hi = self.scale
+        s = lo + (hi - lo) * float(torch.rand(()))
+        w, h = img.size
+        sw, sh = max(1, round(w * s)), max(1, round(h * s))
+        small = T.functional.resize(img, [sh, sw], interpolation=self.interpolation)
+        # a random cell of the grid (the whole canvas when grid is 1), a random offset inside it
+        cw, ch = w // self.grid, h // self.grid
+        r, q = divmod(int(torch.randint(0, self.grid * self.grid, ())), self.grid)
+        x0 = q * cw + int(torch.randint(0, max(cw - sw, 0) + 1, ()))
+        y0 = r * ch + int(torch.randint(0, max(ch - sh, 0) + 1, ()))
+        canvas = Image.new(img.mode, (w, h), (self.fill,) * len(img.getbands()))
+        canvas.paste(small, (x0, y0))
+        return canvas
+
+    def __repr__(self) -> str:
+        return f"ZoomOut(p={self.p}, scale={self.scale}, fill={self.fill})"
+
+
 def _auto_augment(spec: str, img_size: int, mean: Sequence[float], interpolation: str):
     params = dict(
         translate_const=int(img_size * 0.45),
@@ -85,6 +128,14 @@ def _auto_augment(spec: str, img_size: int, mean: Sequence[float], interpolation
 
 #: the single-label demo kind (scikit-learn's digits)
 DIGIT_KINDS = ("digits",)
+
+#: zoom-out of the digits' training images (:class:`ZoomOut`): the
+#: probability and the range of the shrink factor. The mosaics hold the digits
+#: at half size, so the backbone pretrained on the digits sees them at that
+#: scale too.
+DIGITS_ZOOM_OUT = 0.0
+DIGITS_ZOOM_OUT_SCALE = (0.45, 1.0)
+DIGITS_ZOOM_OUT_GRID = 1
 
 #: Cutout the reference applies to every training image of these kinds
 #: (ASL's CutoutPIL with cutout_factor 0.5, before RandAugment)
@@ -100,6 +151,7 @@ def train_augmentation(
     re_count: int = 1,
     color_jitter: float = 0.3,
     cutout: Optional[float] = None,
+    zoom_out: Optional[float] = None,
 ) -> dict:
     """The :func:`build_transform` keywords of the training transform of
     `kind`, as the reference ("Which Tokens to Use?") builds it per dataset kind.
@@ -111,17 +163,24 @@ def train_augmentation(
     Cutout (``cutout``; None = :data:`REFERENCE_CUTOUT` of the kind: 0.5 on
     COCO and NUS-WIDE, none on the demo mosaics; 0 = off), then
     ``auto_augment``; never random erasing (the reference has none there).
+    The demo digits add :class:`ZoomOut` with probability ``zoom_out`` (None =
+    :data:`DIGITS_ZOOM_OUT`; 0 = off).
     """
     if kind in MULTILABEL_KINDS:
         factor = REFERENCE_CUTOUT.get(kind, 0.0) if cutout is None else float(cutout)
         return {"auto_augment": auto_augment, "cutout": factor or None}
-    return {
+    aug = {
         "auto_augment": auto_augment,
         "re_prob": reprob,
         "re_mode": re_mode,
         "re_count": re_count,
         "color_jitter": color_jitter,
     }
+    if kind in DIGIT_KINDS:
+        p = DIGITS_ZOOM_OUT if zoom_out is None else float(zoom_out)
+        if p:
+            aug.update(zoom_out=p, zoom_out_scale=DIGITS_ZOOM_OUT_SCALE, zoom_out_grid=DIGITS_ZOOM_OUT_GRID)
+    return aug
 
 
 def build_transform(
@@ -182,6 +241,9 @@ def build_transform(
         # or loses the digit, so only a mild scale jitter and no flip
         if is_train:
             ops = [T.RandomResizedCrop(img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=mode)]
+            if aug.get("zoom_out"):
+                ops.append(ZoomOut(float(aug["zoom_out"]), aug.get("zoom_out_scale", (0.5, 1.0)), interpolation=mode,
+                                   grid=int(aug.get("zoom_out_grid", 1))))
             return T.Compose(ops + normalize + erase)
         return T.Compose([T.Resize((img_size, img_size), interpolation=mode)] + normalize)
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..reduction.clustering import agglomerative_labels, check_linkage
+from ..reduction.clustering import check_linkage, cosine_agglomerative_labels
 from ..reduction.ops import labels_to_assignment
 
 MergeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -137,7 +137,7 @@ def atc_assignment(metric: torch.Tensor, r: int, linkage: str = "average") -> Tu
     r = max(0, min(int(r), N - 1))
     if r == 0:
         return torch.arange(N, device=metric.device).expand(B, N).contiguous(), N
-    labels = agglomerative_labels(cosine_distance(metric), N - r, linkage)
+    labels = cosine_agglomerative_labels(metric, N - r, linkage)  # the cosine distance below, fused
     return labels_to_assignment(labels)
 
 

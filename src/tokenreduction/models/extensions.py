@@ -19,6 +19,8 @@ This module needs only torch; the class composition lives in
 """
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any, Callable, Dict
 
 from torch import nn
@@ -26,6 +28,16 @@ from torch import nn
 ExtensionFn = Callable[..., nn.Module]
 
 _EXTENSIONS: Dict[str, ExtensionFn] = {}
+
+#: the package's own extension modules, imported (so that they register) on
+#: the first lookup, so that `import tokenreduction` stays light
+BUILTIN_EXTENSION_MODULES = ("tokenreduction.clca",)
+
+
+def _load_builtin_extensions() -> None:
+    for module in BUILTIN_EXTENSION_MODULES:
+        if module not in sys.modules:
+            importlib.import_module(module)
 
 
 def register_extension(name: str) -> Callable[[ExtensionFn], ExtensionFn]:
@@ -43,11 +55,13 @@ def register_extension(name: str) -> Callable[[ExtensionFn], ExtensionFn]:
 
 def list_extensions() -> list[str]:
     """Names of the registered extensions, sorted."""
+    _load_builtin_extensions()
     return sorted(_EXTENSIONS)
 
 
 def get_extension(name: str) -> ExtensionFn:
     """The apply function registered as `name`; a ValueError lists the known ones."""
+    _load_builtin_extensions()
     try:
         return _EXTENSIONS[name]
     except KeyError:

@@ -1,0 +1,416 @@
+"""A compiled kernel for exact agglomerative clustering, built on first use.
+
+SciPy's dendrogram routines (``scipy.cluster._hierarchy``) run one image per
+Python call on a float64 condensed copy made by the caller, hold the GIL and
+always build the whole dendrogram with condensed-index arithmetic in the
+inner loops. This kernel runs the *same algorithms with the same arithmetic
+and the same tie-breaking*, so it yields SciPy's partition exactly, but:
+
+* it reads the (B, N, N) float32/float64 square matrices directly (only the
+  upper triangle, as SciPy's condensed form does) into a square float64
+  work matrix, rows contiguous, so every scan is a contiguous row;
+* it loops over the images of a batch in C, scans only the clusters still
+  active, and cuts each dendrogram in C (stable sort by height, union-find
+  over the first N - K merges, labels = smallest member);
+* ctypes releases the GIL during the call, so the images of a batch are
+  spread over threads (:func:`run`).
+
+Algorithms (as ``scipy.cluster.hierarchy.linkage``): single linkage is
+Prim's minimum spanning tree from point 0 (``mst_single_linkage``);
+complete and average linkage the nearest-neighbour chain (``nn_chain``,
+Lance-Williams update ``max`` resp. ``(n_x d_xi + n_y d_yi) / (n_x + n_y)``
+in float64, chain grown from the smallest active index, the previous chain
+element preferred on ties, then the first strictly smaller distance in index
+order). The merges are then ordered by height with a stable sort, as SciPy's
+``argsort(kind="mergesort")``.
+
+The C source below is compiled with the system C compiler (``$CC``, else
+``cc``) into a cache folder (``$TOKENREDUCTION_CACHE``, else
+``$XDG_CACHE_HOME/tokenreduction`` or ``~/.cache/tokenreduction``; a fresh
+temporary folder when that is not writable), keyed by a hash of the source
+and flags, written atomically. :func:`library` returns None (and callers fall
+back to SciPy) when there is no compiler, when the build fails, or when
+``TOKENREDUCTION_NATIVE=0``.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+METHOD_CODES = {"single": 0, "complete": 1, "average": 2}
+
+SOURCE = r"""
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SINGLE 0
+#define COMPLETE 1
+#define AVERAGE 2
+#define BLOCK 32
+#define PREFETCH 8
+
+/* input kinds */
+#define DIST_F32 0
+#define DIST_F64 1
+#define COSSIM_F32 2  /* float32 cosine similarities s: distance max(1 - s, 0) in float32 */
+
+/* upper triangle of one (n, n) image -> symmetric float64 work matrix W
+   (row stride ld); returns 1 when an entry is inf or nan */
+static int fill_work(const void *src, int kind, int64_t n, int64_t ld, double *W) {
+    const float *s32 = (const float *)src;
+    const double *s64 = (const double *)src;
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {  /* rows: contiguous */
+        double *w = W + i * ld;
+        if (kind == DIST_F64) {
+            const double *r = s64 + i * n;
+            for (int64_t j = i + 1; j < n; j++) { double v = r[j]; bad |= !(v - v == 0.0); w[j] = v; }
+        } else if (kind == DIST_F32) {
+            const float *r = s32 + i * n;
+            for (int64_t j = i + 1; j < n; j++) { double v = r[j]; bad |= !(v - v == 0.0); w[j] = v; }
+        } else {
+            const float *r = s32 + i * n;
+            for (int64_t j = i + 1; j < n; j++) {
+                float f = 1.0f - r[j];
+                f = f < 0.0f ? 0.0f : f;
+                double v = f;
+                bad |= !(v - v == 0.0);
+                w[j] = v;
+            }
+        }
+    }
+    if (bad) return 1;
+    for (int64_t ib = 0; ib < n; ib += BLOCK) {  /* mirror, tile by tile */
+        int64_t ie = ib + BLOCK < n ? ib + BLOCK : n;
+        for (int64_t jb = ib; jb < n; jb += BLOCK) {
+            int64_t je = jb + BLOCK < n ? jb + BLOCK : n;
+            for (int64_t i = ib; i < ie; i++) {
+                int64_t j0 = jb > i + 1 ? jb : i + 1;
+                const double *w = W + i * ld;
+                for (int64_t j = j0; j < je; j++) W[j * ld + i] = w[j];
+            }
+        }
+    }
+    return 0;
+}
+
+/* Prim's MST from point 0, as SciPy's mst_single_linkage; returns the
+   number of merges recorded (n - 1) */
+static int64_t mst(int64_t n, int64_t ld, const double *W, double *best, int *done, int *mx, int *my,
+                   double *mh) {
+    for (int64_t i = 0; i < n; i++) { best[i] = INFINITY; done[i] = 0; }
+    int x = 0, y = 0;
+    for (int64_t k = 0; k < n - 1; k++) {
+        double cur = INFINITY;
+        const double *row = W + (int64_t)x * ld;
+        done[x] = 1;
+        for (int64_t i = 0; i < n; i++) {
+            if (done[i]) continue;
+            double d = row[i];
+            if (best[i] > d) best[i] = d;
+            if (best[i] < cur) { y = (int)i; cur = best[i]; }
+        }
+        mx[k] = x; my[k] = y; mh[k] = cur;
+        x = y;
+    }
+    return n - 1;
+}
+
+/* smallest distance between two active clusters (act sorted, na of them) */
+static double lowest(int64_t ld, const double *W, const int *act, int64_t na) {
+    double low = INFINITY;
+    for (int64_t s = 0; s < na; s++) {
+        const double *row = W + (int64_t)act[s] * ld;
+        for (int64_t t = s + 1; t < na; t++) {
+            double d = row[act[t]];
+            if (d < low) low = d;
+        }
+    }
+    return low;
+}
+
+/* nearest-neighbour chain, as SciPy's nn_chain (complete, average). Stops
+   early once `need` recorded merges lie at or below the smallest distance
+   left between active clusters: for these reducible linkages no later merge
+   is lower, and a later one of equal height sorts after them (SciPy sorts
+   the merges stably by height). Returns the number of merges recorded. */
+static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double *W, int *act, int *size,
+                        int *chain, int *mx, int *my, double *mh) {
+    int64_t na = n;
+    for (int64_t i = 0; i < n; i++) { act[i] = (int)i; size[i] = 1; }
+    int64_t len = 0;
+    int64_t next_check = need;
+    for (int64_t k = 0; k < n - 1; k++) {
+        if (k == next_check && k < n - 2) {
+            double low = lowest(ld, W, act, na);
+            int64_t below = 0;
+            for (int64_t m = 0; m < k; m++) below += mh[m] <= low;
+            if (below >= need) return k;
+            next_check = k + (na / 8 > 16 ? na / 8 : 16);
+        }
+        if (len == 0) { chain[0] = act[0]; len = 1; }
+        int x, y = 0;
+        double cur;
+        for (;;) {
+            x = chain[len - 1];
+            if (len > 1) { y = chain[len - 2]; cur = W[(int64_t)x * ld + y]; }
+            else cur = INFINITY;
+            const double *row = W + (int64_t)x * ld;
+            for (int64_t t = 0; t < na; t++) {
+                int i = act[t];
+                if (i == x) continue;
+                double d = row[i];
+                if (d < cur) { cur = d; y = i; }
+            }
+            if (len > 1 && y == chain[len - 2]) break;
+            chain[len++] = y;
+        }
+        len -= 2;
+        if (x > y) { int s = x; x = y; y = s; }
+        int nx = size[x], ny = size[y];
+        mx[k] = x; my[k] = y; mh[k] = cur;
+        size[x] = 0;
+        size[y] = nx + ny;
+        /* drop x from the sorted active list */
+        int64_t lo = 0, hi = na - 1;
+        while (lo < hi) { int64_t mid = (lo + hi) / 2; if (act[mid] < x) lo = mid + 1; else hi = mid; }
+        memmove(act + lo, act + lo + 1, (size_t)(na - lo - 1) * sizeof(int));
+        na--;
+        double *rx = W + (int64_t)x * ld, *ry = W + (int64_t)y * ld;
+        double total = (double)(nx + ny);
+        for (int64_t t = 0; t < na; t++) {
+            int i = act[t];
+            /* the column write jumps a row ahead each time: fetch it early */
+            if (t + PREFETCH < na) __builtin_prefetch(W + (int64_t)act[t + PREFETCH] * ld + y, 1, 0);
+            if (i == y) continue;
+            double a = rx[i], b = ry[i], v;
+            if (method == COMPLETE) v = a > b ? a : b;
+            else if (method == AVERAGE) v = (nx * a + ny * b) / total;
+            else v = a < b ? a : b;
+            ry[i] = v;
+            W[(int64_t)i * ld + y] = v;
+        }
+    }
+    return n - 1;
+}
+
+static int find_root(int *parent, int x) {
+    while (parent[x] != x) { parent[x] = parent[parent[x]]; x = parent[x]; }
+    return x;
+}
+
+/* labels of the first `need` of the m recorded merges by (height, merge order) */
+static void cut(int64_t n, int64_t m, int64_t need, const int *mx, const int *my, const double *mh,
+                int *idx, int *tmp, int *parent, int64_t *labels) {
+    for (int64_t i = 0; i < m; i++) idx[i] = (int)i;
+    for (int64_t width = 1; width < m; width *= 2) {  /* stable bottom-up merge sort */
+        for (int64_t lo = 0; lo < m; lo += 2 * width) {
+            int64_t mid = lo + width < m ? lo + width : m;
+            int64_t hi = lo + 2 * width < m ? lo + 2 * width : m;
+            int64_t a = lo, b = mid, o = lo;
+            while (a < mid && b < hi) tmp[o++] = mh[idx[b]] < mh[idx[a]] ? idx[b++] : idx[a++];
+            while (a < mid) tmp[o++] = idx[a++];
+            while (b < hi) tmp[o++] = idx[b++];
+        }
+        memcpy(idx, tmp, (size_t)m * sizeof(int));
+    }
+    for (int64_t i = 0; i < n; i++) parent[i] = (int)i;
+    for (int64_t t = 0; t < need; t++) {
+        int a = find_root(parent, mx[idx[t]]), b = find_root(parent, my[idx[t]]);
+        if (a < b) parent[b] = a; else if (b < a) parent[a] = b;
+    }
+    for (int64_t i = 0; i < n; i++) labels[i] = find_root(parent, (int)i);
+}
+
+/* The (n, n) work matrix of the calling thread, kept between calls (the
+   scans and updates jump between rows: huge pages spare a TLB miss per
+   access once n * n * 8 bytes exceed what the TLB covers) */
+static __thread double *work = NULL;
+static __thread size_t work_bytes = 0;
+
+static double *work_matrix(size_t bytes) {
+    if (bytes <= work_bytes) return work;
+    free(work);
+    work = NULL;
+    work_bytes = 0;
+    size_t huge = (size_t)2 << 20;
+    size_t rounded = (bytes + huge - 1) / huge * huge;
+    void *p = NULL;
+    if (posix_memalign(&p, huge, rounded) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+    work = (double *)p;
+    work_bytes = rounded;
+    return work;
+}
+
+/* frees the calling thread's work matrix */
+void tr_release_work(void) {
+    free(work);
+    work = NULL;
+    work_bytes = 0;
+}
+
+/* returns 0; 1 when out of memory; 2 when image *bad has inf or nan */
+int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, int64_t need,
+                            int method, int64_t *labels, int64_t *bad) {
+    size_t elem = kind == DIST_F64 ? sizeof(double) : sizeof(float);
+    int64_t ld = n % 2 ? n + 2 : n + 1;  /* odd row stride: rows spread over cache sets */
+    double *W = work_matrix((size_t)(n * ld) * sizeof(double));
+    double *mh = (double *)malloc((size_t)n * sizeof(double));
+    double *best = (double *)malloc((size_t)n * sizeof(double));
+    int *ints = (int *)malloc((size_t)n * 8 * sizeof(int));
+    if (!W || !mh || !best || !ints) { free(mh); free(best); free(ints); return 1; }
+    int *mx = ints, *my = ints + n, *act = ints + 2 * n, *size = ints + 3 * n, *chain = ints + 4 * n;
+    int *idx = ints + 5 * n, *tmp = ints + 6 * n, *parent = ints + 7 * n;
+    int status = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const char *src = (const char *)dist + (size_t)(b * n * n) * elem;
+        if (fill_work(src, kind, n, ld, W)) { *bad = b; status = 2; break; }
+        int64_t m = method == SINGLE ? mst(n, ld, W, best, act, mx, my, mh)
+                                     : nn_chain(n, ld, method, need, W, act, size, chain, mx, my, mh);
+        cut(n, m, need, mx, my, mh, idx, tmp, parent, labels + b * n);
+    }
+    free(mh); free(best); free(ints);
+    return status;
+}
+"""
+
+FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+
+_lock = threading.Lock()
+_library: Optional[ctypes.CDLL] = None
+_tried = False
+_pools: dict = {}
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("TOKENREDUCTION_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "tokenreduction"
+
+
+def _build(folder: Path, compiler: str, digest: str) -> Path:
+    """Compile SOURCE into folder/<digest>.so (atomically) and return it."""
+    target = folder / f"agglomerative-{digest}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=folder, prefix=".build-"))
+    try:
+        src = work / "agglomerative.c"
+        src.write_text(SOURCE)
+        out = work / "lib.so"
+        subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], check=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        os.replace(out, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel, built on the first call; None when unavailable."""
+    global _library, _tried
+    if _tried:
+        return _library
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        if os.environ.get("TOKENREDUCTION_NATIVE", "1") == "0":
+            return None
+        compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+        if compiler is None:
+            return None
+        key = "\0".join([SOURCE, *FLAGS, compiler, sys.platform, os.uname().machine])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        for folder in (_cache_root(), None):
+            try:
+                path = _build(folder if folder is not None else Path(tempfile.mkdtemp(prefix="tokenreduction-")),
+                              compiler, digest)
+                lib = ctypes.CDLL(str(path))
+                fn = lib.tr_agglomerative_labels
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
+                fn.restype = ctypes.c_int
+                _library = lib
+                return _library
+            except (OSError, subprocess.SubprocessError):
+                continue
+        return None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="tokenreduction-cluster")
+        return pool
+
+
+def run(distance: torch.Tensor, need: int, linkage: str, threads: Optional[int] = None,
+        similarity: bool = False) -> torch.Tensor:
+    """(B, N, N) CPU float32/float64 distances -> (B, N) long labels of the
+    first `need` merges of SciPy's dendrogram of each image (see the module
+    docstring). With ``similarity=True`` the input holds float32 cosine
+    similarities s and the distance is ``max(1 - s, 0)`` computed in float32
+    (bit for bit what ``(1 - s).clamp_min(0)`` gives), formed inside the
+    kernel. Images are spread over `threads` threads (default
+    ``torch.get_num_threads()``). Raises ValueError for inf or nan entries
+    (in the upper triangle, the part SciPy reads)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled clustering kernel is not available")
+    if similarity:
+        distance = distance.float()
+        kind = 2
+    else:
+        if distance.dtype not in (torch.float32, torch.float64):
+            distance = distance.double()
+        kind = int(distance.dtype == torch.float64)
+    distance = distance.contiguous()
+    B, N, _ = distance.shape
+    labels = torch.empty(B, N, dtype=torch.long)
+    code = METHOD_CODES[linkage]
+    workers = max(1, min(B, int(threads or torch.get_num_threads())))
+    # the batch in `workers` contiguous chunks
+    bounds = [B * w // workers for w in range(workers + 1)]
+    elem = distance.element_size()
+
+    def chunk(w: int):
+        lo, hi = bounds[w], bounds[w + 1]
+        bad = ctypes.c_int64(-1)
+        status = lib.tr_agglomerative_labels(
+            distance.data_ptr() + lo * N * N * elem, kind, hi - lo, N, need, code,
+            labels.data_ptr() + lo * N * 8, ctypes.byref(bad))
+        return status, lo + bad.value
+
+    if workers == 1:
+        results = [chunk(0)]
+    else:
+        results = list(_pool(workers).map(chunk, range(workers)))
+    for status, bad in results:
+        if status == 1:
+            raise MemoryError(f"clustering {N} points needs {N * N * 8 / 2**20:.0f} MiB of work memory")
+        if status == 2:
+            raise ValueError(f"distance must be finite: image {bad} has inf or nan entries")
+    return labels

@@ -1,0 +1,139 @@
+"""The compiled clustering kernel (backend "native"): SciPy's partition,
+bit for bit, on random, tied and asymmetric inputs, across threads, the
+fused cosine path for Stable Diffusion, its build, fallback and errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from tokenreduction.diffusion.merge import atc_assignment, cosine_distance
+from tokenreduction.reduction import _native_clustering as native
+from tokenreduction.reduction import clustering
+from tokenreduction.reduction.clustering import agglomerative_labels, cosine_agglomerative_labels
+
+LINKAGES = ["single", "complete", "average"]
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native kernel is not built")
+
+
+def _scipy(distance: torch.Tensor, k: int, method: str) -> np.ndarray:
+    """SciPy's partition of each image (upper triangle), points named by
+    the smallest member of their cluster."""
+    out = []
+    n = distance.shape[1]
+    rows, cols = np.triu_indices(n, 1)
+    for d in distance.double().numpy():
+        lab = fcluster(linkage(d[rows, cols], method=method), k, criterion="maxclust")
+        _, first, inverse = np.unique(lab, return_index=True, return_inverse=True)
+        out.append(first[inverse.reshape(-1)])
+    return np.stack(out)
+
+
+def _scipy_first_merges(distance: torch.Tensor, k: int, method: str) -> torch.Tensor:
+    """The partition made by the first N - K rows of SciPy's linkage matrix
+    (the library's contract; with tied heights ``fcluster(maxclust)`` may
+    stop short of K clusters)."""
+    n = distance.shape[1]
+    rows, cols = np.triu_indices(n, 1)
+    merges = [linkage(d[rows, cols], method=method)[: n - k, :2] for d in distance.double().numpy()]
+    return clustering.labels_from_merges(torch.from_numpy(np.stack(merges).astype(np.int64)), n)
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_random_and_tied_inputs_equal_scipy(method):
+    """Float32 cosine distances at ATC's size and integer-valued distances
+    (many equal heights, where SciPy's chain order decides), for K from 1 to
+    N - 1: the partition of SciPy's dendrogram, image by image. N=150 with K
+    small makes the early stop of the chain (checked every few merges) run."""
+    g = torch.Generator().manual_seed(5)
+    cos = cosine_distance(torch.randn(3, 150, 16, generator=g))
+    ints = torch.randint(0, 5, (3, 90, 90), generator=g).double()
+    ints = ints + ints.transpose(1, 2)
+    for distance in (cos, ints):
+        n = distance.shape[1]
+        for k in (1, n // 4, n // 2, int(0.7 * n), n - 1):
+            labels = agglomerative_labels(distance, k, method, backend="native")
+            assert labels.dtype == torch.long and labels.shape == distance.shape[:2]
+            assert torch.equal(labels, _scipy_first_merges(distance, k, method)), f"{method} K={k}"
+            assert torch.equal(labels, agglomerative_labels(distance, k, method, backend="scipy"))
+            if distance is cos:  # distinct heights: also fcluster's maxclust cut
+                np.testing.assert_array_equal(labels.numpy(), _scipy(distance, k, method), err_msg=f"K={k}")
+
+
+def test_only_the_upper_triangle_is_read():
+    """As SciPy's condensed form: an asymmetric lower triangle is ignored."""
+    g = torch.Generator().manual_seed(2)
+    d = cosine_distance(torch.randn(2, 40, 8, generator=g)).double()
+    noisy = d.clone()
+    lower = torch.ones(40, 40, dtype=torch.bool).tril(-1)
+    noisy[:, lower] = torch.rand(2, int(lower.sum()), generator=g, dtype=torch.float64)
+    for method in LINKAGES:
+        expected = agglomerative_labels(d, 13, method, backend="native")
+        assert torch.equal(agglomerative_labels(noisy, 13, method, backend="native"), expected)
+        np.testing.assert_array_equal(expected.numpy(), _scipy(d, 13, method))
+
+
+def test_threads_split_the_batch_without_changing_labels():
+    g = torch.Generator().manual_seed(3)
+    d = cosine_distance(torch.randn(5, 60, 8, generator=g))
+    one = native.run(d, 25, "average", threads=1)
+    assert torch.equal(native.run(d, 25, "average", threads=3), one)
+    assert torch.equal(native.run(d, 25, "average", threads=8), one)  # more threads than images
+    np.testing.assert_array_equal(one.numpy(), _scipy(d, 35, "average"))
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_cosine_labels_fused_equal_distance_path(method):
+    """The distance max(1 - s, 0) formed in the kernel gives the partition of
+    the distance tensor computed in torch, duplicated and opposite tokens
+    (distance rounding below 0, and 2) included."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 70, 16, generator=g)
+    x[0, 1] = x[0, 0]
+    x[0, 2] = -x[0, 0]
+    x[1, 5] = 3 * x[1, 4]
+    for k in (35, 49):
+        fused = cosine_agglomerative_labels(x, k, method)
+        assert torch.equal(fused, agglomerative_labels(cosine_distance(x), k, method, backend="scipy"))
+    assignment, m = atc_assignment(x, 35, method)
+    assert m == 35 and assignment.shape == (2, 70)
+
+
+def test_non_finite_entries_name_the_image():
+    d = cosine_distance(torch.randn(4, 12, 3))
+    d[2, 3, 7] = float("inf")
+    with pytest.raises(ValueError, match="image 2"):
+        agglomerative_labels(d, 5, "complete", backend="native")
+    d[2, 3, 7] = 0.5
+    d[2, 7, 3] = float("nan")  # lower triangle: not read, as by SciPy
+    assert agglomerative_labels(d, 5, "complete", backend="native").shape == (4, 12)
+
+
+def test_build_into_cache_and_fallback(tmp_path, monkeypatch):
+    """The kernel builds into $TOKENREDUCTION_CACHE; TOKENREDUCTION_NATIVE=0
+    turns it off: "auto" then uses SciPy and "native" says why it cannot run."""
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setenv("TOKENREDUCTION_CACHE", str(tmp_path))
+    assert native.library() is not None
+    assert len(list(tmp_path.glob("agglomerative-*.so"))) == 1
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setenv("TOKENREDUCTION_NATIVE", "0")
+    assert native.library() is None
+    d = cosine_distance(torch.randn(2, 20, 4))
+    np.testing.assert_array_equal(agglomerative_labels(d, 8, "average").numpy(), _scipy(d, 8, "average"))
+    with pytest.raises(RuntimeError, match="not available"):
+        agglomerative_labels(d, 8, "average", backend="native")
+    assert torch.equal(cosine_agglomerative_labels(torch.randn(1, 9, 3), 9, "single"), torch.arange(9)[None])
+    monkeypatch.setattr(native, "_tried", False)  # rebuilt (cached) for the tests after this one
+    monkeypatch.delenv("TOKENREDUCTION_NATIVE")
+
+
+def test_native_rejects_gpu_tensors_by_name():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    with pytest.raises(ValueError, match="CPU"):
+        agglomerative_labels(torch.rand(1, 4, 4, device="cuda"), 2, "single", backend="native")
