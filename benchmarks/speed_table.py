@@ -15,8 +15,10 @@ deit_s      DeiT-S at keep rate 0.7 (blocks 3/6/9) for topk, evit, tome, atc
             not measured.
 atc_batch   clustering B=64 images of N=196 tokens into K=137 (C=64 random
             features, float32 cosine distances as ATC computes them), per
-            linkage: this library (``agglomerative_labels``, default back end
-            and the tensor "rnn" back end) vs the official per-image
+            linkage: this library (``agglomerative_labels``: the default back
+            end, "native" where a C compiler is found; the previous default
+            "scipy" as ``library_scipy``, i.e. before/after in one run; and
+            the tensor "rnn" back end) vs the official per-image
             scikit-learn loop (``AgglomerativeClustering(K,
             metric="precomputed")``, as ATC's code) and a per-image SciPy loop
             (``linkage`` + ``fcluster(K, "maxclust")`` on the condensed
@@ -24,15 +26,16 @@ atc_batch   clustering B=64 images of N=196 tokens into K=137 (C=64 random
             includes its own conversions. ``agree`` is the fraction of images
             whose partition equals SciPy's.
 atc_large   one image, N=1024 and N=4096 (a 512-px SD latent), K=N/2,
-            library vs SciPy (same as above).
+            library (default and "scipy" back ends) vs SciPy (same as above).
 sd_unet     an SD-v1.5-layout UNet (diffusers ``UNet2DConditionModel``:
             3 cross-attention down blocks + 1 plain, mirrored up; narrow widths
             64/128/256/256 so it runs on a CPU; random weights), one forward
             at a 64x64 latent (32x32 with --quick), batch 2 (classifier-free
             guidance), merging ratio 0.5 at the highest resolution
             (max_downsample 1, self-attention): no merging vs tomesd vs this
-            library's ToMe-SD vs this library's ATC (average linkage).
-            Speed-up = time without merging / time with.
+            library's ToMe-SD vs this library's ATC (average linkage; with
+            the default clustering back end and, as ``atc_sd_scipy``, with
+            the SciPy back end). Speed-up = time without merging / time with.
 
 The machine may be shared: the load average before and after is written
 next to the figures. Writes a long CSV (section, name, metric, value)
@@ -56,6 +59,7 @@ import torch
 import tokenreduction as tr
 from tokenreduction.io import atomic_path
 from tokenreduction.reduction.atc import cosine_distance
+from tokenreduction.reduction import _native_clustering as native_clustering
 from tokenreduction.reduction.clustering import LINKAGES, agglomerative_labels
 
 Row = Dict[str, object]
@@ -143,6 +147,7 @@ def atc_batch(args) -> List[Row]:
     for method in LINKAGES:
         fns = {
             "library": lambda: agglomerative_labels(distance, K, method),
+            "library_scipy": lambda: agglomerative_labels(distance, K, method, backend="scipy"),
             "library_rnn": lambda: agglomerative_labels(distance, K, method, backend="rnn"),
             "scipy": lambda: scipy_loop(distance, K, method),
             "sklearn": lambda: sklearn_loop(distance, K, method),
@@ -154,6 +159,7 @@ def atc_batch(args) -> List[Row]:
         rows += [
             {**head, "metric": "library_vs_sklearn", "value": ratio(times["sklearn"], times["library"])},
             {**head, "metric": "library_vs_scipy", "value": ratio(times["scipy"], times["library"])},
+            {**head, "metric": "scipy_backend_vs_scipy", "value": ratio(times["scipy"], times["library_scipy"])},
             {**head, "metric": "rnn_vs_scipy", "value": ratio(times["scipy"], times["library_rnn"])},
             {**head, "metric": "agree", "value": float(
                 (canonical(agglomerative_labels(distance, K, method)) == reference).all(1).mean())},
@@ -171,6 +177,7 @@ def atc_large(args) -> List[Row]:
         distance = cosine_distance(torch.randn(1, N, 64))
         for method in args.large_linkages:
             fns = {"library": lambda: agglomerative_labels(distance, K, method),
+                   "library_scipy": lambda: agglomerative_labels(distance, K, method, backend="scipy"),
                    "scipy": lambda: scipy_loop(distance, K, method)}
             repeats = args.repeats if N <= 1024 else max(1, args.repeats // 3)
             times = interleaved(fns, 1 if N <= 1024 else 0, repeats)
@@ -179,8 +186,10 @@ def atc_large(args) -> List[Row]:
                           == canonical(scipy_loop(distance, K, method))).all())
             rows += [
                 {**head, "metric": "library_ms", "value": 1e3 * med(times["library"])},
+                {**head, "metric": "library_scipy_ms", "value": 1e3 * med(times["library_scipy"])},
                 {**head, "metric": "scipy_ms", "value": 1e3 * med(times["scipy"])},
                 {**head, "metric": "library_vs_scipy", "value": ratio(times["scipy"], times["library"])},
+                {**head, "metric": "scipy_backend_vs_scipy", "value": ratio(times["scipy"], times["library_scipy"])},
                 {**head, "metric": "agree", "value": agree},
             ]
     return rows
@@ -217,12 +226,18 @@ def sd_unet(args) -> List[Row]:
     variants["tome_sd"] = sd_patch.apply_patch(copy.deepcopy(base), ratio=0.5, max_downsample=1)
     variants["atc_sd"] = sd_patch.apply_patch(copy.deepcopy(base), ratio=0.5, max_downsample=1, merge_fn="atc",
                                              linkage="average")
+    variants["atc_sd_scipy"] = variants["atc_sd"]  # the same model, clustering with the SciPy back end
 
-    def run(unet):
+    def run(name, unet):
+        if name == "atc_sd_scipy":
+            def call():
+                with native_clustering.disabled():
+                    return unet(sample, step, encoder_hidden_states=text).sample
+            return call
         return lambda: unet(sample, step, encoder_hidden_states=text).sample
 
     with torch.inference_mode():
-        times = interleaved({name: run(unet) for name, unet in variants.items()}, 1, args.unet_repeats)
+        times = interleaved({name: run(name, unet) for name, unet in variants.items()}, 1, args.unet_repeats)
     rows: List[Row] = []
     for name in variants:
         head = {"section": "sd_unet", "name": f"{name} {side}x{side} b2 r0.5"}

@@ -137,3 +137,20 @@ def test_native_rejects_gpu_tensors_by_name():
         pytest.skip("needs CUDA")
     with pytest.raises(ValueError, match="CPU"):
         agglomerative_labels(torch.rand(1, 4, 4, device="cuda"), 2, "single", backend="native")
+
+
+def test_forked_child_clusters_with_fresh_threads():
+    """A pool started before fork() has no threads in the child; the child
+    must not hang waiting for them (DataLoader workers fork)."""
+    import multiprocessing as mp
+
+    d = cosine_distance(torch.randn(4, 30, 4))
+    expected = native.run(d, 10, "single", threads=2)  # the parent's pool exists now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_cluster_in_child, (d,)).get(timeout=60)
+    assert torch.equal(got, expected)
+
+
+def _cluster_in_child(d):
+    return native.run(d, 10, "single", threads=2)

@@ -5,9 +5,9 @@
 # Conventions (config `analysis:`; the study's by default): pwcca study|paired,
 # kl_base 2, models_baseline_rate 0.9 (the models axis pairs the unreduced
 # baseline with the runs at this keep rate; null: not).
-# No `group:` here: Snakemake checks a job group by a walk of the whole DAG per
-# pair of its jobs, which made a third of config/clca.yaml's DAG build
-# (benchmarks/dag_build.py); each analysis job is its own cluster job.
+# No `group:` here: Snakemake checks a job group with a walk of the DAG per pair
+# of its jobs, 30 % of config/clca.yaml's DAG build (benchmarks/dag_build.py);
+# each analysis job is its own cluster job.
 
 
 include: "analysis_common.smk"

@@ -43,7 +43,7 @@ def then_evaluate_arg(wildcards, output):
         "out_patterns": output.patterns,
         "out_features": output.features,
     }
-    return "--then-evaluate " + shlex.quote(json.dumps(options, sort_keys=True))
+    return f"--then-evaluate {shlex.quote(json.dumps(options, sort_keys=True))}"
 
 
 def finetune_job_code(wildcards):

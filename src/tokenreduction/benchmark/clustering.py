@@ -11,10 +11,13 @@ batch sizes B and linkages, for each back end:
 * ``fastcluster``: per image ``fastcluster.linkage`` + SciPy's ``fcluster``;
 * ``atc``: the library's clustering
   (:func:`tokenreduction.reduction.clustering.agglomerative_labels`) with its
-  default back end for the device (on the CPU SciPy's compiled dendrogram
-  per image, cut in batched tensor code), ``atc-rnn`` its batched tensor
-  back end (reciprocal-nearest-neighbour rounds, all images at once) on the
-  CPU, and ``atc-cuda`` (the tensor back end) on a GPU when there is one;
+  default back end for the device (on the CPU the compiled "native" kernel:
+  SciPy's algorithms in C over the whole batch, threads across images; SciPy
+  where no C compiler is found), ``atc-scipy`` its SciPy back end (SciPy's
+  compiled dendrogram per image, cut in batched tensor code), ``atc-rnn``
+  its batched tensor back end (reciprocal-nearest-neighbour rounds, all
+  images at once) on the CPU, and ``atc-cuda`` (the tensor back end) on a
+  GPU when there is one;
 * ``cuml``: RAPIDS cuML ``AgglomerativeClustering`` (cosine, pairwise
   connectivity; single linkage only) per image, when importable on a GPU.
 
@@ -170,6 +173,7 @@ BACKENDS: Dict[str, Backend] = {
     "sklearn": Backend("sklearn", _sklearn, available=_needs("sklearn")),
     "fastcluster": Backend("fastcluster", _fastcluster, available=_needs("fastcluster")),
     "atc": Backend("atc", _atc("cpu")),
+    "atc-scipy": Backend("atc-scipy", _atc("cpu", "scipy"), available=_needs("scipy")),
     "atc-rnn": Backend("atc-rnn", _atc("cpu", "rnn")),
     "atc-cuda": Backend("atc-cuda", _atc("cuda"), device="cuda", available=_needs_cuda()),
     "cuml": Backend("cuml", _cuml, linkages=("single",), device="cuda", available=_needs_cuda("cuml")),

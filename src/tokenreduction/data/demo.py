@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -151,6 +151,7 @@ def make_digits_mosaic_dataset(
     digits_per_image: Tuple[int, int] = (1, 3),
     seed: int = 0,
     val_fraction: float = 0.2,
+    cell_size: Optional[int] = None,
 ) -> Path:
     """Write ``num_images`` 2x2 digit mosaics (``img_size`` px, cells of
     ``img_size // 2``) with multi-label targets; returns ``out_dir``.
@@ -158,6 +159,9 @@ def make_digits_mosaic_dataset(
     Each mosaic holds k digits, k uniform in ``digits_per_image`` (inclusive,
     at most 4), in k distinct random cells; the other cells are black. The last
     round(num_images * val_fraction) mosaics form the val split.
+    ``cell_size`` (default ``img_size // 2``): the side of each digit; the
+    four cells sit in the four corners, so larger cells overlap in the middle
+    band, where the brighter pixel wins.
     """
     lo, hi = (int(v) for v in digits_per_image)
     if not 0 <= lo <= hi <= 4:
@@ -172,7 +176,10 @@ def make_digits_mosaic_dataset(
     is_val = stratified_val_mask(labels, val_fraction, seed)
     pools = {"train": np.flatnonzero(~is_val), "val": np.flatnonzero(is_val)}
     n_val = int(round(num_images * val_fraction))
-    cell = img_size // 2
+    cell = img_size // 2 if cell_size is None else int(cell_size)
+    if not img_size // 2 <= cell <= img_size:
+        raise ValueError(f"cell_size must be in [img_size // 2, img_size] = [{img_size // 2}, {img_size}], got {cell_size}")
+    far = img_size - cell  # offset of the second row / column
     rng = np.random.default_rng(seed + 1)
     digit_cache: dict[int, np.ndarray] = {}
 
@@ -194,7 +201,8 @@ def make_digits_mosaic_dataset(
                 if s not in digit_cache:
                     digit_cache[s] = render_digit(images[s], cell)
                 r, q = divmod(c, 2)
-                canvas[r * cell:(r + 1) * cell, q * cell:(q + 1) * cell] = digit_cache[s]
+                block = canvas[r * far:r * far + cell, q * far:q * far + cell]
+                np.maximum(block, digit_cache[s], out=block)
             digits = [int(labels[s]) if s >= 0 else -1 for s in sources]
             present = sorted({d for d in digits if d >= 0})
             rel = f"images/{n:0{width}d}.png"

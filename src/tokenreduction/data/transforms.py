@@ -91,8 +91,8 @@ class ZoomOut:
             raise ValueError(f"zoom_out probability must be in [0, 1], got {p}")
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"zoom_out_scale must satisfy 0 < lo <= hi <= 1, got {tuple(scale)}")
-        if int(grid) < 1 or hi > 1.0 / int(grid):
-            raise ValueError(f"zoom_out_grid {grid} needs a scale of at most 1/grid, got {tuple(scale)}")
+        if int(grid) < 1:
+            raise ValueError(f"zoom_out_grid must be a positive integer, got {grid}")
         self.p, self.scale, self.fill, self.interpolation = float(p), (lo, hi), int(fill), interpolation
         self.grid = int(grid)
 
@@ -104,17 +104,28 @@ class ZoomOut:
         w, h = img.size
         sw, sh = max(1, round(w * s)), max(1, round(h * s))
         small = T.functional.resize(img, [sh, sw], interpolation=self.interpolation)
-        # a random cell of the grid (the whole canvas when grid is 1), a random offset inside it
-        cw, ch = w // self.grid, h // self.grid
-        r, q = divmod(int(torch.randint(0, self.grid * self.grid, ())), self.grid)
-        x0 = q * cw + int(torch.randint(0, max(cw - sw, 0) + 1, ()))
-        y0 = r * ch + int(torch.randint(0, max(ch - sh, 0) + 1, ()))
+        if self.grid == 1:  # anywhere
+            x0 = int(torch.randint(0, w - sw + 1, ()))
+            y0 = int(torch.randint(0, h - sh + 1, ()))
+        else:  # one of grid x grid anchors spread from corner to corner, nudged towards the centre
+            r, q = divmod(int(torch.randint(0, self.grid * self.grid, ())), self.grid)
+            x0 = self._place(q, w, sw)
+            y0 = self._place(r, h, sh)
         canvas = Image.new(img.mode, (w, h), (self.fill,) * len(img.getbands()))
         canvas.paste(small, (x0, y0))
         return canvas
 
+    def _place(self, i: int, side: int, size: int) -> int:
+        """Offset of anchor ``i`` of ``grid`` along a side: anchors run from 0
+        to side - size; an image smaller than its cell (side / grid) moves a
+        random amount of the free room towards the centre."""
+        anchor = round(i * (side - size) / (self.grid - 1))
+        room = max(side // self.grid - size, 0)
+        nudge = int(torch.randint(0, room + 1, ())) if room else 0
+        centre = (self.grid - 1) / 2
+        return anchor + (nudge if i < centre else -nudge if i > centre else 0)
     def __repr__(self) -> str:
-        return f"ZoomOut(p={self.p}, scale={self.scale}, fill={self.fill})"
+        return f"ZoomOut(p={self.p}, scale={self.scale}, fill={self.fill}, grid={self.grid})"
 
 
 def _auto_augment(spec: str, img_size: int, mean: Sequence[float], interpolation: str):

@@ -31,9 +31,14 @@ temporary folder when that is not writable), keyed by a hash of the source
 and flags, written atomically. :func:`library` returns None (and callers fall
 back to SciPy) when there is no compiler, when the build fails, or when
 ``TOKENREDUCTION_NATIVE=0``.
+
+Memory: each worker thread keeps its float64 work matrix (N x N x 8 bytes,
+134 MB at N=4096, 0.3 MB at N=196) between calls, so repeated calls do not
+fault fresh pages in; it is reused, and grown only for a larger N.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -357,6 +362,28 @@ def library() -> Optional[ctypes.CDLL]:
             except (OSError, subprocess.SubprocessError):
                 continue
         return None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, :func:`library` returns None: "auto" clustering
+    uses SciPy (for side-by-side benchmarks and tests). Not thread-safe."""
+    global _library, _tried
+    saved = (_library, _tried)
+    _library, _tried = None, True
+    try:
+        yield
+    finally:
+        _library, _tried = saved
+
+
+def _forget_pools() -> None:
+    """In a forked child the parent's pool threads do not exist: start anew."""
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:

@@ -9,8 +9,9 @@ token is never clustered. No learnable parameters.
 
 The reference clusters each image with scikit-learn on the CPU; here
 :func:`~tokenreduction.reduction.clustering.agglomerative_labels` gives the
-same partition (SciPy's linkage cut at K clusters): SciPy's compiled
-dendrogram per image on the CPU, batched tensor rounds on a GPU. Output tokens are ordered by
+same partition (SciPy's linkage cut at K clusters): on the CPU a compiled
+kernel running SciPy's algorithms over the whole batch (SciPy itself where
+no C compiler is found), batched tensor rounds on a GPU. Output tokens are ordered by
 the smallest patch index of their cluster.
 
 Budgets: under the keep-rate budgets the number of clusters is the stage
