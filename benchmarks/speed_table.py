@@ -250,6 +250,51 @@ def sd_unet(args) -> List[Row]:
     return rows
 
 
+class _OneBlock(torch.nn.Module):
+    """One diffusers transformer block behind a UNet-like call (the latent
+    comes first, so the merging patch finds the latent size)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, sample, hidden_states, encoder_hidden_states):
+        return self.block(hidden_states, encoder_hidden_states=encoder_hidden_states)
+
+
+def sd_block(args) -> List[Row]:
+    """One transformer block at SD-v1.5's widths of the highest resolution
+    (320 channels, 8 heads of 40, cross-attention 768, GEGLU MLP), N = 64 x 64
+    tokens, batch 2: where the narrow UNet above under-weights attention
+    against the clustering, this is the block ATC merges in the real model."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from tokenreduction.diffusion import patch as sd_patch
+
+    side = args.latent
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(320, 8, 40, cross_attention_dim=768).eval()
+    hidden = torch.randn(2, side * side, 320)
+    text = torch.randn(2, 77, 768)
+    sample = torch.randn(2, 4, side, side)
+    variants = {
+        "none": _OneBlock(block),
+        "tome_sd": sd_patch.apply_patch(_OneBlock(copy.deepcopy(block)), ratio=0.5, max_downsample=1),
+        "atc_sd": sd_patch.apply_patch(_OneBlock(copy.deepcopy(block)), ratio=0.5, max_downsample=1,
+                                       merge_fn="atc", linkage="average"),
+    }
+    with torch.inference_mode():
+        times = interleaved({name: (lambda m=m: m(sample, hidden, text)) for name, m in variants.items()},
+                            1, args.repeats)
+    rows: List[Row] = []
+    for name in variants:
+        head = {"section": "sd_block", "name": f"{name} sd15-width {side}x{side} b2 r0.5"}
+        rows.append({**head, "metric": "ms", "value": 1e3 * med(times[name])})
+        if name != "none":
+            rows.append({**head, "metric": "speedup_vs_none", "value": ratio(times["none"], times[name])})
+    return rows
+
+
 # --- output -------------------------------------------------------------------------------------
 
 
@@ -277,7 +322,7 @@ def deit_s(args) -> List[Row]:
 
 
 SECTIONS = {"unreduced": unreduced, "deit_s": deit_s, "atc_batch": atc_batch, "atc_large": atc_large,
-            "sd_unet": sd_unet}
+            "sd_unet": sd_unet, "sd_block": sd_block}
 
 
 def parse_args(argv=None):

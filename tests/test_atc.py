@@ -12,6 +12,7 @@ import tokenreduction as tr
 from tokenreduction.models.budget import StageBudget
 from tokenreduction.reduction.atc import ATC, atc_merge, cosine_distance
 from tokenreduction.reduction.base import BlockFeatures
+from tokenreduction.reduction import _native_clustering
 from tokenreduction.reduction.clustering import agglomerative_labels
 
 LINKAGES = ["single", "complete", "average"]
@@ -74,8 +75,8 @@ def _random_distances(B: int, N: int, seed: int, dtype=torch.float64) -> torch.T
 
 
 BACKENDS = ["scipy", "rnn"]
-if __import__("tokenreduction.reduction._native_clustering", fromlist=["library"]).library() is not None:
-    BACKENDS.append("native")  # the compiled kernel (needs a C compiler; see tests/test_clustering_native.py)
+if _native_clustering.library() is not None:  # the compiled kernel needs a C compiler
+    BACKENDS.append("native")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

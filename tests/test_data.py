@@ -346,7 +346,7 @@ def read_mosaic_csv(root: Path):
 
 
 def test_mosaic_labels_match_the_digits_placed(tmp_path):
-    root = make_digits_mosaic_dataset(tmp_path / "m", img_size=32, num_images=40, digits_per_image=(1, 3), seed=3)
+    root = make_digits_mosaic_dataset(tmp_path / "m", img_size=32, num_images=40, digits_per_image=(1, 3), seed=3, cell_size=16)
     images, labels = load_digit_arrays()
     rows = read_mosaic_csv(root)
     assert len(rows) == 40 and [r["split"] for r in rows] == ["train"] * 32 + ["val"] * 8
@@ -372,6 +372,26 @@ def test_mosaic_labels_match_the_digits_placed(tmp_path):
                 want = render_digit(images[s], 16) if s >= 0 else np.zeros((16, 16), np.uint8)
                 assert np.array_equal(cell, want)
             assert all(is_val[s] == (ds is va) for s in sources if s >= 0)  # no digit leaks across splits
+
+
+def test_mosaic_cells_sit_in_the_corners_and_overlap_by_maximum(tmp_path):
+    from tokenreduction.data.demo import MOSAIC_CELL_FRACTION
+
+    images, _ = load_digit_arrays()
+    root = make_digits_mosaic_dataset(tmp_path / "m", img_size=32, num_images=30, digits_per_image=(1, 4), seed=5)
+    cell = round(32 * MOSAIC_CELL_FRACTION)
+    assert cell == 20  # the demo's default: digits of 20 px in a 32-px mosaic
+    for r in read_mosaic_csv(root):
+        sources = [int(x) for x in r["sources"].split()]
+        want = np.zeros((32, 32), np.uint8)
+        for c, src in enumerate(sources):
+            if src >= 0:
+                q, p = divmod(c, 2)
+                block = want[q * 12:q * 12 + 20, p * 12:p * 12 + 20]
+                np.maximum(block, render_digit(images[src], 20), out=block)
+        assert np.array_equal(np.asarray(Image.open(root / r["file"]))[:, :, 0], want)
+    with pytest.raises(ValueError, match="cell_size"):
+        make_digits_mosaic_dataset(tmp_path / "bad", img_size=32, cell_size=15)
 
 
 def test_mosaic_deterministic(tmp_path):
@@ -623,7 +643,22 @@ def test_zoom_out_shrinks_the_digit_onto_a_black_canvas():
         # one 16x16 block of the grey value, the rest black, anywhere in the canvas
         assert len(rows) == 16 and len(cols) == 16 and np.ptp(rows) == 15 and np.ptp(cols) == 15
         assert (out > 0).sum() == 256 and set(np.unique(out)) == {0, 200}
+    # grid 2: the shrunk image sits in one of the four corners (or nudged
+    # towards the centre when smaller than a quarter); every corner is used
+    corners = set()
+    for _ in range(40):
+        out = np.asarray(ZoomOut(1.0, (0.625, 0.625), grid=2, interpolation=InterpolationMode.NEAREST)(img))[:, :, 0]
+        rows, cols = np.flatnonzero(out.any(1)), np.flatnonzero(out.any(0))
+        assert len(rows) == len(cols) == 20 and rows[0] in (0, 12) and cols[0] in (0, 12)
+        corners.add((rows[0], cols[0]))
+        out = np.asarray(ZoomOut(1.0, (0.25, 0.25), grid=2, interpolation=InterpolationMode.NEAREST)(img))[:, :, 0]
+        rows, cols = np.flatnonzero(out.any(1)), np.flatnonzero(out.any(0))
+        # an 8-px image inside its 16-px quadrant: 0..8 from the corner towards the centre
+        assert len(rows) == 8 and (rows[0] <= 8 or rows[-1] >= 23) and (cols[0] <= 8 or cols[-1] >= 23)
+    assert corners == {(0, 0), (0, 12), (12, 0), (12, 12)}
     assert ZoomOut(0.0)(img) is img  # p = 0: unchanged
+    with pytest.raises(ValueError, match="zoom_out_grid"):
+        ZoomOut(0.5, grid=0)
     with pytest.raises(ValueError, match="zoom_out_scale"):
         ZoomOut(0.5, (0.0, 1.0))
     with pytest.raises(ValueError, match="probability"):
@@ -636,7 +671,7 @@ def test_digits_training_transform_zooms_out_by_default_only_on_digits():
     aug = tfm.train_augmentation("digits", auto_augment=None, reprob=0.0)
     assert aug["zoom_out"] == tfm.DIGITS_ZOOM_OUT > 0 and aug["zoom_out_scale"] == tfm.DIGITS_ZOOM_OUT_SCALE
     zooms = [t for t in build_transform(True, 32, "digits", **aug).transforms if isinstance(t, tfm.ZoomOut)]
-    assert len(zooms) == 1 and zooms[0].p == tfm.DIGITS_ZOOM_OUT
+    assert len(zooms) == 1 and zooms[0].p == tfm.DIGITS_ZOOM_OUT and zooms[0].grid == tfm.DIGITS_ZOOM_OUT_GRID
     assert "zoom_out" not in tfm.train_augmentation("digits", zoom_out=0)
     assert "zoom_out" not in tfm.train_augmentation("imagenet") and "zoom_out" not in tfm.train_augmentation("digits_multilabel")
     # the eval transform never zooms; a digit image zoomed out keeps only a quarter of its pixels lit

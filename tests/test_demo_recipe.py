@@ -152,9 +152,10 @@ def test_demo_recipe_learns_digits_well_above_chance(tmp_path):
     """The demo's pretraining recipe (config.yaml: finetune defaults overlaid
     by pretrain.recipe, as the DAG's pretrain rule builds it) on the demo's
     digits learns far above chance (10 %). To stay fast the backbone keeps
-    its width and options but only 4 of its blocks, and trains 2 epochs (1 of
+    its width and options but only 4 of its blocks, and trains 3 epochs (1 of
     warm-up) instead of the demo's 12; optimizer, learning rate, batch and
-    augmentation are the demo's (the full recipe reaches > 90 %)."""
+    augmentation (with the digits' zoom-out) are the demo's (the full recipe
+    reaches about 90 %)."""
     from tokenreduction.data.prepare import prepare_dataset
     from tokenreduction.train import TrainConfig, train
 
@@ -173,7 +174,7 @@ def test_demo_recipe_learns_digits_well_above_chance(tmp_path):
         dataset=data["kind"],
         data_root=str(root),
         img_size=data["img_size"],
-        epochs=2,
+        epochs=3,
         warmup_epochs=1,
         device="cpu",
         num_workers=0,
@@ -182,5 +183,5 @@ def test_demo_recipe_learns_digits_well_above_chance(tmp_path):
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
     header = rows[0].split(",")
     top1 = [float(r.split(",")[header.index("val_metric")]) for r in rows[1:]]
-    assert len(top1) == 2
+    assert len(top1) == 3
     assert top1[-1] > 25.0, f"the demo recipe reached only {top1} % top-1 per epoch (chance: 10 %)"

@@ -10,7 +10,8 @@ inside scikit-learn, so the demo pipeline needs no download.
   source_index) is written last and marks the tree complete. Read back with
   kind ``"digits"``.
 * :func:`make_digits_mosaic_dataset` writes multi-label mosaics: a 2x2 grid of
-  cells, each a digit or blank, as ``out_dir/images/<n>.png`` plus
+  cells (in the four corners, 20 px of 32 by default, overlapping a little in
+  the middle), each a digit or blank, as ``out_dir/images/<n>.png`` plus
   ``out_dir/labels.csv`` (file, labels = the distinct digits space-separated,
   split, cells = the digit in each cell row-major or -1, sources = the
   ``load_digits`` index drawn into each cell or -1), written last. Train
@@ -45,6 +46,8 @@ from .base import DatasetError, PathLike
 DIGITS_MARKER = "manifest.csv"
 MOSAIC_CSV = "labels.csv"
 DIGIT_CLASSES = [str(d) for d in range(10)]
+#: default side of a mosaic's digit, as a fraction of the mosaic's side
+MOSAIC_CELL_FRACTION = 0.625
 
 
 @functools.lru_cache(maxsize=1)
@@ -154,14 +157,17 @@ def make_digits_mosaic_dataset(
     cell_size: Optional[int] = None,
 ) -> Path:
     """Write ``num_images`` 2x2 digit mosaics (``img_size`` px, cells of
-    ``img_size // 2``) with multi-label targets; returns ``out_dir``.
+    ``cell_size``) with multi-label targets; returns ``out_dir``.
 
     Each mosaic holds k digits, k uniform in ``digits_per_image`` (inclusive,
     at most 4), in k distinct random cells; the other cells are black. The last
     round(num_images * val_fraction) mosaics form the val split.
-    ``cell_size`` (default ``img_size // 2``): the side of each digit; the
-    four cells sit in the four corners, so larger cells overlap in the middle
-    band, where the brighter pixel wins.
+    ``cell_size`` (default ``round(img_size * MOSAIC_CELL_FRACTION)``, 20 px
+    of 32): the side of each digit; the four cells sit in the four corners,
+    so cells larger than ``img_size // 2`` overlap in a middle band, where the
+    brighter pixel wins (the digits' blank margins mostly meet there). Digits
+    at a quarter of the image (16 of 32 px) are too small for the demo's tiny
+    ViTs (patch 4) to tell apart well; 20 px are recognisable.
     """
     lo, hi = (int(v) for v in digits_per_image)
     if not 0 <= lo <= hi <= 4:
@@ -176,7 +182,7 @@ def make_digits_mosaic_dataset(
     is_val = stratified_val_mask(labels, val_fraction, seed)
     pools = {"train": np.flatnonzero(~is_val), "val": np.flatnonzero(is_val)}
     n_val = int(round(num_images * val_fraction))
-    cell = img_size // 2 if cell_size is None else int(cell_size)
+    cell = round(img_size * MOSAIC_CELL_FRACTION) if cell_size is None else int(cell_size)
     if not img_size // 2 <= cell <= img_size:
         raise ValueError(f"cell_size must be in [img_size // 2, img_size] = [{img_size // 2}, {img_size}], got {cell_size}")
     far = img_size - cell  # offset of the second row / column

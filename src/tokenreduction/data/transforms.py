@@ -18,6 +18,9 @@ Three families:
 kind (the trainer uses it): random erasing in mode "pixel" and colour jitter 0.3
 on single-label kinds; Cutout 0.5 and no random erasing on COCO and NUS-WIDE.
 
+The demo digits (kind ``digits``) train with a mild random resized crop and
+:class:`ZoomOut` (the digit shrunk into a corner, as the mosaics hold it).
+
 All end with ToTensor + Normalize(mean, std) (ImageNet statistics by default);
 ``re_prob > 0`` adds random erasing to every train family. Keywords that a family
 does not use are accepted and ignored, so one augmentation dict can serve all
@@ -76,12 +79,17 @@ class Cutout:
 
 class ZoomOut:
     """With probability ``p``, shrink a PIL image by a factor drawn uniformly
-    from ``scale`` and paste it at a uniformly random position of a canvas of
-    the original size filled with ``fill``; otherwise return it unchanged.
+    from ``scale`` and paste it on a canvas of the original size filled with
+    ``fill``; otherwise return it unchanged (PIL image in, same size out).
 
-    The demo pretrains on digits that fill the 32-px image, while the mosaics
-    hold them at half that size in any quadrant: zoomed-out copies teach the
-    backbone the digits at both scales and anywhere in the image.
+    ``grid`` 1: at a uniformly random position. ``grid`` g > 1: at one of g x g
+    anchors spread evenly from the top-left to the bottom-right corner (g = 2:
+    the four corners), moved towards the centre by a random part of the room
+    left when the image is smaller than its cell (side / g).
+
+    The demo pretrains on digits that fill the 32-px image, while its mosaics
+    hold them at 20 px in the four corners: zoomed-out copies teach the
+    backbone the digits at both sizes.
     """
 
     def __init__(self, p: float = 0.5, scale: Sequence[float] = (0.5, 1.0), fill: int = 0,
@@ -124,6 +132,7 @@ class ZoomOut:
         nudge = int(torch.randint(0, room + 1, ())) if room else 0
         centre = (self.grid - 1) / 2
         return anchor + (nudge if i < centre else -nudge if i > centre else 0)
+
     def __repr__(self) -> str:
         return f"ZoomOut(p={self.p}, scale={self.scale}, fill={self.fill}, grid={self.grid})"
 
@@ -141,12 +150,14 @@ def _auto_augment(spec: str, img_size: int, mean: Sequence[float], interpolation
 DIGIT_KINDS = ("digits",)
 
 #: zoom-out of the digits' training images (:class:`ZoomOut`): the
-#: probability and the range of the shrink factor. The mosaics hold the digits
-#: at half size, so the backbone pretrained on the digits sees them at that
-#: scale too.
-DIGITS_ZOOM_OUT = 0.0
-DIGITS_ZOOM_OUT_SCALE = (0.45, 1.0)
-DIGITS_ZOOM_OUT_GRID = 1
+#: probability, the range of the shrink factor and the grid of positions. The
+#: demo's mosaics hold the digits at 20 of 32 px in the four corners
+#: (:data:`~tokenreduction.data.demo.MOSAIC_CELL_FRACTION`), so the backbone
+#: the DAG pretrains on the digits also sees them at that size and there:
+#: without it the mosaic task stays near chance.
+DIGITS_ZOOM_OUT = 0.3
+DIGITS_ZOOM_OUT_SCALE = (0.55, 0.63)
+DIGITS_ZOOM_OUT_GRID = 2
 
 #: Cutout the reference applies to every training image of these kinds
 #: (ASL's CutoutPIL with cutout_factor 0.5, before RandAugment)

@@ -131,13 +131,15 @@ def atc_assignment(metric: torch.Tensor, r: int, linkage: str = "average") -> Tu
     """ATC: agglomerative clustering of the tokens (cosine distance of the
     metric (B, N, C)) down to N - r clusters with the given linkage.
     Returns (assignment (B, N) into M = N - r clusters, M), clusters ordered
-    by their smallest member."""
+    by their smallest member. The partition is SciPy's on
+    :func:`cosine_distance` (on the CPU the compiled kernel forms that
+    distance from the similarities while filling its work matrix)."""
     check_linkage(linkage)
     B, N, _ = metric.shape
     r = max(0, min(int(r), N - 1))
     if r == 0:
         return torch.arange(N, device=metric.device).expand(B, N).contiguous(), N
-    labels = cosine_agglomerative_labels(metric, N - r, linkage)  # the cosine distance below, fused
+    labels = cosine_agglomerative_labels(metric, N - r, linkage)
     return labels_to_assignment(labels)
 
 
