@@ -101,6 +101,24 @@ def test_cosine_labels_fused_equal_distance_path(method):
     assert m == 35 and assignment.shape == (2, 70)
 
 
+@pytest.mark.parametrize("method", LINKAGES)
+def test_tiled_upper_similarity_keeps_partitions(method, monkeypatch):
+    """With the similarity formed tile by tile (upper triangle only, a
+    partial last tile), the distance equals the full product's, is exactly
+    symmetric, and the fused kernel path still gives SciPy's partition."""
+    monkeypatch.setattr(clustering, "SIMILARITY_TILE", 16)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 70, 8, generator=g)
+    m = clustering.unit_rows(x)
+    upper = torch.ones(70, 70, dtype=torch.bool).triu()
+    assert torch.allclose(clustering.upper_similarity(m)[:, upper], (m @ m.transpose(1, 2))[:, upper], atol=1e-6)
+    d = cosine_distance(x)
+    assert torch.equal(d, d.transpose(1, 2))
+    assert torch.allclose(d, (1 - m @ m.transpose(1, 2)).clamp_min(0), atol=1e-6)
+    fused = cosine_agglomerative_labels(x, 30, method)
+    assert torch.equal(fused, _scipy_first_merges(d, 30, method))
+
+
 def test_non_finite_entries_name_the_image():
     d = cosine_distance(torch.randn(4, 12, 3))
     d[2, 3, 7] = float("inf")

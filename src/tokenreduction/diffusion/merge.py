@@ -22,7 +22,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..reduction.clustering import check_linkage, cosine_agglomerative_labels
+from ..reduction.clustering import check_linkage, cosine_agglomerative_labels, cosine_distance_from_unit, unit_rows
 from ..reduction.ops import labels_to_assignment
 
 MergeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -121,10 +121,10 @@ def bipartite_grid_assignment(
 
 
 def cosine_distance(metric: torch.Tensor) -> torch.Tensor:
-    """metric (B, N, C) -> (B, N, N) cosine distances 1 - cos, in float32."""
-    m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (1.0 - m @ m.transpose(1, 2)).clamp_min_(0.0)
+    """metric (B, N, C) -> (B, N, N) cosine distances max(1 - cos, 0), in
+    float32, exactly symmetric (the upper triangle mirrored; see
+    :func:`tokenreduction.reduction.clustering.cosine_distance_from_unit`)."""
+    return cosine_distance_from_unit(unit_rows(metric))
 
 
 def atc_assignment(metric: torch.Tensor, r: int, linkage: str = "average") -> Tuple[torch.Tensor, int]:

@@ -109,6 +109,7 @@ static int fill_work(const void *src, int kind, int64_t n, int64_t ld, double *W
         }
     }
     if (bad) return 1;
+    for (int64_t i = 0; i < n; i++) W[i * ld + i] = INFINITY;  /* never a nearest neighbour */
     for (int64_t ib = 0; ib < n; ib += BLOCK) {  /* mirror, tile by tile */
         int64_t ie = ib + BLOCK < n ? ib + BLOCK : n;
         for (int64_t jb = ib; jb < n; jb += BLOCK) {
@@ -158,6 +159,32 @@ static double lowest(int64_t ld, const double *W, const int *act, int64_t na) {
     return low;
 }
 
+/* position t (in the sorted active list) of the first smallest entry
+   row[act[t]], its value in *low; four independent running minima (each
+   keeps its first position) shorten the compare chain, and the smallest
+   position among the lanes that hold the minimum is the first overall */
+static int64_t first_min(const double *row, const int *act, int64_t na, double *low) {
+    double m0 = INFINITY, m1 = INFINITY, m2 = INFINITY, m3 = INFINITY;
+    int64_t p0 = -1, p1 = -1, p2 = -1, p3 = -1, t = 0;
+    for (; t + 4 <= na; t += 4) {
+        double d0 = row[act[t]], d1 = row[act[t + 1]], d2 = row[act[t + 2]], d3 = row[act[t + 3]];
+        if (d0 < m0) { m0 = d0; p0 = t; }
+        if (d1 < m1) { m1 = d1; p1 = t + 1; }
+        if (d2 < m2) { m2 = d2; p2 = t + 2; }
+        if (d3 < m3) { m3 = d3; p3 = t + 3; }
+    }
+    for (; t < na; t++) {  /* later positions: strictly smaller only */
+        double d = row[act[t]];
+        if (d < m0) { m0 = d; p0 = t; }
+    }
+    double m = m0; int64_t p = p0;
+    if (m1 < m || (m1 == m && p1 >= 0 && p1 < p)) { m = m1; p = p1; }
+    if (m2 < m || (m2 == m && p2 >= 0 && p2 < p)) { m = m2; p = p2; }
+    if (m3 < m || (m3 == m && p3 >= 0 && p3 < p)) { m = m3; p = p3; }
+    *low = m;
+    return p;
+}
+
 /* nearest-neighbour chain, as SciPy's nn_chain (complete, average). Stops
    early once `need` recorded merges lie at or below the smallest distance
    left between active clusters: for these reducible linkages no later merge
@@ -181,16 +208,20 @@ static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double 
         int x, y = 0;
         double cur;
         for (;;) {
+            /* SciPy: start from the previous chain element, then take the
+               first strictly smaller distance in index order (row[x] is
+               +inf, so x itself never wins) */
             x = chain[len - 1];
-            if (len > 1) { y = chain[len - 2]; cur = W[(int64_t)x * ld + y]; }
-            else cur = INFINITY;
             const double *row = W + (int64_t)x * ld;
-            for (int64_t t = 0; t < na; t++) {
-                int i = act[t];
-                if (i == x) continue;
-                double d = row[i];
-                if (d < cur) { cur = d; y = i; }
+            double low;
+            int nearest = act[first_min(row, act, na, &low)];
+            if (len > 1 && !(low < row[chain[len - 2]])) {
+                y = chain[len - 2];
+                cur = row[y];
+                break;
             }
+            y = nearest;
+            cur = low;
             if (len > 1 && y == chain[len - 2]) break;
             chain[len++] = y;
         }

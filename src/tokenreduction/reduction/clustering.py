@@ -124,14 +124,56 @@ def cosine_agglomerative_labels(metric: torch.Tensor, num_clusters: int, linkage
     if int(num_clusters) < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
     with torch.no_grad():
-        m = metric.detach().float()
-        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        similarity = m @ m.transpose(1, 2)
-        B, N, _ = similarity.shape
+        m = unit_rows(metric.detach())
+        B, N, _ = m.shape
         need = N - min(int(num_clusters), N)
         if m.device.type == "cpu" and need > 0 and B > 0 and _native.library() is not None:
-            return _native.run(similarity, need, linkage, similarity=True)
-        return agglomerative_labels((1.0 - similarity).clamp_min_(0.0), num_clusters, linkage)
+            # the kernel reads only the upper triangle: half the product suffices
+            return _native.run(upper_similarity(m), need, linkage, similarity=True)
+        return agglomerative_labels(cosine_distance_from_unit(m), num_clusters, linkage)
+
+
+#: row-tile height of :func:`upper_similarity` (CPU, N >= 2 tiles)
+SIMILARITY_TILE = 512
+
+
+def unit_rows(metric: torch.Tensor) -> torch.Tensor:
+    """metric (B, N, C) -> float32 rows scaled to unit norm (norms clamped at 1e-12)."""
+    m = metric.float()
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def upper_similarity(m: torch.Tensor) -> torch.Tensor:
+    """Unit rows m (B, N, C) -> (B, N, N) float32 whose upper triangle
+    (j >= i) holds the dot products ``m_i . m_j``; below the diagonal it
+    holds them only within the diagonal tiles (the rest is left unset).
+
+    On the CPU for N >= 2 x :data:`SIMILARITY_TILE` the product is formed
+    one row tile at a time against the columns from the tile's first row
+    on, about half the work of ``m @ m^T``; otherwise it is ``m @ m^T``.
+    Every consumer of the cosine distance (:func:`cosine_distance_from_unit`
+    and the compiled kernel) reads these same upper-triangle values, so the
+    partitions agree bit for bit."""
+    B, N, _ = m.shape
+    tile = int(SIMILARITY_TILE)
+    if m.device.type != "cpu" or N < 2 * tile or m.requires_grad:
+        return m @ m.transpose(1, 2)
+    out = torch.empty(B, N, N, dtype=m.dtype)
+    mt = m.transpose(1, 2)
+    for r0 in range(0, N, tile):
+        r1 = min(r0 + tile, N)
+        torch.bmm(m[:, r0:r1], mt[:, :, r0:], out=out[:, r0:r1, r0:])
+    return out
+
+
+def cosine_distance_from_unit(m: torch.Tensor) -> torch.Tensor:
+    """Unit rows m (B, N, C) -> (B, N, N) float32 cosine distances
+    ``max(1 - m_i . m_j, 0)``, exactly symmetric: the upper triangle of
+    :func:`upper_similarity` mirrored below the diagonal."""
+    s = upper_similarity(m)
+    upper = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu_()
+    s = torch.where(upper, s, s.transpose(1, 2))
+    return (1.0 - s).clamp_min_(0.0)
 
 
 @torch.library.custom_op("tokenreduction::agglomerative_labels", mutates_args=())
