@@ -117,6 +117,8 @@ def test_tiled_upper_similarity_keeps_partitions(method, monkeypatch):
     assert torch.allclose(d, (1 - m @ m.transpose(1, 2)).clamp_min(0), atol=1e-6)
     fused = cosine_agglomerative_labels(x, 30, method)
     assert torch.equal(fused, _scipy_first_merges(d, 30, method))
+    # the per-thread scratch buffer is reused for a smaller batch
+    assert torch.equal(cosine_agglomerative_labels(x[1:], 30, method), fused[1:])
 
 
 def test_non_finite_entries_name_the_image():

@@ -15,7 +15,13 @@ and the same tie-breaking*, so it yields SciPy's partition exactly, but:
 * the chain stops as soon as the N - K lowest merges are known: once N - K
   recorded merges lie at or below the smallest distance left between active
   clusters (no later merge of these reducible linkages is lower, and a later
-  one of equal height sorts after them in SciPy's stable order);
+  one of equal height sorts after them in SciPy's stable order); that
+  smallest distance is the least of per-row minima kept across merges (a
+  row is rescanned only when a merge replaced or removed its minimum), so
+  it is checked every 16 merges at little cost;
+* the nearest-neighbour scans keep four independent running minima (the
+  first position of the smallest value is SciPy's choice), and the
+  diagonal holds +inf so a row's own entry never wins;
 * the work matrix has an odd row stride, sits in huge pages where the
   kernel allows (``madvise``), and the column writes of each merge are
   prefetched, which is what large N (a 64 x 64 SD latent) is bound by;
@@ -146,19 +152,6 @@ static int64_t mst(int64_t n, int64_t ld, const double *W, double *best, int *do
     return n - 1;
 }
 
-/* smallest distance between two active clusters (act sorted, na of them) */
-static double lowest(int64_t ld, const double *W, const int *act, int64_t na) {
-    double low = INFINITY;
-    for (int64_t s = 0; s < na; s++) {
-        const double *row = W + (int64_t)act[s] * ld;
-        for (int64_t t = s + 1; t < na; t++) {
-            double d = row[act[t]];
-            if (d < low) low = d;
-        }
-    }
-    return low;
-}
-
 /* position t (in the sorted active list) of the first smallest entry
    row[act[t]], its value in *low; four independent running minima (each
    keeps its first position) shorten the compare chain, and the smallest
@@ -185,24 +178,41 @@ static int64_t first_min(const double *row, const int *act, int64_t na, double *
     return p;
 }
 
+/* smallest distance between two active clusters (act sorted, na of them):
+   the smallest of the row minima, each recomputed only when stale (a merge
+   can raise a row's minimum only where it replaced or removed the entry
+   that held it, which the update flags; elsewhere the minimum stays exact) */
+static double lowest(int64_t ld, const double *W, const int *act, int64_t na, double *rowmin, int *stale) {
+    double low = INFINITY;
+    for (int64_t s = 0; s < na; s++) {
+        int a = act[s];
+        if (stale[a]) {
+            first_min(W + (int64_t)a * ld, act, na, rowmin + a);
+            stale[a] = 0;
+        }
+        if (rowmin[a] < low) low = rowmin[a];
+    }
+    return low;
+}
+
 /* nearest-neighbour chain, as SciPy's nn_chain (complete, average). Stops
    early once `need` recorded merges lie at or below the smallest distance
    left between active clusters: for these reducible linkages no later merge
    is lower, and a later one of equal height sorts after them (SciPy sorts
    the merges stably by height). Returns the number of merges recorded. */
 static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double *W, int *act, int *size,
-                        int *chain, int *mx, int *my, double *mh) {
+                        int *chain, double *rowmin, int *stale, int *mx, int *my, double *mh) {
     int64_t na = n;
-    for (int64_t i = 0; i < n; i++) { act[i] = (int)i; size[i] = 1; }
+    for (int64_t i = 0; i < n; i++) { act[i] = (int)i; size[i] = 1; stale[i] = 1; }
     int64_t len = 0;
     int64_t next_check = need;
     for (int64_t k = 0; k < n - 1; k++) {
         if (k == next_check && k < n - 2) {
-            double low = lowest(ld, W, act, na);
+            double low = lowest(ld, W, act, na, rowmin, stale);
             int64_t below = 0;
             for (int64_t m = 0; m < k; m++) below += mh[m] <= low;
             if (below >= need) return k;
-            next_check = k + (na / 8 > 16 ? na / 8 : 16);
+            next_check = k + 16;  /* a check costs about one row scan per stale row */
         }
         if (len == 0) { chain[0] = act[0]; len = 1; }
         int x, y = 0;
@@ -231,6 +241,7 @@ static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double 
         mx[k] = x; my[k] = y; mh[k] = cur;
         size[x] = 0;
         size[y] = nx + ny;
+        stale[y] = 1;
         /* drop x from the sorted active list */
         int64_t lo = 0, hi = na - 1;
         while (lo < hi) { int64_t mid = (lo + hi) / 2; if (act[mid] < x) lo = mid + 1; else hi = mid; }
@@ -249,6 +260,10 @@ static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double 
             else v = a < b ? a : b;
             ry[i] = v;
             W[(int64_t)i * ld + y] = v;
+            /* row i's minimum may rise only if it was a or b; a rounded
+               average may fall below min(a, b): then it is the new minimum */
+            if (a == rowmin[i] || b == rowmin[i]) stale[i] = 1;
+            else if (v < rowmin[i]) rowmin[i] = v;
         }
     }
     return n - 1;
@@ -320,16 +335,16 @@ int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, in
     double *W = work_matrix((size_t)(n * ld) * sizeof(double));
     double *mh = (double *)malloc((size_t)n * sizeof(double));
     double *best = (double *)malloc((size_t)n * sizeof(double));
-    int *ints = (int *)malloc((size_t)n * 8 * sizeof(int));
+    int *ints = (int *)malloc((size_t)n * 9 * sizeof(int));
     if (!W || !mh || !best || !ints) { free(mh); free(best); free(ints); return 1; }
     int *mx = ints, *my = ints + n, *act = ints + 2 * n, *size = ints + 3 * n, *chain = ints + 4 * n;
-    int *idx = ints + 5 * n, *tmp = ints + 6 * n, *parent = ints + 7 * n;
+    int *idx = ints + 5 * n, *tmp = ints + 6 * n, *parent = ints + 7 * n, *stale = ints + 8 * n;
     int status = 0;
     for (int64_t b = 0; b < B; b++) {
         const char *src = (const char *)dist + (size_t)(b * n * n) * elem;
         if (fill_work(src, kind, n, ld, W)) { *bad = b; status = 2; break; }
         int64_t m = method == SINGLE ? mst(n, ld, W, best, act, mx, my, mh)
-                                     : nn_chain(n, ld, method, need, W, act, size, chain, mx, my, mh);
+                                     : nn_chain(n, ld, method, need, W, act, size, chain, best, stale, mx, my, mh);
         cut(n, m, need, mx, my, mh, idx, tmp, parent, labels + b * n);
     }
     free(mh); free(best); free(ints);

@@ -57,6 +57,9 @@ Shapes: B images, N points (tokens).
 """
 from __future__ import annotations
 
+import threading
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -114,7 +117,9 @@ def cosine_agglomerative_labels(metric: torch.Tensor, num_clusters: int, linkage
 
     On the CPU with the compiled kernel the distance is formed inside the
     kernel from the similarities ``m @ m^T``, saving two passes over the
-    (B, N, N) matrix; the partition is the same as
+    (B, N, N) matrix, and only their upper triangle is computed
+    (:func:`upper_similarity`, the part the kernel reads, into a per-thread
+    buffer for large N); the partition is the same as
     ``agglomerative_labels(distance, num_clusters, linkage)`` on the distance
     computed in torch. Returns (B, N) long labels (smallest member names a
     cluster)."""
@@ -129,7 +134,7 @@ def cosine_agglomerative_labels(metric: torch.Tensor, num_clusters: int, linkage
         need = N - min(int(num_clusters), N)
         if m.device.type == "cpu" and need > 0 and B > 0 and _native.library() is not None:
             # the kernel reads only the upper triangle: half the product suffices
-            return _native.run(upper_similarity(m), need, linkage, similarity=True)
+            return _native.run(upper_similarity(m, _similarity_scratch(m)), need, linkage, similarity=True)
         return agglomerative_labels(cosine_distance_from_unit(m), num_clusters, linkage)
 
 
@@ -143,7 +148,7 @@ def unit_rows(metric: torch.Tensor) -> torch.Tensor:
     return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def upper_similarity(m: torch.Tensor) -> torch.Tensor:
+def upper_similarity(m: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Unit rows m (B, N, C) -> (B, N, N) float32 whose upper triangle
     (j >= i) holds the dot products ``m_i . m_j``; below the diagonal it
     holds them only within the diagonal tiles (the rest is left unset).
@@ -153,17 +158,37 @@ def upper_similarity(m: torch.Tensor) -> torch.Tensor:
     on, about half the work of ``m @ m^T``; otherwise it is ``m @ m^T``.
     Every consumer of the cosine distance (:func:`cosine_distance_from_unit`
     and the compiled kernel) reads these same upper-triangle values, so the
-    partitions agree bit for bit."""
+    partitions agree bit for bit. `out`: an optional contiguous (B, N, N)
+    buffer of m's dtype to write into (tiled case only)."""
     B, N, _ = m.shape
     tile = int(SIMILARITY_TILE)
     if m.device.type != "cpu" or N < 2 * tile or m.requires_grad:
         return m @ m.transpose(1, 2)
-    out = torch.empty(B, N, N, dtype=m.dtype)
-    mt = m.transpose(1, 2)
-    for r0 in range(0, N, tile):
-        r1 = min(r0 + tile, N)
-        torch.bmm(m[:, r0:r1], mt[:, :, r0:], out=out[:, r0:r1, r0:])
+    if out is None:
+        out = torch.empty(B, N, N, dtype=m.dtype)
+    for b in range(B):  # 2-D products write straight into the strided tiles
+        rows, cols = m[b], m[b].t()
+        for r0 in range(0, N, tile):
+            torch.mm(rows[r0:r0 + tile], cols[:, r0:], out=out[b, r0:r0 + tile, r0:])
     return out
+
+
+_scratch = threading.local()
+
+
+def _similarity_scratch(m: torch.Tensor) -> Optional[torch.Tensor]:
+    """A (B, N, N) float32 buffer kept per thread for the kernel's input
+    (large N only): spares faulting in B x N x N x 4 fresh bytes per call
+    (134 MB for two 64 x 64 latents)."""
+    B, N, _ = m.shape
+    if N < 2 * int(SIMILARITY_TILE) or m.dtype != torch.float32:
+        return None
+    size = B * N * N
+    buf = getattr(_scratch, "buffer", None)
+    if buf is None or buf.numel() < size:
+        _scratch.buffer = None  # free the old one first
+        buf = _scratch.buffer = torch.empty(size, dtype=torch.float32)
+    return buf[:size].view(B, N, N)
 
 
 def cosine_distance_from_unit(m: torch.Tensor) -> torch.Tensor:
