@@ -10,9 +10,11 @@ unreduced   DeiT-S (random weights) through ``tr.patch_model`` with no
 deit_s      DeiT-S at keep rate 0.7 (blocks 3/6/9) for topk, evit, tome, atc
             and ToMe r=13: speed-up over the unreduced model next to the
             speed-up its FLOPs imply (``benchmarks/methods.py`` section b).
-            The official ToMe patch (facebookresearch/ToMe) is not a package
-            that can be installed here, so its column of the issue's table is
-            not measured.
+tome_official  DeiT-S with ToMe r=13: this library vs the official ToMe patch
+            (facebookresearch/ToMe's ``tome.patch.timm``, not on PyPI: pass a
+            checkout with ``--tome-repo``; the section is skipped without
+            one), both as speed-ups over stock timm in the same rounds, and
+            the largest logit difference between the two.
 atc_batch   clustering B=64 images of N=196 tokens into K=137 (C=64 random
             features, float32 cosine distances as ATC computes them), per
             linkage: this library (``agglomerative_labels``: the default back
@@ -298,6 +300,39 @@ def sd_block(args) -> List[Row]:
 # --- output -------------------------------------------------------------------------------------
 
 
+def tome_official(args) -> List[Row]:
+    import timm
+
+    if args.tome_repo is None:
+        print("[tome_official: skipped, no --tome-repo given]", file=sys.stderr)
+        return []
+    if not (args.tome_repo / "tome" / "patch" / "timm.py").is_file():
+        raise SystemExit(f"--tome-repo {args.tome_repo}: no tome/patch/timm.py there (a facebookresearch/ToMe checkout)")
+    sys.path.insert(0, str(args.tome_repo))
+    import tome  # the official package, from the given checkout
+
+    torch.manual_seed(0)
+    stock = timm.create_model("deit_small_patch16_224").eval()
+    official = copy.deepcopy(stock)
+    tome.patch.timm(official)
+    official.r = 13
+    library = tr.create_model("deit_small_patch16_224", method="tome", r=13).eval()
+    library.load_state_dict(stock.state_dict(), strict=False)
+    images = torch.randn(args.model_batch, 3, 224, 224)
+    with torch.inference_mode():
+        max_diff = float((official(images) - library(images)).abs().max())
+        times = interleaved({"stock": lambda: stock(images), "official": lambda: official(images),
+                             "library": lambda: library(images)}, args.model_warmup, args.model_repeats)
+    head = {"section": "tome_official", "name": f"deit_s r13 b{args.model_batch}"}
+    return [
+        {**head, "metric": "stock_ms", "value": 1e3 * med(times["stock"])},
+        {**head, "metric": "official_speedup", "value": ratio(times["stock"], times["official"])},
+        {**head, "metric": "library_speedup", "value": ratio(times["stock"], times["library"])},
+        {**head, "metric": "library_vs_official", "value": ratio(times["official"], times["library"])},
+        {**head, "metric": "max_logit_diff", "value": max_diff},
+    ]
+
+
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
@@ -321,7 +356,7 @@ def deit_s(args) -> List[Row]:
     return [{**row, "section": "deit_s"} for row in methods.throughput(args)]
 
 
-SECTIONS = {"unreduced": unreduced, "deit_s": deit_s, "atc_batch": atc_batch, "atc_large": atc_large,
+SECTIONS = {"unreduced": unreduced, "deit_s": deit_s, "tome_official": tome_official, "atc_batch": atc_batch, "atc_large": atc_large,
             "sd_unet": sd_unet, "sd_block": sd_block}
 
 
@@ -330,6 +365,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller model batch, 32x32 latent")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--tome-repo", type=Path, default=None,
+                        help="a facebookresearch/ToMe checkout: adds the official ToMe patch's row")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/speed_table.csv"))
     args = parser.parse_args(argv)
     if args.quick:
