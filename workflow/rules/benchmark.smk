@@ -95,7 +95,7 @@ rule speed_table:
         runtime=10,
     params:
         batch_size=BENCH.get("headline_batch") or 0,
-        code=provenance.code_hash(("benchmark",)),
+        code=code_hash(("benchmark",)),
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} --throughput {input.throughput:q} --flops {input.flops:q}'
         " --batch-size {params.batch_size} --table {output.table:q} --plot {output.plot:q}"
@@ -131,7 +131,7 @@ rule benchmark_clustering:
         warmup=BENCH_CLUSTERING.get("warmup", 1),
         runs=BENCH_CLUSTERING.get("runs", 5),
         throw_out=BENCH_CLUSTERING.get("throw_out", 0.0),
-        code=provenance.code_hash(("benchmark",), "atc"),
+        code=code_hash(("benchmark",), "atc"),
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} --backends {params.backends} --sizes {params.sizes}'
         " --batch-sizes {params.batch_sizes} --linkages {params.linkages}"

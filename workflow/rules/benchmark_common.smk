@@ -100,8 +100,8 @@ def benchmark_code(wildcards):
     specs = bench_specs.specs_from_config(config, wildcards.backbone)
     methods = sorted({s.method for s in specs} - {None})
     stages = ("model", "benchmark") + (("clca",) if any(s.clca for s in specs) else ())
-    parts = [provenance.code_hash(stages)]
-    parts += [provenance.code_hash((), m) for m in methods]
+    parts = [code_hash(stages)]
+    parts += [code_hash((), m) for m in methods]
     return "-".join(parts)
 
 

@@ -61,23 +61,19 @@ def _load_provenance():
 
 
 provenance = _load_provenance()
-_code_hash_uncached = provenance.code_hash
 
 
 @functools.lru_cache(maxsize=None)
-def _code_hash(stages=(), method=None, extra=()):
-    return _code_hash_uncached(stages, method, extra)
+def _cached_code_hash(stages, method, extra):
+    return provenance.code_hash(stages, method, extra)
 
 
-def _memo_code_hash(stages=(), method=None, extra=()):
-    """provenance.code_hash once per argument set in this DAG build, not once
-    per job (the sources do not change while the DAG is built)."""
-    return _code_hash(tuple(stages), method, tuple(str(p) for p in extra))
+def code_hash(stages=(), method=None, extra=()):
+    """provenance.code_hash, computed once per argument set in this DAG build
+    rather than once per job (the sources do not change while it is built)."""
+    return _cached_code_hash(tuple(stages), method, tuple(str(p) for p in extra))
 
 
-# every rule file's provenance.code_hash(...) goes through the memo (this
-# module object is the DAG build's own copy, loaded above)
-provenance.code_hash = _memo_code_hash
 DEMO_KINDS = {"digits", "digits_multilabel", "digits_ufgir"}
 BASELINE = "none"
 
@@ -289,14 +285,12 @@ def pretrain_spec(wildcards):
 def finetune_code(wildcards):
     """Fingerprint of the code a fine-tuning job runs (see tokenreduction.provenance)."""
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(
-        _stages(("model", "data", "train"), wildcards.method), method
-    )
+    return code_hash(_stages(("model", "data", "train"), wildcards.method), method)
 
 
 def evaluate_code(wildcards):
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(
+    return code_hash(
         _stages(("model", "data", "train", "evaluate"), wildcards.method), method
     )
 
@@ -366,7 +360,7 @@ def backbone_depths():
 
 
 def analysis_code(wildcards):
-    return provenance.code_hash(("analysis",))
+    return code_hash(("analysis",))
 
 
 def analysis_targets():

@@ -22,7 +22,7 @@ rule prepare_dataset:
         kind=lambda w: config["datasets"][w.dataset]["kind"],
         root=lambda w: dataset_root(w.dataset),
         img_size=lambda w: config["datasets"][w.dataset]["img_size"],
-        code=lambda w: provenance.code_hash(("data",)),
+        code=lambda w: code_hash(("data",)),
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} --kind {params.kind} --root {params.root:q}'
         " --img-size {params.img_size} --manifest {output.manifest:q} > {log:q} 2>&1"

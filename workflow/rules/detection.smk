@@ -56,7 +56,7 @@ rule make_detection_demo_data:
         check=DET_CHECK,
         num_images=DET.get("demo_data", {}).get("num_images", 8),
         image_size=DET.get("demo_data", {}).get("image_size", 128),
-        code=lambda w: provenance.code_hash(("detection",)),
+        code=lambda w: code_hash(("detection",)),
     shell:
         '{params.check}"$TOKENREDUCTION_MMDET_PYTHON" {input.script:q} make-data --root {output:q}'
         " --num-images {params.num_images} --image-size {params.image_size} > {log:q} 2>&1"
@@ -177,7 +177,7 @@ rule detection_summary:
     params:
         check=DET_CHECK,
         runs=det_summary_runs(),
-        code=lambda w: provenance.code_hash(("detection",)),
+        code=lambda w: code_hash(("detection",)),
     shell:
         '{params.check}"$TOKENREDUCTION_MMDET_PYTHON" {input.script:q} summary --runs {params.runs:q}'
         " --out {output.table:q} > {log:q} 2>&1"

@@ -175,9 +175,7 @@ def det_work_dir(wildcards, kind="work"):
 def det_code(wildcards):
     method = wildcards.det_method
     name = "tome" if method == BASELINE or DET["methods"][method] == "tome" else "atc"
-    return provenance.code_hash(
-        ("model", "detection"), None if method == BASELINE else name
-    )
+    return code_hash(("model", "detection"), None if method == BASELINE else name)
 
 
 def det_summary_runs():

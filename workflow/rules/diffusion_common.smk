@@ -8,7 +8,7 @@ SD_DIR = f"{RESULTS}/diffusion"
 SD_TINY = f"{SD_DIR}/tiny-sd"
 SD_GEN = f"{SD_DIR}/generated/{{sd_experiment}}"
 SD_FID = DIFF.get("fid") or {}
-SD_CODE = provenance.code_hash(
+SD_CODE = code_hash(
     ("diffusion",),
     extra=[provenance.REDUCTION / "ops.py", provenance.REDUCTION / "clustering.py"],
 )

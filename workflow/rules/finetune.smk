@@ -27,7 +27,7 @@ rule pretrain:
         runtime=train_runtime,
     params:
         spec=pretrain_spec,
-        code=lambda w: provenance.code_hash(("model", "data", "train")),
+        code=lambda w: code_hash(("model", "data", "train")),
     shell:
         "set --; if [ {resources.gpu} -gt 1 ]; then"
         " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"

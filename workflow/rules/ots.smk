@@ -83,7 +83,7 @@ rule ots_plot:
         mem_mb=2000,
         runtime=10,
     params:
-        code=lambda w: provenance.code_hash(("ots",)),
+        code=lambda w: code_hash(("ots",)),
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} --sweeps {input.sweeps:q} --table {output.table:q}'
         " --plot {output.plot:q} > {log:q} 2>&1"
@@ -179,7 +179,7 @@ rule mae_summary:
         runtime=10,
     params:
         runs=json.dumps(MAE_RUNS),
-        code=lambda w: provenance.code_hash(("ots",)),
+        code=lambda w: code_hash(("ots",)),
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} --runs {params.runs:q} --metrics {input.metrics:q}'
         " --table {output:q} > {log:q} 2>&1"

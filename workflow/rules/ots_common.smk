@@ -98,7 +98,7 @@ def ots_method_kwargs(wildcards):
 
 def ots_code(wildcards):
     method = method_spec(wildcards.method)["method"]
-    return provenance.code_hash(("model", "data", "train", "evaluate", "ots"), method)
+    return code_hash(("model", "data", "train", "evaluate", "ots"), method)
 
 
 #: relative cost of one point of each preset (GFLOPs per image, AugReg tiny = 1)

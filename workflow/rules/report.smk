@@ -81,7 +81,7 @@ rule report_tradeoff:
         mem_mb=2000,
         runtime=10,
     params:
-        code=provenance.code_hash(("benchmark",)),
+        code=code_hash(("benchmark",)),
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} tradeoff --summary {input.summary:q} --speed {input.speed:q}'
         " --out {output.plot:q} > {log:q} 2>&1"

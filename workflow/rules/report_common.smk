@@ -119,6 +119,4 @@ def report_index_args(wildcards):
 
 
 def report_code(wildcards):
-    return provenance.code_hash(
-        (), extra=[ROOT / "src" / "tokenreduction" / "report.py"]
-    )
+    return code_hash((), extra=[ROOT / "src" / "tokenreduction" / "report.py"])

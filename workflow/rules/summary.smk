@@ -35,7 +35,7 @@ rule summarise:
     params:
         runs=json.dumps(RUNS),
         baseline=baseline_method(),
-        code=lambda w: provenance.code_hash(("evaluate",)),
+        code=lambda w: code_hash(("evaluate",)),
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} --runs {params.runs:q} --metrics {input.metrics:q}'
         " --table {output.table:q} --keep-rate-plot {output.keep_rate_plot:q}"
