@@ -121,6 +121,46 @@ def test_tiled_upper_similarity_keeps_partitions(method, monkeypatch):
     assert torch.equal(cosine_agglomerative_labels(x[1:], 30, method), fused[1:])
 
 
+@pytest.mark.parametrize("method", LINKAGES)
+def test_vector_and_portable_row_loops_agree(method):
+    """The AVX2 row loops (scans, merges, filling) and the portable ones give
+    the same labels, for sizes that leave every vector loop a tail (not a
+    multiple of 4, 8 or the 32-row fill block), on float32 cosine
+    similarities (the fused path), float32 and float64 distances, with many
+    tied distances (duplicated tokens: exact zeros and equal rows)."""
+    g = torch.Generator().manual_seed(11)
+    for n in (5, 37, 131):
+        x = torch.randn(2, n, 6, generator=g)
+        x[:, n // 2:] = x[:, : n - n // 2]  # every second half token duplicates one of the first half
+        m = clustering.unit_rows(x)
+        sims = (m @ m.transpose(1, 2)).contiguous()
+        ints = torch.randint(0, 4, (2, n, n), generator=g).double()
+        ints = ints + ints.transpose(1, 2)
+        for k in (1, n // 3, n - 2):
+            need = n - k
+            vector = [native.run(sims, need, method, similarity=True), native.run(ints, need, method),
+                      native.run(ints.float(), need, method)]
+            with native.portable_only():
+                portable = [native.run(sims, need, method, similarity=True), native.run(ints, need, method),
+                            native.run(ints.float(), need, method)]
+            for a, b in zip(vector, portable):
+                assert torch.equal(a, b), f"n={n} K={k}"
+            assert torch.equal(vector[1], _scipy_first_merges(ints, k, method)), f"n={n} K={k}"
+
+
+def test_duplicated_tokens_at_a_latent_size_equal_scipy():
+    """A 24 x 24 latent (N=576, K=N/2) whose tokens repeat (flat image
+    regions: many exact zero distances and equal rows), clustered by the
+    fused cosine path, gives SciPy's partition of the torch distance."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 576, 8, generator=g)
+    x[0, 200:400] = x[0, 0]  # one flat region
+    x[0, 450:] = x[0, 10:136]  # a repeated patch
+    d = cosine_distance(x)
+    for method in LINKAGES:
+        assert torch.equal(cosine_agglomerative_labels(x, 288, method), _scipy_first_merges(d, 288, method))
+
+
 def test_non_finite_entries_name_the_image():
     d = cosine_distance(torch.randn(4, 12, 3))
     d[2, 3, 7] = float("inf")

@@ -8,10 +8,26 @@ and the same tie-breaking*, so it yields SciPy's partition exactly, but:
 
 * it reads the (B, N, N) float32/float64 square matrices directly (only the
   upper triangle, as SciPy's condensed form does) into a square float64
-  work matrix, rows contiguous, so every scan is a contiguous row;
-* it loops over the images of a batch in C, scans only the clusters still
-  active, and cuts each dendrogram in C (stable sort by height, union-find
-  over the first N - K merges, labels = smallest member);
+  work matrix, rows contiguous, a block of rows at a time: their upper
+  parts are converted, then mirrored below the diagonal while still in
+  cache, and every row's smallest entry is kept on the way;
+* it loops over the images of a batch in C, and cuts each dendrogram in C
+  (stable sort by height, union-find over the first N - K merges, labels =
+  smallest member);
+* a nearest-neighbour scan reads a whole row as one contiguous vector loop
+  (AVX2 where the CPU has it, chosen when the library loads): the columns
+  of clusters merged away are masked by adding +inf from a per-column
+  penalty vector, and the first position of the smallest value (SciPy's
+  choice) is found by a vector minimum and a vector search for it; the
+  diagonal holds +inf so a row's own entry never wins. The vector and the
+  portable code give the same bits: they only compare, add 0 or +inf,
+  convert float32 to float64, and evaluate the same Lance-Williams
+  expression in the same order (no fused multiply-add);
+* a merge updates the merged row with the same vector loop and writes its
+  column into every active row (prefetched; each write is a cache miss,
+  which is what large N, a 64 x 64 SD latent, is bound by); the work matrix
+  has an odd row stride and sits in huge pages where the kernel allows
+  (``madvise``);
 * the chain stops as soon as the N - K lowest merges are known: once N - K
   recorded merges lie at or below the smallest distance left between active
   clusters (no later merge of these reducible linkages is lower, and a later
@@ -19,12 +35,6 @@ and the same tie-breaking*, so it yields SciPy's partition exactly, but:
   smallest distance is the least of per-row minima kept across merges (a
   row is rescanned only when a merge replaced or removed its minimum), so
   it is checked every 16 merges at little cost;
-* the nearest-neighbour scans keep four independent running minima (the
-  first position of the smallest value is SciPy's choice), and the
-  diagonal holds +inf so a row's own entry never wins;
-* the work matrix has an odd row stride, sits in huge pages where the
-  kernel allows (``madvise``), and the column writes of each merge are
-  prefetched, which is what large N (a 64 x 64 SD latent) is bound by;
 * ATC for Stable Diffusion may pass cosine similarities instead of
   distances; ``max(1 - s, 0)`` is then formed in float32 while filling;
 * ctypes releases the GIL during the call, so the images of a batch are
@@ -77,49 +87,219 @@ SOURCE = r"""
 #include <sys/mman.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TR_AVX2 1
+#endif
 
 #define SINGLE 0
 #define COMPLETE 1
 #define AVERAGE 2
 #define BLOCK 32
-#define PREFETCH 8
+#define PREFETCH 16
 
 /* input kinds */
 #define DIST_F32 0
 #define DIST_F64 1
 #define COSSIM_F32 2  /* float32 cosine similarities s: distance max(1 - s, 0) in float32 */
 
-/* upper triangle of one (n, n) image -> symmetric float64 work matrix W
-   (row stride ld); returns 1 when an entry is inf or nan */
-static int fill_work(const void *src, int kind, int64_t n, int64_t ld, double *W) {
-    const float *s32 = (const float *)src;
-    const double *s64 = (const double *)src;
-    int bad = 0;
-    for (int64_t i = 0; i < n; i++) {  /* rows: contiguous */
-        double *w = W + i * ld;
-        if (kind == DIST_F64) {
-            const double *r = s64 + i * n;
-            for (int64_t j = i + 1; j < n; j++) { double v = r[j]; bad |= !(v - v == 0.0); w[j] = v; }
-        } else if (kind == DIST_F32) {
-            const float *r = s32 + i * n;
-            for (int64_t j = i + 1; j < n; j++) { double v = r[j]; bad |= !(v - v == 0.0); w[j] = v; }
-        } else {
-            const float *r = s32 + i * n;
-            for (int64_t j = i + 1; j < n; j++) {
-                float f = 1.0f - r[j];
-                f = f < 0.0f ? 0.0f : f;
-                double v = f;
-                bad |= !(v - v == 0.0);
-                w[j] = v;
-            }
-        }
+/* ---------------------------------------------------------------- row kernels
+   Each has a portable version and, on x86-64, an AVX2 one chosen at load
+   time when the CPU has AVX2 (tr_set_simd(0) forces the portable ones).
+   Both give identical results: they only compare, add zero or +inf, and
+   convert float32 to float64, which vector and scalar units do alike. */
+
+/* smallest of row[j] + pen[j], j < n (pen: 0 for active columns, +inf for
+   merged-away ones) */
+static double min_masked_scalar(const double *row, const double *pen, int64_t n) {
+    double m0 = INFINITY, m1 = INFINITY, m2 = INFINITY, m3 = INFINITY;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        double d0 = row[j] + pen[j], d1 = row[j + 1] + pen[j + 1];
+        double d2 = row[j + 2] + pen[j + 2], d3 = row[j + 3] + pen[j + 3];
+        m0 = d0 < m0 ? d0 : m0; m1 = d1 < m1 ? d1 : m1;
+        m2 = d2 < m2 ? d2 : m2; m3 = d3 < m3 ? d3 : m3;
     }
-    if (bad) return 1;
-    for (int64_t i = 0; i < n; i++) W[i * ld + i] = INFINITY;  /* never a nearest neighbour */
-    for (int64_t ib = 0; ib < n; ib += BLOCK) {  /* mirror, tile by tile */
+    for (; j < n; j++) { double d = row[j] + pen[j]; m0 = d < m0 ? d : m0; }
+    m0 = m1 < m0 ? m1 : m0; m2 = m3 < m2 ? m3 : m2;
+    return m2 < m0 ? m2 : m0;
+}
+
+/* first j with row[j] + pen[j] == m (-1 when none) */
+static int64_t first_equal_scalar(const double *row, const double *pen, int64_t n, double m) {
+    for (int64_t j = 0; j < n; j++) if (row[j] + pen[j] == m) return j;
+    return -1;
+}
+
+/* float32 source row (n entries from src) -> float64 dst, distances of the
+   given kind; colmin[j] takes dst[j] if smaller and *low the smallest of
+   the row; returns nonzero when an entry is inf or nan */
+static int convert_scalar(const float *src, int kind, int64_t n, double *dst, double *colmin, double *low) {
+    int bad = 0;
+    double m = *low;
+    for (int64_t j = 0; j < n; j++) {
+        float f = src[j];
+        if (kind == COSSIM_F32) { f = 1.0f - f; f = f < 0.0f ? 0.0f : f; }
+        double v = f;
+        bad |= !(v - v == 0.0);
+        dst[j] = v;
+        colmin[j] = v < colmin[j] ? v : colmin[j];
+        m = v < m ? v : m;
+    }
+    *low = m;
+    return bad;
+}
+
+#ifdef TR_AVX2
+__attribute__((target("avx2")))
+static double min_masked_avx2(const double *row, const double *pen, int64_t n) {
+    __m256d m0 = _mm256_set1_pd(INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        m0 = _mm256_min_pd(m0, _mm256_add_pd(_mm256_loadu_pd(row + j), _mm256_loadu_pd(pen + j)));
+        m1 = _mm256_min_pd(m1, _mm256_add_pd(_mm256_loadu_pd(row + j + 4), _mm256_loadu_pd(pen + j + 4)));
+        m2 = _mm256_min_pd(m2, _mm256_add_pd(_mm256_loadu_pd(row + j + 8), _mm256_loadu_pd(pen + j + 8)));
+        m3 = _mm256_min_pd(m3, _mm256_add_pd(_mm256_loadu_pd(row + j + 12), _mm256_loadu_pd(pen + j + 12)));
+    }
+    for (; j + 4 <= n; j += 4)
+        m0 = _mm256_min_pd(m0, _mm256_add_pd(_mm256_loadu_pd(row + j), _mm256_loadu_pd(pen + j)));
+    m0 = _mm256_min_pd(_mm256_min_pd(m0, m1), _mm256_min_pd(m2, m3));
+    double lane[4];
+    _mm256_storeu_pd(lane, m0);
+    double m = lane[0];
+    for (int k = 1; k < 4; k++) m = lane[k] < m ? lane[k] : m;
+    for (; j < n; j++) { double d = row[j] + pen[j]; m = d < m ? d : m; }
+    return m;
+}
+
+__attribute__((target("avx2")))
+static int64_t first_equal_avx2(const double *row, const double *pen, int64_t n, double m) {
+    __m256d target = _mm256_set1_pd(m);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        __m256d d = _mm256_add_pd(_mm256_loadu_pd(row + j), _mm256_loadu_pd(pen + j));
+        int hit = _mm256_movemask_pd(_mm256_cmp_pd(d, target, _CMP_EQ_OQ));
+        if (hit) return j + __builtin_ctz(hit);
+    }
+    for (; j < n; j++) if (row[j] + pen[j] == m) return j;
+    return -1;
+}
+
+__attribute__((target("avx2")))
+static int convert_avx2(const float *src, int kind, int64_t n, double *dst, double *colmin, double *low) {
+    __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    __m256d check = _mm256_setzero_pd();  /* v - v: 0 for finite v, nan otherwise */
+    __m256d m = _mm256_set1_pd(INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 f = _mm256_loadu_ps(src + j);
+        /* max(0, 1 - s): MAXPS returns its second operand unless the first
+           is greater, so nan passes through as in f < 0 ? 0 : f */
+        if (kind == COSSIM_F32) f = _mm256_max_ps(zero, _mm256_sub_ps(one, f));
+        __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+        __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+        check = _mm256_add_pd(check, _mm256_add_pd(_mm256_sub_pd(lo, lo), _mm256_sub_pd(hi, hi)));
+        _mm256_storeu_pd(dst + j, lo);
+        _mm256_storeu_pd(dst + j + 4, hi);
+        /* min_pd(v, c) is v < c ? v : c, as the scalar form */
+        _mm256_storeu_pd(colmin + j, _mm256_min_pd(lo, _mm256_loadu_pd(colmin + j)));
+        _mm256_storeu_pd(colmin + j + 4, _mm256_min_pd(hi, _mm256_loadu_pd(colmin + j + 4)));
+        m = _mm256_min_pd(m, _mm256_min_pd(lo, hi));
+    }
+    double lane[4];
+    _mm256_storeu_pd(lane, check);
+    int bad = !(lane[0] + lane[1] + lane[2] + lane[3] == 0.0);
+    _mm256_storeu_pd(lane, m);
+    for (int k = 0; k < 4; k++) *low = lane[k] < *low ? lane[k] : *low;
+    return bad | convert_scalar(src + j, kind, n - j, dst + j, colmin + j, low);
+}
+
+/* W[j][i] = W[i][j] for the 4 x 4 block at rows i..i+3, columns j..j+3 */
+__attribute__((target("avx2")))
+static void transpose4_avx2(double *W, int64_t ld, int64_t i, int64_t j) {
+    const double *s = W + i * ld + j;
+    __m256d r0 = _mm256_loadu_pd(s), r1 = _mm256_loadu_pd(s + ld);
+    __m256d r2 = _mm256_loadu_pd(s + 2 * ld), r3 = _mm256_loadu_pd(s + 3 * ld);
+    __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+    __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+    double *d = W + j * ld + i;
+    _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(d + ld, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(d + 2 * ld, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(d + 3 * ld, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+#endif
+
+static double (*min_masked)(const double *, const double *, int64_t) = min_masked_scalar;
+static int64_t (*first_equal)(const double *, const double *, int64_t, double) = first_equal_scalar;
+static int (*convert)(const float *, int, int64_t, double *, double *, double *) = convert_scalar;
+static int use_simd = 0;
+
+/* 1: the AVX2 kernels where the CPU has them (the default), 0: portable;
+   returns whether AVX2 is in use */
+int tr_set_simd(int on) {
+    use_simd = 0;
+    min_masked = min_masked_scalar; first_equal = first_equal_scalar; convert = convert_scalar;
+#ifdef TR_AVX2
+    __builtin_cpu_init();
+    if (on && __builtin_cpu_supports("avx2")) {
+        use_simd = 1;
+        min_masked = min_masked_avx2; first_equal = first_equal_avx2; convert = convert_avx2;
+    }
+#endif
+    return use_simd;
+}
+
+__attribute__((constructor)) static void choose_kernels(void) { tr_set_simd(1); }
+
+/* position of the first smallest row[j] + pen[j], its value in *low */
+static int64_t first_min(const double *row, const double *pen, int64_t n, double *low) {
+    double m = min_masked(row, pen, n);
+    *low = m;
+    return first_equal(row, pen, n, m);
+}
+
+/* ---------------------------------------------------------------- fill */
+
+/* upper triangle of one (n, n) image -> symmetric float64 work matrix W
+   (row stride ld), +inf on the diagonal, and the smallest entry of each
+   row in rowmin; returns 1 when an entry is inf or nan. Works in blocks of
+   BLOCK rows: their upper parts are converted, then mirrored tile by tile
+   below the diagonal while they are still in cache. */
+static int fill_work(const void *src, int kind, int64_t n, int64_t ld, double *W, double *rowmin) {
+    for (int64_t i = 0; i < n; i++) rowmin[i] = INFINITY;
+    for (int64_t ib = 0; ib < n; ib += BLOCK) {
         int64_t ie = ib + BLOCK < n ? ib + BLOCK : n;
-        for (int64_t jb = ib; jb < n; jb += BLOCK) {
+        for (int64_t i = ib; i < ie; i++) {
+            double *w = W + i * ld;
+            double low = INFINITY;
+            int bad;
+            if (kind == DIST_F64) {
+                const double *r = (const double *)src + i * n;
+                bad = 0;
+                for (int64_t j = i + 1; j < n; j++) {
+                    double v = r[j];
+                    bad |= !(v - v == 0.0);
+                    w[j] = v;
+                    rowmin[j] = v < rowmin[j] ? v : rowmin[j];
+                    low = v < low ? v : low;
+                }
+            } else {
+                bad = convert((const float *)src + i * n + i + 1, kind, n - i - 1, w + i + 1, rowmin + i + 1, &low);
+            }
+            if (bad) return 1;
+            rowmin[i] = low < rowmin[i] ? low : rowmin[i];  /* its columns j < i came from rows j */
+            w[i] = INFINITY;  /* never a nearest neighbour */
+        }
+        for (int64_t jb = ib; jb < n; jb += BLOCK) {  /* mirror, tile by tile */
             int64_t je = jb + BLOCK < n ? jb + BLOCK : n;
+#ifdef TR_AVX2
+            if (use_simd && jb > ib && ie - ib == BLOCK && je - jb == BLOCK) {
+                for (int64_t i = ib; i < ie; i += 4)
+                    for (int64_t j = jb; j < je; j += 4) transpose4_avx2(W, ld, i, j);
+                continue;
+            }
+#endif
             for (int64_t i = ib; i < ie; i++) {
                 int64_t j0 = jb > i + 1 ? jb : i + 1;
                 const double *w = W + i * ld;
@@ -129,6 +309,8 @@ static int fill_work(const void *src, int kind, int64_t n, int64_t ld, double *W
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------- linkages */
 
 /* Prim's MST from point 0, as SciPy's mst_single_linkage; returns the
    number of merges recorded (n - 1) */
@@ -152,42 +334,17 @@ static int64_t mst(int64_t n, int64_t ld, const double *W, double *best, int *do
     return n - 1;
 }
 
-/* position t (in the sorted active list) of the first smallest entry
-   row[act[t]], its value in *low; four independent running minima (each
-   keeps its first position) shorten the compare chain, and the smallest
-   position among the lanes that hold the minimum is the first overall */
-static int64_t first_min(const double *row, const int *act, int64_t na, double *low) {
-    double m0 = INFINITY, m1 = INFINITY, m2 = INFINITY, m3 = INFINITY;
-    int64_t p0 = -1, p1 = -1, p2 = -1, p3 = -1, t = 0;
-    for (; t + 4 <= na; t += 4) {
-        double d0 = row[act[t]], d1 = row[act[t + 1]], d2 = row[act[t + 2]], d3 = row[act[t + 3]];
-        if (d0 < m0) { m0 = d0; p0 = t; }
-        if (d1 < m1) { m1 = d1; p1 = t + 1; }
-        if (d2 < m2) { m2 = d2; p2 = t + 2; }
-        if (d3 < m3) { m3 = d3; p3 = t + 3; }
-    }
-    for (; t < na; t++) {  /* later positions: strictly smaller only */
-        double d = row[act[t]];
-        if (d < m0) { m0 = d; p0 = t; }
-    }
-    double m = m0; int64_t p = p0;
-    if (m1 < m || (m1 == m && p1 >= 0 && p1 < p)) { m = m1; p = p1; }
-    if (m2 < m || (m2 == m && p2 >= 0 && p2 < p)) { m = m2; p = p2; }
-    if (m3 < m || (m3 == m && p3 >= 0 && p3 < p)) { m = m3; p = p3; }
-    *low = m;
-    return p;
-}
-
-/* smallest distance between two active clusters (act sorted, na of them):
-   the smallest of the row minima, each recomputed only when stale (a merge
-   can raise a row's minimum only where it replaced or removed the entry
-   that held it, which the update flags; elsewhere the minimum stays exact) */
-static double lowest(int64_t ld, const double *W, const int *act, int64_t na, double *rowmin, int *stale) {
+/* smallest distance between two active clusters: the smallest of the row
+   minima, each recomputed only when stale (a merge can raise a row's
+   minimum only where it replaced or removed the entry that held it, which
+   the update flags; elsewhere the minimum stays exact) */
+static double lowest(int64_t n, int64_t ld, const double *W, const double *pen, const int *act, int64_t na,
+                     double *rowmin, int *stale) {
     double low = INFINITY;
     for (int64_t s = 0; s < na; s++) {
         int a = act[s];
         if (stale[a]) {
-            first_min(W + (int64_t)a * ld, act, na, rowmin + a);
+            rowmin[a] = min_masked(W + (int64_t)a * ld, pen, n);
             stale[a] = 0;
         }
         if (rowmin[a] < low) low = rowmin[a];
@@ -195,20 +352,24 @@ static double lowest(int64_t ld, const double *W, const int *act, int64_t na, do
     return low;
 }
 
-/* nearest-neighbour chain, as SciPy's nn_chain (complete, average). Stops
-   early once `need` recorded merges lie at or below the smallest distance
-   left between active clusters: for these reducible linkages no later merge
-   is lower, and a later one of equal height sorts after them (SciPy sorts
-   the merges stably by height). Returns the number of merges recorded. */
-static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double *W, int *act, int *size,
-                        int *chain, double *rowmin, int *stale, int *mx, int *my, double *mh) {
+/* nearest-neighbour chain, as SciPy's nn_chain (complete, average). Rows
+   are scanned whole, the columns of merged-away clusters masked by +inf in
+   pen, so a scan is a contiguous vector loop; the first smallest entry in
+   index order is SciPy's choice. Stops early once `need` recorded merges
+   lie at or below the smallest distance left between active clusters: for
+   these reducible linkages no later merge is lower, and a later one of
+   equal height sorts after them (SciPy sorts the merges stably by height).
+   Returns the number of merges recorded. */
+static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double *W, double *pen, int *act,
+                        int *size, int *chain, double *rowmin, int *stale, int *mx, int *my, double *mh) {
     int64_t na = n;
-    for (int64_t i = 0; i < n; i++) { act[i] = (int)i; size[i] = 1; stale[i] = 1; }
+    /* rowmin holds each row's minimum (fill_work): nothing is stale yet */
+    for (int64_t i = 0; i < n; i++) { act[i] = (int)i; size[i] = 1; stale[i] = 0; pen[i] = 0.0; }
     int64_t len = 0;
     int64_t next_check = need;
     for (int64_t k = 0; k < n - 1; k++) {
         if (k == next_check && k < n - 2) {
-            double low = lowest(ld, W, act, na, rowmin, stale);
+            double low = lowest(n, ld, W, pen, act, na, rowmin, stale);
             int64_t below = 0;
             for (int64_t m = 0; m < k; m++) below += mh[m] <= low;
             if (below >= need) return k;
@@ -224,7 +385,7 @@ static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double 
             x = chain[len - 1];
             const double *row = W + (int64_t)x * ld;
             double low;
-            int nearest = act[first_min(row, act, na, &low)];
+            int nearest = (int)first_min(row, pen, n, &low);
             if (len > 1 && !(low < row[chain[len - 2]])) {
                 y = chain[len - 2];
                 cur = row[y];
@@ -242,6 +403,7 @@ static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double 
         size[x] = 0;
         size[y] = nx + ny;
         stale[y] = 1;
+        pen[x] = INFINITY;
         /* drop x from the sorted active list */
         int64_t lo = 0, hi = na - 1;
         while (lo < hi) { int64_t mid = (lo + hi) / 2; if (act[mid] < x) lo = mid + 1; else hi = mid; }
@@ -335,19 +497,21 @@ int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, in
     double *W = work_matrix((size_t)(n * ld) * sizeof(double));
     double *mh = (double *)malloc((size_t)n * sizeof(double));
     double *best = (double *)malloc((size_t)n * sizeof(double));
+    double *pen = (double *)malloc((size_t)n * sizeof(double));
     int *ints = (int *)malloc((size_t)n * 9 * sizeof(int));
-    if (!W || !mh || !best || !ints) { free(mh); free(best); free(ints); return 1; }
+    if (!W || !mh || !best || !pen || !ints) { free(mh); free(best); free(pen); free(ints); return 1; }
     int *mx = ints, *my = ints + n, *act = ints + 2 * n, *size = ints + 3 * n, *chain = ints + 4 * n;
     int *idx = ints + 5 * n, *tmp = ints + 6 * n, *parent = ints + 7 * n, *stale = ints + 8 * n;
     int status = 0;
     for (int64_t b = 0; b < B; b++) {
         const char *src = (const char *)dist + (size_t)(b * n * n) * elem;
-        if (fill_work(src, kind, n, ld, W)) { *bad = b; status = 2; break; }
+        if (fill_work(src, kind, n, ld, W, best)) { *bad = b; status = 2; break; }
         int64_t m = method == SINGLE ? mst(n, ld, W, best, act, mx, my, mh)
-                                     : nn_chain(n, ld, method, need, W, act, size, chain, best, stale, mx, my, mh);
+                                     : nn_chain(n, ld, method, need, W, pen, act, size, chain, best, stale,
+                                                mx, my, mh);
         cut(n, m, need, mx, my, mh, idx, tmp, parent, labels + b * n);
     }
-    free(mh); free(best); free(ints);
+    free(mh); free(best); free(pen); free(ints);
     return status;
 }
 """
@@ -412,6 +576,8 @@ def library() -> Optional[ctypes.CDLL]:
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
                 fn.restype = ctypes.c_int
+                lib.tr_set_simd.argtypes = [ctypes.c_int]
+                lib.tr_set_simd.restype = ctypes.c_int
                 _library = lib
                 return _library
             except (OSError, subprocess.SubprocessError):
@@ -430,6 +596,22 @@ def disabled():
         yield
     finally:
         _library, _tried = saved
+
+
+@contextlib.contextmanager
+def portable_only():
+    """Within the block the kernel uses its portable row loops instead of
+    the AVX2 ones (for tests: both must give the same labels). Yields
+    whether AVX2 was in use before. Not thread-safe."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled clustering kernel is not available")
+    had_simd = bool(lib.tr_set_simd(1))
+    lib.tr_set_simd(0)
+    try:
+        yield had_simd
+    finally:
+        lib.tr_set_simd(1)
 
 
 def _forget_pools() -> None:
