@@ -334,46 +334,69 @@ static int64_t mst(int64_t n, int64_t ld, const double *W, double *best, int *do
     return n - 1;
 }
 
-/* smallest distance between two active clusters: the smallest of the row
-   minima, each recomputed only when stale (a merge can raise a row's
-   minimum only where it replaced or removed the entry that held it, which
-   the update flags; elsewhere the minimum stays exact) */
-static double lowest(int64_t n, int64_t ld, const double *W, const double *pen, const int *act, int64_t na,
-                     double *rowmin, int *stale) {
-    double low = INFINITY;
+/* whether no two active clusters lie closer than h (then no later merge of
+   these reducible linkages is lower than h). rowmin[i] is a lower bound of
+   row i's smallest entry, exact unless the row is flagged stale (a merge
+   replaced or removed the entry that held it). Only rows whose bound lies
+   below h are looked at: a stale one is rescanned; the first row found
+   below h ends the check. */
+static int none_below(double h, int64_t n, int64_t ld, const double *W, const double *pen, const int *act,
+                      int64_t na, double *rowmin, int *stale) {
     for (int64_t s = 0; s < na; s++) {
         int a = act[s];
-        if (stale[a]) {
-            rowmin[a] = min_masked(W + (int64_t)a * ld, pen, n);
-            stale[a] = 0;
-        }
-        if (rowmin[a] < low) low = rowmin[a];
+        if (!(rowmin[a] < h)) continue;
+        if (!stale[a]) return 0;
+        rowmin[a] = min_masked(W + (int64_t)a * ld, pen, n);
+        stale[a] = 0;
+        if (rowmin[a] < h) return 0;
     }
-    return low;
+    return 1;
+}
+
+/* a max-heap of the `cap` lowest merge heights so far: heap[0] is the
+   cap-th lowest once `count` reaches cap */
+static void keep_lowest(double *heap, int64_t *count, int64_t cap, double h) {
+    int64_t i;
+    if (*count < cap) {
+        i = (*count)++;
+        while (i > 0 && heap[(i - 1) / 2] < h) { heap[i] = heap[(i - 1) / 2]; i = (i - 1) / 2; }
+        heap[i] = h;
+        return;
+    }
+    if (!(h < heap[0])) return;
+    i = 0;
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= cap) break;
+        if (c + 1 < cap && heap[c + 1] > heap[c]) c++;
+        if (!(heap[c] > h)) break;
+        heap[i] = heap[c];
+        i = c;
+    }
+    heap[i] = h;
 }
 
 /* nearest-neighbour chain, as SciPy's nn_chain (complete, average). Rows
    are scanned whole, the columns of merged-away clusters masked by +inf in
    pen, so a scan is a contiguous vector loop; the first smallest entry in
    index order is SciPy's choice. Stops early once `need` recorded merges
-   lie at or below the smallest distance left between active clusters: for
-   these reducible linkages no later merge is lower, and a later one of
-   equal height sorts after them (SciPy sorts the merges stably by height).
-   Returns the number of merges recorded. */
+   lie at or below the smallest distance left between active clusters,
+   i.e. no two active clusters are closer than the need-th lowest recorded
+   height (kept in a heap): for these reducible linkages no later merge is
+   lower, and a later one of equal height sorts after them (SciPy sorts the
+   merges stably by height). Returns the number of merges recorded. */
 static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double *W, double *pen, int *act,
-                        int *size, int *chain, double *rowmin, int *stale, int *mx, int *my, double *mh) {
+                        int *size, int *chain, double *rowmin, int *stale, double *heap, int *mx, int *my,
+                        double *mh) {
     int64_t na = n;
     /* rowmin holds each row's minimum (fill_work): nothing is stale yet */
     for (int64_t i = 0; i < n; i++) { act[i] = (int)i; size[i] = 1; stale[i] = 0; pen[i] = 0.0; }
-    int64_t len = 0;
+    int64_t len = 0, kept = 0;
     int64_t next_check = need;
     for (int64_t k = 0; k < n - 1; k++) {
         if (k == next_check && k < n - 2) {
-            double low = lowest(n, ld, W, pen, act, na, rowmin, stale);
-            int64_t below = 0;
-            for (int64_t m = 0; m < k; m++) below += mh[m] <= low;
-            if (below >= need) return k;
-            next_check = k + 16;  /* a check costs about one row scan per stale row */
+            if (none_below(heap[0], n, ld, W, pen, act, na, rowmin, stale)) return k;
+            next_check = k + 16;  /* a check rescans the stale rows below the bound */
         }
         if (len == 0) { chain[0] = act[0]; len = 1; }
         int x, y = 0;
@@ -400,9 +423,11 @@ static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double 
         if (x > y) { int s = x; x = y; y = s; }
         int nx = size[x], ny = size[y];
         mx[k] = x; my[k] = y; mh[k] = cur;
+        if (need > 0) keep_lowest(heap, &kept, need, cur);
         size[x] = 0;
         size[y] = nx + ny;
         stale[y] = 1;
+        rowmin[y] = -INFINITY;  /* a new row: no bound until rescanned */
         pen[x] = INFINITY;
         /* drop x from the sorted active list */
         int64_t lo = 0, hi = na - 1;
@@ -422,10 +447,12 @@ static int64_t nn_chain(int64_t n, int64_t ld, int method, int64_t need, double 
             else v = a < b ? a : b;
             ry[i] = v;
             W[(int64_t)i * ld + y] = v;
-            /* row i's minimum may rise only if it was a or b; a rounded
-               average may fall below min(a, b): then it is the new minimum */
+            /* row i's minimum may rise only if it was a or b (then the
+               kept value is a lower bound, flagged stale); the new entry
+               lowers it if smaller (a rounded average may fall below
+               min(a, b)) */
             if (a == rowmin[i] || b == rowmin[i]) stale[i] = 1;
-            else if (v < rowmin[i]) rowmin[i] = v;
+            if (v < rowmin[i]) rowmin[i] = v;
         }
     }
     return n - 1;
@@ -498,8 +525,12 @@ int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, in
     double *mh = (double *)malloc((size_t)n * sizeof(double));
     double *best = (double *)malloc((size_t)n * sizeof(double));
     double *pen = (double *)malloc((size_t)n * sizeof(double));
+    double *heap = (double *)malloc((size_t)n * sizeof(double));
     int *ints = (int *)malloc((size_t)n * 9 * sizeof(int));
-    if (!W || !mh || !best || !pen || !ints) { free(mh); free(best); free(pen); free(ints); return 1; }
+    if (!W || !mh || !best || !pen || !heap || !ints) {
+        free(mh); free(best); free(pen); free(heap); free(ints);
+        return 1;
+    }
     int *mx = ints, *my = ints + n, *act = ints + 2 * n, *size = ints + 3 * n, *chain = ints + 4 * n;
     int *idx = ints + 5 * n, *tmp = ints + 6 * n, *parent = ints + 7 * n, *stale = ints + 8 * n;
     int status = 0;
@@ -507,11 +538,11 @@ int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, in
         const char *src = (const char *)dist + (size_t)(b * n * n) * elem;
         if (fill_work(src, kind, n, ld, W, best)) { *bad = b; status = 2; break; }
         int64_t m = method == SINGLE ? mst(n, ld, W, best, act, mx, my, mh)
-                                     : nn_chain(n, ld, method, need, W, pen, act, size, chain, best, stale,
+                                     : nn_chain(n, ld, method, need, W, pen, act, size, chain, best, stale, heap,
                                                 mx, my, mh);
         cut(n, m, need, mx, my, mh, idx, tmp, parent, labels + b * n);
     }
-    free(mh); free(best); free(pen); free(ints);
+    free(mh); free(best); free(pen); free(heap); free(ints);
     return status;
 }
 """
