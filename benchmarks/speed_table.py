@@ -33,7 +33,9 @@ sd_unet     an SD-v1.5-layout UNet (diffusers ``UNet2DConditionModel``:
             3 cross-attention down blocks + 1 plain, mirrored up; narrow widths
             64/128/256/256 so it runs on a CPU; random weights), one forward
             at a 64x64 latent (32x32 with --quick), batch 2 (classifier-free
-            guidance), merging ratio 0.5 at the highest resolution
+            guidance: the same latent twice, two text embeddings, so the
+            first merging block's two halves are equal and ATC clusters
+            them once), merging ratio 0.5 at the highest resolution
             (max_downsample 1, self-attention): no merging vs tomesd vs this
             library's ToMe-SD vs this library's ATC (average linkage; with
             the default clustering back end and, as ``atc_sd_scipy``, with
@@ -234,13 +236,15 @@ def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _unet_rows(section: str, base, side: int, text_width: int, repeats: int, with_scipy: bool) -> List[Row]:
-    """One forward of `base` at a side x side latent, batch 2, timed round
-    robin: no merging, tomesd, this library's ToMe-SD and ATC (average), all
+    """One forward of `base` at a side x side latent, batch 2 (classifier-free
+    guidance: one latent, two text embeddings), timed round robin: no merging, tomesd, this library's ToMe-SD and ATC (average), all
     at ratio 0.5, max_downsample 1 (self-attention); with_scipy adds ATC
     with the SciPy clustering back end."""
     from tokenreduction.diffusion import patch as sd_patch
 
-    sample = torch.randn(2, 4, side, side)
+    # classifier-free guidance, as a generation step runs the UNet: the same
+    # latent twice, with the unconditional and the prompt's text embeddings
+    sample = torch.randn(1, 4, side, side).expand(2, -1, -1, -1).contiguous()
     text = torch.randn(2, 77, text_width)
     step = torch.tensor(500)
     variants = {"none": base}
@@ -405,6 +409,8 @@ def parse_args(argv=None):
     parser.add_argument("--tome-repo", type=Path, default=None,
                         help="a facebookresearch/ToMe checkout: adds the official ToMe patch's row")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/speed_table.csv"))
+    parser.add_argument("--unet-rounds", type=int, default=None,
+                        help="timed rounds of the UNet sections (default 3, 2 with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
         args.model_batch, args.model_warmup, args.model_repeats = 8, 1, 3
@@ -416,6 +422,8 @@ def parse_args(argv=None):
         args.warmup, args.repeats, args.unet_repeats, args.latent = 1, 7, 3, 64
         args.sd15_repeats = 3
         args.large_sizes, args.large_linkages = [1024, 4096], list(LINKAGES)
+    if args.unet_rounds:
+        args.unet_repeats = args.sd15_repeats = args.unet_rounds
     return args
 
 

@@ -161,6 +161,30 @@ def test_duplicated_tokens_at_a_latent_size_equal_scipy():
         assert torch.equal(cosine_agglomerative_labels(x, 288, method), _scipy_first_merges(d, 288, method))
 
 
+def test_repeated_images_are_clustered_once(monkeypatch):
+    """A batch with exact copies (classifier-free guidance: both halves the
+    same latent) clusters each distinct image once; every image still gets
+    the partition it gets alone."""
+    g = torch.Generator().manual_seed(13)
+    x0, x1, x2 = torch.randn(3, 80, 8, generator=g)
+    batch = torch.stack([x0, x1, x0, x1, x2])
+    alone = [cosine_agglomerative_labels(x[None], 30, "average")[0] for x in (x0, x1, x0, x1, x2)]
+    seen = []
+    run = native.run
+    monkeypatch.setattr(native, "run", lambda d, *a, **k: seen.append(d.shape[0]) or run(d, *a, **k))
+    labels = cosine_agglomerative_labels(batch, 30, "average")
+    assert seen == [3]
+    for b, expected in enumerate(alone):
+        assert torch.equal(labels[b], expected)
+    near_copy = batch.clone()
+    near_copy[2, 5, 3] += 1e-6  # not an exact copy: clustered on its own
+    cosine_agglomerative_labels(near_copy, 30, "average")
+    assert seen[-1] == 4
+    unique, representative = clustering.first_occurrences(batch)
+    assert unique.tolist() == [0, 1, 4] and representative.tolist() == [0, 1, 0, 1, 2]
+    assert clustering.first_occurrences(batch[[0, 1, 4]]) is None
+
+
 def test_non_finite_entries_name_the_image():
     d = cosine_distance(torch.randn(4, 12, 3))
     d[2, 3, 7] = float("inf")

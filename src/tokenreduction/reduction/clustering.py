@@ -122,20 +122,55 @@ def cosine_agglomerative_labels(metric: torch.Tensor, num_clusters: int, linkage
     buffer for large N); the partition is the same as
     ``agglomerative_labels(distance, num_clusters, linkage)`` on the distance
     computed in torch. Returns (B, N) long labels (smallest member names a
-    cluster)."""
+    cluster).
+
+    Images of the batch that equal an earlier one exactly are clustered once
+    and share its labels (the same input gives the same partition): with
+    classifier-free guidance the two halves of a Stable Diffusion batch are
+    the same latent, and so are their first merging block's hidden states."""
     check_linkage(linkage)
     if metric.dim() != 3:
         raise ValueError(f"metric must have shape (B, N, C), got {tuple(metric.shape)}")
     if int(num_clusters) < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
     with torch.no_grad():
-        m = unit_rows(metric.detach())
+        metric = metric.detach()
+        first = first_occurrences(metric)
+        if first is not None:
+            unique, representative = first
+            return cosine_agglomerative_labels(metric[unique], num_clusters, linkage)[representative]
+        m = unit_rows(metric)
         B, N, _ = m.shape
         need = N - min(int(num_clusters), N)
         if m.device.type == "cpu" and need > 0 and B > 0 and _native.library() is not None:
             # the kernel reads only the upper triangle: half the product suffices
             return _native.run(upper_similarity(m, _similarity_scratch(m)), need, linkage, similarity=True)
         return agglomerative_labels(cosine_distance_from_unit(m), num_clusters, linkage)
+
+
+def first_occurrences(x: torch.Tensor):
+    """For a batch x (B, ...) with repeated items: (unique (U,) indices of
+    each distinct item's first occurrence, representative (B,) position in
+    `unique` of each item's copy); None when all B items differ. Items are
+    compared exactly (after a per-item sum narrows the candidates)."""
+    B = x.shape[0]
+    if B < 2:
+        return None
+    sums = x.reshape(B, -1).sum(dim=1).tolist()
+    representative: list = []
+    unique: list = []
+    for b in range(B):
+        for u, a in enumerate(unique):
+            if sums[a] == sums[b] and torch.equal(x[a], x[b]):
+                representative.append(u)
+                break
+        else:
+            representative.append(len(unique))
+            unique.append(b)
+    if len(unique) == B:
+        return None
+    device = x.device
+    return torch.tensor(unique, device=device), torch.tensor(representative, device=device)
 
 
 #: row-tile height of :func:`upper_similarity` (CPU, N >= 2 tiles)
