@@ -20,11 +20,12 @@ and the same tie-breaking*, so it yields SciPy's partition exactly, but:
   penalty vector, and the first position of the smallest value (SciPy's
   choice) is found by a vector minimum and a vector search for it; the
   diagonal holds +inf so a row's own entry never wins. The vector and the
-  portable code give the same bits: they only compare, add 0 or +inf,
-  convert float32 to float64, and evaluate the same Lance-Williams
-  expression in the same order (no fused multiply-add);
-* a merge updates the merged row with the same vector loop and writes its
-  column into every active row (prefetched; each write is a cache miss,
+  portable code give the same bits: they only compare, add 0 or +inf and
+  convert float32 to float64;
+* a merge updates the merged row over the active clusters (a scalar loop,
+  the Lance-Williams expression in SciPy's order, no fused multiply-add)
+  and writes its column into every active row (prefetched; each write is a
+  cache miss,
   which is what large N, a 64 x 64 SD latent, is bound by); the work matrix
   has an odd row stride and sits in huge pages where the kernel allows
   (``madvise``);

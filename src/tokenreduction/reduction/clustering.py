@@ -136,16 +136,21 @@ def cosine_agglomerative_labels(metric: torch.Tensor, num_clusters: int, linkage
     with torch.no_grad():
         metric = metric.detach()
         first = first_occurrences(metric)
-        if first is not None:
-            unique, representative = first
-            return cosine_agglomerative_labels(metric[unique], num_clusters, linkage)[representative]
-        m = unit_rows(metric)
-        B, N, _ = m.shape
-        need = N - min(int(num_clusters), N)
-        if m.device.type == "cpu" and need > 0 and B > 0 and _native.library() is not None:
-            # the kernel reads only the upper triangle: half the product suffices
-            return _native.run(upper_similarity(m, _similarity_scratch(m)), need, linkage, similarity=True)
-        return agglomerative_labels(cosine_distance_from_unit(m), num_clusters, linkage)
+        if first is None:
+            return _cosine_labels(metric, int(num_clusters), linkage)
+        unique, representative = first
+        return _cosine_labels(metric[unique], int(num_clusters), linkage)[representative]
+
+
+def _cosine_labels(metric: torch.Tensor, num_clusters: int, linkage: str) -> torch.Tensor:
+    """:func:`cosine_agglomerative_labels` on checked arguments, every image clustered."""
+    m = unit_rows(metric)
+    B, N, _ = m.shape
+    need = N - min(num_clusters, N)
+    if m.device.type == "cpu" and need > 0 and B > 0 and _native.library() is not None:
+        # the kernel reads only the upper triangle: half the product suffices
+        return _native.run(upper_similarity(m, _similarity_scratch(m)), need, linkage, similarity=True)
+    return agglomerative_labels(cosine_distance_from_unit(m), num_clusters, linkage)
 
 
 def first_occurrences(x: torch.Tensor):
