@@ -487,6 +487,342 @@ static void cut(int64_t n, int64_t m, int64_t need, const int *mx, const int *my
     for (int64_t i = 0; i < n; i++) labels[i] = find_root(parent, (int)i);
 }
 
+/* ---------------------------------------------------------------- sparse greedy (large n)
+   For complete and average linkage at large n (n >= SPARSE_MIN_N), the
+   partition is first sought without the dense work matrix: the N - K
+   lowest merges of these reducible linkages join clusters that share a
+   point pair closer than the cut height (a mean or a maximum is at least
+   the smallest pair), so only the pairs below a threshold T are listed
+   (one pass over the upper triangle; T starts from the median
+   nearest-neighbour distance and is raised while too few merges lie below
+   it), and the greedy scheme "merge the closest pair of clusters" runs on
+   that sparse graph: each cluster keeps its neighbours with the exact sum
+   (average) or maximum (complete) of the point distances between the two,
+   combined when clusters merge and summed point by point where one side
+   was not yet a neighbour. In exact arithmetic this is the dendrogram
+   SciPy's chain builds. SciPy's floating-point heights differ from these
+   (the same means summed in another order) by far less than TIE_MARGIN
+   (relative), so wherever every merge's pair is closer than any other
+   neighbour of the two by more than that margin, and the first merge left
+   out lies above the last one taken by more than it, the partition is
+   SciPy's. Where a check fails (a tie, such as equal float32 distances or
+   duplicated points) or the graph would grow too dense, the dense kernel
+   runs instead, which follows SciPy's arithmetic and tie-breaking exactly. */
+
+#define SPARSE_MIN_N 1024
+#define TIE_MARGIN 1e-9
+#define MAX_EDGES_PER_POINT 64
+#define MAX_RAISES 8
+
+static int sparse_on = 1;
+static int64_t sparse_runs = 0, sparse_fallbacks = 0;
+
+/* 1: try the sparse path for large n (the default), 0: dense only;
+   returns the previous setting */
+int tr_set_sparse(int on) { int old = sparse_on; sparse_on = on; return old; }
+
+/* out[0]: images the sparse path finished, out[1]: images it handed to the
+   dense kernel (since the last call, which resets both) */
+void tr_sparse_stats(int64_t *out) {
+    out[0] = __atomic_exchange_n(&sparse_runs, 0, __ATOMIC_RELAXED);
+    out[1] = __atomic_exchange_n(&sparse_fallbacks, 0, __ATOMIC_RELAXED);
+}
+
+/* distance of points p != q from the caller's upper triangle */
+static inline double pair_dist(const void *src, int kind, int64_t n, int p, int q) {
+    int64_t at = p < q ? (int64_t)p * n + q : (int64_t)q * n + p;
+    if (kind == DIST_F64) return ((const double *)src)[at];
+    float f = ((const float *)src)[at];
+    if (kind == COSSIM_F32) { f = 1.0f - f; f = f < 0.0f ? 0.0f : f; }
+    return (double)f;
+}
+
+typedef struct { int *id; double *agg; int len, cap; } nblist;
+
+typedef struct {
+    const void *src; int kind; int64_t n; int method;
+    int *owner, *size, *head, *tail, *nextm, *best, *where;
+    double *bestd, *zeros;
+    nblist *nb;
+    int *ep, *eq; int64_t ne, ecap;
+    int oom;
+} sparse_state;
+
+static int nb_push(sparse_state *s, nblist *l, int id, double agg) {
+    if (l->len == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 8;
+        int *i2 = (int *)realloc(l->id, (size_t)cap * sizeof(int));
+        if (!i2) { s->oom = 1; return 1; }
+        l->id = i2;
+        double *a2 = (double *)realloc(l->agg, (size_t)cap * sizeof(double));
+        if (!a2) { s->oom = 1; return 1; }
+        l->agg = a2;
+        l->cap = cap;
+    }
+    l->id[l->len] = id; l->agg[l->len] = agg; l->len++;
+    return 0;
+}
+
+/* linkage distance of clusters a and c from their aggregate */
+static inline double link_of(const sparse_state *s, int a, int c, double agg) {
+    return s->method == AVERAGE ? agg / ((double)s->size[a] * (double)s->size[c]) : agg;
+}
+
+/* aggregate of the point distances between clusters a and c, point by point */
+static double direct_agg(const sparse_state *s, int a, int c) {
+    double agg = s->method == AVERAGE ? 0.0 : -INFINITY;
+    for (int p = s->head[a]; p >= 0; p = s->nextm[p])
+        for (int q = s->head[c]; q >= 0; q = s->nextm[q]) {
+            double v = pair_dist(s->src, s->kind, s->n, p, q);
+            if (s->method == AVERAGE) agg += v; else agg = v > agg ? v : agg;
+        }
+    return agg;
+}
+
+static inline double combine(int method, double a, double b) {
+    return method == AVERAGE ? a + b : (a > b ? a : b);
+}
+
+static void refresh_best(sparse_state *s, int c) {
+    nblist *l = &s->nb[c];
+    double bd = INFINITY;
+    int b = -1;
+    for (int t = 0; t < l->len; t++) {
+        double d = link_of(s, c, l->id[t], l->agg[t]);
+        if (d < bd) { bd = d; b = l->id[t]; }
+    }
+    s->best[c] = b; s->bestd[c] = bd;
+}
+
+/* make a and c neighbours (not yet neighbours, distinct clusters) */
+static int link_pair(sparse_state *s, int a, int c) {
+    double agg = direct_agg(s, a, c);
+    if (nb_push(s, &s->nb[a], c, agg) || nb_push(s, &s->nb[c], a, agg)) return 1;
+    double d = link_of(s, a, c, agg);
+    if (d < s->bestd[a]) { s->bestd[a] = d; s->best[a] = c; }
+    if (d < s->bestd[c]) { s->bestd[c] = d; s->best[c] = a; }
+    return 0;
+}
+
+/* the point pairs with lo < d <= hi (upper triangle) appended to the edge
+   list; returns 1 when that would exceed the edge budget */
+static int collect_edges(sparse_state *s, double lo, double hi, int64_t budget) {
+    const int64_t n = s->n;
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t j = i + 1; j < n; j++) {
+            double v = pair_dist(s->src, s->kind, n, (int)i, (int)j);
+            if (v <= hi && v > lo) {
+                if (s->ne == s->ecap) {
+                    if (s->ne >= budget) return 1;
+                    int64_t cap = s->ecap ? 2 * s->ecap : 4 * n;
+                    int *p2 = (int *)realloc(s->ep, (size_t)cap * sizeof(int));
+                    if (!p2) { s->oom = 1; return 1; }
+                    s->ep = p2;
+                    int *q2 = (int *)realloc(s->eq, (size_t)cap * sizeof(int));
+                    if (!q2) { s->oom = 1; return 1; }
+                    s->eq = q2;
+                    s->ecap = cap;
+                }
+                s->ep[s->ne] = (int)i; s->eq[s->ne] = (int)j; s->ne++;
+            }
+        }
+    }
+    return 0;
+}
+
+/* whether c is a neighbour of a */
+static int is_neighbour(const sparse_state *s, int a, int c) {
+    const nblist *l = &s->nb[a];
+    for (int t = 0; t < l->len; t++) if (l->id[t] == c) return 1;
+    return 0;
+}
+
+/* merge clusters a and b (neighbours) into the larger one's id; returns
+   the merged id, or -1 when out of memory */
+static int merge_clusters(sparse_state *s, int a, int b) {
+    if (s->size[a] < s->size[b]) { int t = a; a = b; b = t; }
+    const int method = s->method;
+    nblist *la = &s->nb[a], *lb = &s->nb[b];
+    nblist out = {NULL, NULL, 0, 0};
+    int *have = NULL;
+    int cap = la->len + lb->len;
+    have = (int *)malloc((size_t)(cap > 0 ? cap : 1) * sizeof(int));
+    if (!have) { s->oom = 1; return -1; }
+    for (int t = 0; t < la->len; t++) {
+        int c = la->id[t];
+        if (c == b) continue;
+        s->where[c] = out.len;
+        have[out.len] = 1;
+        if (nb_push(s, &out, c, la->agg[t])) goto fail;
+    }
+    for (int t = 0; t < lb->len; t++) {
+        int c = lb->id[t];
+        if (c == a) continue;
+        if (s->where[c] >= 0) {
+            int w = s->where[c];
+            out.agg[w] = combine(method, out.agg[w], lb->agg[t]);
+            have[w] |= 2;
+        } else {
+            s->where[c] = out.len;
+            have[out.len] = 2;
+            if (nb_push(s, &out, c, lb->agg[t])) goto fail;
+        }
+    }
+    for (int t = 0; t < out.len; t++) {
+        int c = out.id[t];
+        s->where[c] = -1;
+        if (have[t] == 1) out.agg[t] = combine(method, out.agg[t], direct_agg(s, b, c));
+        else if (have[t] == 2) out.agg[t] = combine(method, out.agg[t], direct_agg(s, a, c));
+    }
+    free(have);
+    /* members of b join a */
+    for (int p = s->head[b]; p >= 0; p = s->nextm[p]) s->owner[p] = a;
+    s->nextm[s->tail[a]] = s->head[b];
+    s->tail[a] = s->tail[b];
+    s->size[a] += s->size[b];
+    s->size[b] = 0;
+    s->head[b] = s->tail[b] = -1;
+    free(la->id); free(la->agg);
+    *la = out;
+    free(lb->id); free(lb->agg);
+    lb->id = NULL; lb->agg = NULL; lb->len = lb->cap = 0;
+    s->bestd[b] = INFINITY; s->best[b] = -1;
+    /* the neighbours: their entries for a and b become one for a */
+    for (int t = 0; t < out.len; t++) {
+        int c = out.id[t];
+        nblist *lc = &s->nb[c];
+        int ia = -1, ib = -1;
+        for (int u = 0; u < lc->len; u++) {
+            if (lc->id[u] == a) ia = u; else if (lc->id[u] == b) ib = u;
+        }
+        if (ia < 0) { ia = ib; ib = -1; lc->id[ia] = a; }
+        lc->agg[ia] = out.agg[t];
+        if (ib >= 0) { lc->len--; lc->id[ib] = lc->id[lc->len]; lc->agg[ib] = lc->agg[lc->len]; }
+        double d = link_of(s, a, c, out.agg[t]);
+        if (s->best[c] == a || s->best[c] == b) refresh_best(s, c);
+        else if (d < s->bestd[c]) { s->bestd[c] = d; s->best[c] = a; }
+    }
+    refresh_best(s, a);
+    return a;
+fail:
+    for (int t = 0; t < out.len; t++) s->where[out.id[t]] = -1;
+    free(have); free(out.id); free(out.agg);
+    return -1;
+}
+
+/* whether a neighbour of a other than `other` lies within the margin of h */
+static int near_tie(const sparse_state *s, int a, int other, double h) {
+    const nblist *l = &s->nb[a];
+    double top = h * (1.0 + TIE_MARGIN);
+    for (int t = 0; t < l->len; t++) {
+        if (l->id[t] == other) continue;
+        if (link_of(s, a, l->id[t], l->agg[t]) <= top) return 1;
+    }
+    return 0;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* labels of the first `need` merges by the sparse greedy scheme; returns
+   0 done, 1 use the dense kernel (a tie within the margin, too dense a
+   graph, or out of memory), 2 an entry is inf or nan */
+static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int method, double *rowmin,
+                         double *scratch, int64_t *labels) {
+    sparse_state s;
+    memset(&s, 0, sizeof(s));
+    s.src = src; s.kind = kind; s.n = n; s.method = method;
+    int status = 1;
+    int *ints = (int *)malloc((size_t)n * 8 * sizeof(int));
+    double *dbl = (double *)malloc((size_t)n * 2 * sizeof(double));
+    s.nb = (nblist *)calloc((size_t)n, sizeof(nblist));
+    if (!ints || !dbl || !s.nb) goto done;
+    s.owner = ints; s.size = ints + n; s.head = ints + 2 * n; s.tail = ints + 3 * n; s.nextm = ints + 4 * n;
+    s.best = ints + 5 * n; s.where = ints + 6 * n;
+    int *order_unused = ints + 7 * n; (void)order_unused;
+    s.bestd = dbl; s.zeros = dbl + n;
+    /* pass 1: every point's nearest distance (rows and, via colmin, columns
+       of the upper triangle), and inf/nan */
+    for (int64_t i = 0; i < n; i++) rowmin[i] = INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        double low = INFINITY;
+        int bad = 0;
+        if (kind == DIST_F64) {
+            const double *r = (const double *)src + i * n;
+            for (int64_t j = i + 1; j < n; j++) {
+                double v = r[j];
+                bad |= !(v - v == 0.0);
+                rowmin[j] = v < rowmin[j] ? v : rowmin[j];
+                low = v < low ? v : low;
+            }
+        } else {
+            bad = convert((const float *)src + i * n + i + 1, kind, n - i - 1, scratch, rowmin + i + 1, &low);
+        }
+        if (bad) { status = 2; goto done; }
+        rowmin[i] = low < rowmin[i] ? low : rowmin[i];
+    }
+    memcpy(scratch, rowmin, (size_t)n * sizeof(double));
+    qsort(scratch, (size_t)n, sizeof(double), cmp_double);
+    for (int64_t i = 0; i < n; i++) {
+        s.owner[i] = (int)i; s.size[i] = 1; s.head[i] = s.tail[i] = (int)i; s.nextm[i] = -1;
+        s.best[i] = -1; s.where[i] = -1; s.bestd[i] = INFINITY; s.zeros[i] = 0.0;
+    }
+    int64_t budget = MAX_EDGES_PER_POINT * n;
+    double lo = -INFINITY, T = 0.0;
+    int64_t merges = 0;
+    double hmax = -INFINITY;
+    for (int raise = 0; raise < MAX_RAISES; raise++) {
+        int64_t q = n / 2 + raise * (n / 10);
+        if (q > n - 1) q = n - 1;
+        double next = 1.3 * scratch[q];
+        if (raise > 0 && next < 1.1 * T) next = 1.1 * T;
+        if (!(next > 0.0) || !(next < INFINITY)) goto done;
+        T = next;
+        int64_t first = s.ne;
+        if (collect_edges(&s, lo, T, budget)) goto done;
+        lo = T;
+        for (int64_t e = first; e < s.ne; e++) {
+            int a = s.owner[s.ep[e]], c = s.owner[s.eq[e]];
+            if (a == c || is_neighbour(&s, a, c)) continue;
+            if (link_pair(&s, a, c)) goto done;
+        }
+        const double safe = T / (1.0 + 2.0 * TIE_MARGIN);
+        for (;;) {
+            double h;
+            int a = (int)first_min(s.bestd, s.zeros, n, &h);
+            if (merges == need) {
+                /* the first merge left out must lie clear above the last taken */
+                double next_h = h < T ? h : T;
+                status = next_h > hmax * (1.0 + TIE_MARGIN) ? 0 : 1;
+                goto finish;
+            }
+            if (a < 0 || !(h <= safe)) break;  /* none left below T: raise it */
+            int b = s.best[a];
+            if (near_tie(&s, a, b, h) || near_tie(&s, b, a, h)) goto done;
+            if (merge_clusters(&s, a, b) < 0) goto done;
+            hmax = h > hmax ? h : hmax;
+            merges++;
+        }
+    }
+    goto done;
+finish:
+    if (status == 0) {
+        for (int64_t c = 0; c < n; c++) {
+            if (s.size[c] == 0) continue;
+            int low = s.head[c];
+            for (int p = s.head[c]; p >= 0; p = s.nextm[p]) low = p < low ? p : low;
+            for (int p = s.head[c]; p >= 0; p = s.nextm[p]) labels[p] = low;
+        }
+    }
+done:
+    if (s.oom) status = 1;
+    if (s.nb) for (int64_t c = 0; c < n; c++) { free(s.nb[c].id); free(s.nb[c].agg); }
+    free(s.nb); free(ints); free(dbl); free(s.ep); free(s.eq);
+    return status;
+}
+
 /* The (n, n) work matrix of the calling thread, kept between calls (the
    scans and updates jump between rows: huge pages spare a TLB miss per
    access once n * n * 8 bytes exceed what the TLB covers) */
@@ -522,13 +858,13 @@ int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, in
                             int method, int64_t *labels, int64_t *bad) {
     size_t elem = kind == DIST_F64 ? sizeof(double) : sizeof(float);
     int64_t ld = n % 2 ? n + 2 : n + 1;  /* odd row stride: rows spread over cache sets */
-    double *W = work_matrix((size_t)(n * ld) * sizeof(double));
+    double *W = NULL;  /* the dense work matrix, made when first needed */
     double *mh = (double *)malloc((size_t)n * sizeof(double));
     double *best = (double *)malloc((size_t)n * sizeof(double));
     double *pen = (double *)malloc((size_t)n * sizeof(double));
     double *heap = (double *)malloc((size_t)n * sizeof(double));
     int *ints = (int *)malloc((size_t)n * 9 * sizeof(int));
-    if (!W || !mh || !best || !pen || !heap || !ints) {
+    if (!mh || !best || !pen || !heap || !ints) {
         free(mh); free(best); free(pen); free(heap); free(ints);
         return 1;
     }
@@ -537,6 +873,13 @@ int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, in
     int status = 0;
     for (int64_t b = 0; b < B; b++) {
         const char *src = (const char *)dist + (size_t)(b * n * n) * elem;
+        if (method != SINGLE && sparse_on && n >= SPARSE_MIN_N && need > 0) {
+            int tried = sparse_labels(src, kind, n, need, method, best, heap, labels + b * n);
+            if (tried == 2) { *bad = b; status = 2; break; }
+            if (tried == 0) { __atomic_fetch_add(&sparse_runs, 1, __ATOMIC_RELAXED); continue; }
+            __atomic_fetch_add(&sparse_fallbacks, 1, __ATOMIC_RELAXED);
+        }
+        if (!W && !(W = work_matrix((size_t)(n * ld) * sizeof(double)))) { status = 1; break; }
         if (fill_work(src, kind, n, ld, W, best)) { *bad = b; status = 2; break; }
         int64_t m = method == SINGLE ? mst(n, ld, W, best, act, mx, my, mh)
                                      : nn_chain(n, ld, method, need, W, pen, act, size, chain, best, stale, heap,
@@ -610,6 +953,10 @@ def library() -> Optional[ctypes.CDLL]:
                 fn.restype = ctypes.c_int
                 lib.tr_set_simd.argtypes = [ctypes.c_int]
                 lib.tr_set_simd.restype = ctypes.c_int
+                lib.tr_set_sparse.argtypes = [ctypes.c_int]
+                lib.tr_set_sparse.restype = ctypes.c_int
+                lib.tr_sparse_stats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+                lib.tr_sparse_stats.restype = None
                 _library = lib
                 return _library
             except (OSError, subprocess.SubprocessError):
@@ -644,6 +991,32 @@ def portable_only():
         yield had_simd
     finally:
         lib.tr_set_simd(1)
+
+
+@contextlib.contextmanager
+def dense_only():
+    """Within the block complete and average linkage always run the dense
+    nearest-neighbour chain, also for large N (for tests and benchmarks:
+    both paths must give the same labels). Not thread-safe."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled clustering kernel is not available")
+    previous = lib.tr_set_sparse(0)
+    try:
+        yield
+    finally:
+        lib.tr_set_sparse(previous)
+
+
+def sparse_stats() -> tuple:
+    """(images the sparse path finished, images it handed to the dense
+    chain) since the last call, which resets both counts."""
+    lib = library()
+    if lib is None:
+        return 0, 0
+    out = (ctypes.c_int64 * 2)()
+    lib.tr_sparse_stats(out)
+    return int(out[0]), int(out[1])
 
 
 def _forget_pools() -> None:
