@@ -238,3 +238,104 @@ def test_forked_child_clusters_with_fresh_threads():
 
 def _cluster_in_child(d):
     return native.run(d, 10, "single", threads=2)
+
+
+# ------------------------------------------------------------------ sparse path (large N)
+
+
+def _smooth_tokens(batch: int, h: int, w: int, channels: int, noise: float, seed: int) -> torch.Tensor:
+    """(batch, h*w, channels) tokens of a smooth random field plus noise: like
+    a diffusion UNet's hidden states, each token has a few close neighbours
+    and the cut height of K = N/2 lies near its nearest-neighbour distance."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(batch, channels, h // 8, w // 8, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+    x = x + noise * torch.randn(batch, channels, h, w, generator=g)
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("method", ["complete", "average"])
+def test_sparse_path_equals_scipy_and_the_dense_chain(method):
+    """N=1024 (a 32 x 32 latent): the sparse greedy path clusters every
+    image (the counts say so, with raised thresholds for the smaller K) and
+    gives SciPy's partition, for cosine similarities (the fused path) and
+    float32 and float64 distances, and the dense chain's labels."""
+    x = _smooth_tokens(2, 32, 32, 16, 0.5, seed=21)
+    d = cosine_distance(x)
+    native.sparse_stats()
+    raises = 0
+    for k in (512, 300, 800):
+        expected = _scipy_first_merges(d, k, method)
+        labels = [cosine_agglomerative_labels(x, k, method),
+                  agglomerative_labels(d, k, method, backend="native"),
+                  agglomerative_labels(d.double(), k, method, backend="native")]
+        stats = native.sparse_stats()
+        assert stats["finished"] == 6 and stats["dense"] == 0, stats
+        raises += stats["raises"]
+        with native.dense_only():
+            dense = agglomerative_labels(d, k, method, backend="native")
+        assert native.sparse_stats()["finished"] == 0
+        for got in labels:
+            assert torch.equal(got, expected), f"K={k}"
+        assert torch.equal(dense, expected)
+    assert raises > 0  # K=300 lies above the first threshold
+
+
+def test_sparse_path_hands_ties_to_the_dense_chain():
+    """Points equidistant from two others (exact ties, where SciPy's chain
+    order decides which pair merges): the sparse path sees the tie within
+    its margin and the dense chain, SciPy's order, clusters the image."""
+    x = _smooth_tokens(1, 32, 32, 16, 0.5, seed=22)
+    d = cosine_distance(x).double()
+    g = torch.Generator().manual_seed(3)
+    dd = d[0].clone()
+    dd.fill_diagonal_(float("inf"))
+    for a in torch.randperm(1024, generator=g)[:40].tolist():
+        order = dd[a].argsort()
+        b, c = int(order[0]), int(order[1])
+        d[0, a, c] = d[0, c, a] = d[0, a, b]  # a is as close to c as to its nearest neighbour b
+    for method in ("complete", "average"):
+        native.sparse_stats()
+        labels = agglomerative_labels(d, 512, method, backend="native")
+        stats = native.sparse_stats()
+        assert stats["dense"] == 1 and stats["finished"] == 0, stats
+        assert torch.equal(labels, _scipy_first_merges(d, 512, method))
+
+
+def test_sparse_path_hands_dense_graphs_and_duplicates_to_the_chain():
+    """Isotropic random tokens (every pair about as far apart: the graph
+    below the threshold would be dense), duplicated tokens (zero distances)
+    and integer-valued distances fall back to the dense chain; the labels
+    stay SciPy's."""
+    g = torch.Generator().manual_seed(23)
+    iso = torch.randn(1, 1024, 256, generator=g)
+    dup = _smooth_tokens(1, 32, 32, 8, 0.5, seed=24)
+    dup[0, 100:160] = dup[0, 7]
+    ints = torch.randint(1, 6, (1, 1024, 1024), generator=g).double()
+    ints = ints + ints.transpose(1, 2)
+    for method in ("complete", "average"):
+        for x in (iso, dup):
+            native.sparse_stats()
+            labels = cosine_agglomerative_labels(x, 512, method)
+            assert native.sparse_stats()["dense"] == 1
+            assert torch.equal(labels, _scipy_first_merges(cosine_distance(x), 512, method))
+        native.sparse_stats()
+        labels = agglomerative_labels(ints, 400, method, backend="native")
+        assert native.sparse_stats()["dense"] == 1
+        assert torch.equal(labels, _scipy_first_merges(ints, 400, method))
+
+
+def test_sparse_path_vector_and_portable_bands_agree():
+    """The AVX2 and the portable threshold scans list the same pairs: the
+    same labels and the same number of threshold raises; single linkage
+    never takes the sparse path."""
+    x = _smooth_tokens(1, 33, 35, 16, 0.5, seed=25)  # N=1155: row lengths leave vector tails
+    native.sparse_stats()
+    vector = cosine_agglomerative_labels(x, 400, "average")
+    vector_stats = native.sparse_stats()
+    with native.portable_only():
+        portable = cosine_agglomerative_labels(x, 400, "average")
+    assert native.sparse_stats() == vector_stats and vector_stats["finished"] == 1
+    assert torch.equal(vector, portable)
+    cosine_agglomerative_labels(x, 400, "single")
+    assert native.sparse_stats() == {"finished": 0, "dense": 0, "raises": 0}

@@ -513,19 +513,22 @@ static void cut(int64_t n, int64_t m, int64_t need, const int *mx, const int *my
 #define TIE_MARGIN 1e-9
 #define MAX_EDGES_PER_POINT 64
 #define MAX_RAISES 8
+#define MAX_SPARSE_CLUSTER 1000  /* sums of at most 1e6 distances: rounding far inside TIE_MARGIN */
 
 static int sparse_on = 1;
-static int64_t sparse_runs = 0, sparse_fallbacks = 0;
+static int64_t sparse_runs = 0, sparse_fallbacks = 0, sparse_raises = 0;
 
 /* 1: try the sparse path for large n (the default), 0: dense only;
    returns the previous setting */
 int tr_set_sparse(int on) { int old = sparse_on; sparse_on = on; return old; }
 
 /* out[0]: images the sparse path finished, out[1]: images it handed to the
-   dense kernel (since the last call, which resets both) */
+   dense kernel, out[2]: thresholds raised (extra passes over the input),
+   since the last call, which resets them */
 void tr_sparse_stats(int64_t *out) {
     out[0] = __atomic_exchange_n(&sparse_runs, 0, __ATOMIC_RELAXED);
     out[1] = __atomic_exchange_n(&sparse_fallbacks, 0, __ATOMIC_RELAXED);
+    out[2] = __atomic_exchange_n(&sparse_raises, 0, __ATOMIC_RELAXED);
 }
 
 /* distance of points p != q from the caller's upper triangle */
@@ -544,7 +547,7 @@ typedef struct {
     int *owner, *size, *head, *tail, *nextm, *best, *where;
     double *bestd, *zeros;
     nblist *nb;
-    int *ep, *eq; int64_t ne, ecap;
+    int *ep, *eq; double *ed; int64_t ne, ecap;
     int oom;
 } sparse_state;
 
@@ -579,6 +582,19 @@ static double direct_agg(const sparse_state *s, int a, int c) {
     return agg;
 }
 
+/* fetch the point distances direct_agg(s, a, c) will read: they lie
+   anywhere in the (n, n) input, so each read is a cache miss, and issuing
+   them all first lets the memory system serve them together */
+static void prefetch_agg(const sparse_state *s, int a, int c) {
+    size_t elem = s->kind == DIST_F64 ? sizeof(double) : sizeof(float);
+    const char *base = (const char *)s->src;
+    for (int p = s->head[a]; p >= 0; p = s->nextm[p])
+        for (int q = s->head[c]; q >= 0; q = s->nextm[q]) {
+            int64_t at = p < q ? (int64_t)p * s->n + q : (int64_t)q * s->n + p;
+            __builtin_prefetch(base + (size_t)at * elem, 0, 0);
+        }
+}
+
 static inline double combine(int method, double a, double b) {
     return method == AVERAGE ? a + b : (a > b ? a : b);
 }
@@ -594,9 +610,9 @@ static void refresh_best(sparse_state *s, int c) {
     s->best[c] = b; s->bestd[c] = bd;
 }
 
-/* make a and c neighbours (not yet neighbours, distinct clusters) */
-static int link_pair(sparse_state *s, int a, int c) {
-    double agg = direct_agg(s, a, c);
+/* make a and c neighbours (distinct clusters, not yet neighbours) with
+   the aggregate agg of their point distances */
+static int link_value(sparse_state *s, int a, int c, double agg) {
     if (nb_push(s, &s->nb[a], c, agg) || nb_push(s, &s->nb[c], a, agg)) return 1;
     double d = link_of(s, a, c, agg);
     if (d < s->bestd[a]) { s->bestd[a] = d; s->best[a] = c; }
@@ -604,27 +620,84 @@ static int link_pair(sparse_state *s, int a, int c) {
     return 0;
 }
 
+/* positions j < len of a float32 row (of the input kind) whose distance f
+   has lo < f <= hi, into out; returns how many. lo and hi are float32
+   bounds equivalent to the float64 ones (see collect_edges), so vector and
+   scalar code only compare */
+static int64_t band_scalar(const float *row, int kind, int64_t len, float lo, float hi, int *out) {
+    int64_t k = 0;
+    for (int64_t j = 0; j < len; j++) {
+        float f = row[j];
+        if (kind == COSSIM_F32) { f = 1.0f - f; f = f < 0.0f ? 0.0f : f; }
+        if (f <= hi && f > lo) out[k++] = (int)j;
+    }
+    return k;
+}
+
+#ifdef TR_AVX2
+__attribute__((target("avx2")))
+static int64_t band_avx2(const float *row, int kind, int64_t len, float lo, float hi, int *out) {
+    __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    int64_t j = 0, k = 0;
+    for (; j + 8 <= len; j += 8) {
+        __m256 f = _mm256_loadu_ps(row + j);
+        if (kind == COSSIM_F32) f = _mm256_max_ps(zero, _mm256_sub_ps(one, f));  /* as convert_avx2 */
+        int mask = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(f, vhi, _CMP_LE_OQ),
+                                                    _mm256_cmp_ps(f, vlo, _CMP_GT_OQ)));
+        while (mask) { out[k++] = (int)(j + __builtin_ctz(mask)); mask &= mask - 1; }
+    }
+    int64_t tail = band_scalar(row + j, kind, len - j, lo, hi, out + k);
+    for (int64_t t = k; t < k + tail; t++) out[t] += (int)j;
+    return k + tail;
+}
+#endif
+
+/* the largest float32 not above x (x finite or -inf) */
+static float float_floor(double x) {
+    float f = (float)x;
+    if ((double)f > x) f = nextafterf(f, -INFINITY);
+    return f;
+}
+
 /* the point pairs with lo < d <= hi (upper triangle) appended to the edge
-   list; returns 1 when that would exceed the edge budget */
-static int collect_edges(sparse_state *s, double lo, double hi, int64_t budget) {
+   list with their distances; returns 1 when that would exceed the edge
+   budget (or memory). For float32 inputs d is a float32 value, so
+   lo < d <= hi holds exactly when float_floor(lo) < d <= float_floor(hi). */
+static int collect_edges(sparse_state *s, double lo, double hi, int64_t budget, int *hits) {
     const int64_t n = s->n;
+    float lof = float_floor(lo), hif = float_floor(hi);
     for (int64_t i = 0; i < n; i++) {
-        for (int64_t j = i + 1; j < n; j++) {
-            double v = pair_dist(s->src, s->kind, n, (int)i, (int)j);
-            if (v <= hi && v > lo) {
-                if (s->ne == s->ecap) {
-                    if (s->ne >= budget) return 1;
-                    int64_t cap = s->ecap ? 2 * s->ecap : 4 * n;
-                    int *p2 = (int *)realloc(s->ep, (size_t)cap * sizeof(int));
-                    if (!p2) { s->oom = 1; return 1; }
-                    s->ep = p2;
-                    int *q2 = (int *)realloc(s->eq, (size_t)cap * sizeof(int));
-                    if (!q2) { s->oom = 1; return 1; }
-                    s->eq = q2;
-                    s->ecap = cap;
-                }
-                s->ep[s->ne] = (int)i; s->eq[s->ne] = (int)j; s->ne++;
-            }
+        int64_t found = 0;
+        if (s->kind == DIST_F64) {
+            const double *r = (const double *)s->src + i * n + i + 1;
+            for (int64_t j = 0; j < n - i - 1; j++) if (r[j] <= hi && r[j] > lo) hits[found++] = (int)j;
+        } else {
+            const float *r = (const float *)s->src + i * n + i + 1;
+#ifdef TR_AVX2
+            if (use_simd) found = band_avx2(r, s->kind, n - i - 1, lof, hif, hits); else
+#endif
+            found = band_scalar(r, s->kind, n - i - 1, lof, hif, hits);
+        }
+        if (s->ne + found > s->ecap) {
+            if (s->ne + found > budget) return 1;
+            int64_t cap = s->ecap ? 2 * s->ecap : 4 * n;
+            while (cap < s->ne + found) cap *= 2;
+            int *p2 = (int *)realloc(s->ep, (size_t)cap * sizeof(int));
+            if (!p2) { s->oom = 1; return 1; }
+            s->ep = p2;
+            int *q2 = (int *)realloc(s->eq, (size_t)cap * sizeof(int));
+            if (!q2) { s->oom = 1; return 1; }
+            s->eq = q2;
+            double *d2 = (double *)realloc(s->ed, (size_t)cap * sizeof(double));
+            if (!d2) { s->oom = 1; return 1; }
+            s->ed = d2;
+            s->ecap = cap;
+        }
+        for (int64_t t = 0; t < found; t++) {
+            int j = (int)(i + 1 + hits[t]);
+            s->ep[s->ne] = (int)i; s->eq[s->ne] = j; s->ed[s->ne] = pair_dist(s->src, s->kind, n, (int)i, j);
+            s->ne++;
         }
     }
     return 0;
@@ -667,6 +740,10 @@ static int merge_clusters(sparse_state *s, int a, int b) {
             have[out.len] = 2;
             if (nb_push(s, &out, c, lb->agg[t])) goto fail;
         }
+    }
+    for (int t = 0; t < out.len; t++) {
+        if (have[t] == 1) prefetch_agg(s, b, out.id[t]);
+        else if (have[t] == 2) prefetch_agg(s, a, out.id[t]);
     }
     for (int t = 0; t < out.len; t++) {
         int c = out.id[t];
@@ -741,7 +818,7 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
     if (!ints || !dbl || !s.nb) goto done;
     s.owner = ints; s.size = ints + n; s.head = ints + 2 * n; s.tail = ints + 3 * n; s.nextm = ints + 4 * n;
     s.best = ints + 5 * n; s.where = ints + 6 * n;
-    int *order_unused = ints + 7 * n; (void)order_unused;
+    int *hits = ints + 7 * n;
     s.bestd = dbl; s.zeros = dbl + n;
     /* pass 1: every point's nearest distance (rows and, via colmin, columns
        of the upper triangle), and inf/nan */
@@ -765,6 +842,7 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
     }
     memcpy(scratch, rowmin, (size_t)n * sizeof(double));
     qsort(scratch, (size_t)n, sizeof(double), cmp_double);
+    double *heights = rowmin;  /* free from here on: the merge heights */
     for (int64_t i = 0; i < n; i++) {
         s.owner[i] = (int)i; s.size[i] = 1; s.head[i] = s.tail[i] = (int)i; s.nextm[i] = -1;
         s.best[i] = -1; s.where[i] = -1; s.bestd[i] = INFINITY; s.zeros[i] = 0.0;
@@ -774,19 +852,35 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
     int64_t merges = 0;
     double hmax = -INFINITY;
     for (int raise = 0; raise < MAX_RAISES; raise++) {
-        int64_t q = n / 2 + raise * (n / 10);
-        if (q > n - 1) q = n - 1;
-        double next = 1.3 * scratch[q];
-        if (raise > 0 && next < 1.1 * T) next = 1.1 * T;
+        /* T: first 1.3 x the median nearest-neighbour distance (close to
+           the cut height on SD hidden states, where the graph then has 5-10
+           pairs per point); when too few merges lie below it, raised by
+           the missing merges over the density of merge heights just
+           below T (times 1.25), by 2 % to 50 % */
+        double next;
+        if (raise == 0) {
+            next = 1.3 * scratch[n / 2];
+        } else {
+            __atomic_fetch_add(&sparse_raises, 1, __ATOMIC_RELAXED);
+            int64_t band = 0;
+            for (int64_t k = 0; k < merges; k++) band += heights[k] > 0.9 * T;
+            double step = band ? 1.25 * (double)(need - merges) * 0.1 * T / (double)band : 0.5 * T;
+            step = step < 0.02 * T ? 0.02 * T : (step > 0.5 * T ? 0.5 * T : step);
+            next = T + step;
+        }
         if (!(next > 0.0) || !(next < INFINITY)) goto done;
         T = next;
         int64_t first = s.ne;
-        if (collect_edges(&s, lo, T, budget)) goto done;
+        if (collect_edges(&s, lo, T, budget, hits)) goto done;
         lo = T;
         for (int64_t e = first; e < s.ne; e++) {
             int a = s.owner[s.ep[e]], c = s.owner[s.eq[e]];
+            if (raise == 0) {  /* all points on their own: each pair is new, its aggregate its distance */
+                if (link_value(&s, a, c, s.ed[e])) goto done;
+                continue;
+            }
             if (a == c || is_neighbour(&s, a, c)) continue;
-            if (link_pair(&s, a, c)) goto done;
+            if (link_value(&s, a, c, direct_agg(&s, a, c))) goto done;
         }
         const double safe = T / (1.0 + 2.0 * TIE_MARGIN);
         for (;;) {
@@ -801,9 +895,10 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
             if (a < 0 || !(h <= safe)) break;  /* none left below T: raise it */
             int b = s.best[a];
             if (near_tie(&s, a, b, h) || near_tie(&s, b, a, h)) goto done;
-            if (merge_clusters(&s, a, b) < 0) goto done;
+            int merged = merge_clusters(&s, a, b);
+            if (merged < 0 || s.size[merged] > MAX_SPARSE_CLUSTER) goto done;
             hmax = h > hmax ? h : hmax;
-            merges++;
+            heights[merges++] = h;
         }
     }
     goto done;
@@ -819,7 +914,7 @@ finish:
 done:
     if (s.oom) status = 1;
     if (s.nb) for (int64_t c = 0; c < n; c++) { free(s.nb[c].id); free(s.nb[c].agg); }
-    free(s.nb); free(ints); free(dbl); free(s.ep); free(s.eq);
+    free(s.nb); free(ints); free(dbl); free(s.ep); free(s.eq); free(s.ed);
     return status;
 }
 
@@ -1008,15 +1103,16 @@ def dense_only():
         lib.tr_set_sparse(previous)
 
 
-def sparse_stats() -> tuple:
-    """(images the sparse path finished, images it handed to the dense
-    chain) since the last call, which resets both counts."""
+def sparse_stats() -> dict:
+    """Counts since the last call (which resets them): ``finished``, the
+    images the sparse path clustered; ``dense``, those it handed to the
+    dense chain (a tie within the margin, too dense a graph); ``raises``,
+    thresholds raised (each an extra pass over an image's input)."""
+    out = (ctypes.c_int64 * 3)()
     lib = library()
-    if lib is None:
-        return 0, 0
-    out = (ctypes.c_int64 * 2)()
-    lib.tr_sparse_stats(out)
-    return int(out[0]), int(out[1])
+    if lib is not None:
+        lib.tr_sparse_stats(out)
+    return {"finished": int(out[0]), "dense": int(out[1]), "raises": int(out[2])}
 
 
 def _forget_pools() -> None:
