@@ -27,8 +27,12 @@ atc_batch   clustering B=64 images of N=196 tokens into K=137 (C=64 random
             distances). Every side starts from the same (B, N, N) tensor and
             includes its own conversions. ``agree`` is the fraction of images
             whose partition equals SciPy's.
-atc_large   one image, N=1024 and N=4096 (a 512-px SD latent), K=N/2,
-            library (default and "scipy" back ends) vs SciPy (same as above).
+atc_large   one image, N=1024 and N=4096 (a 512-px SD latent), K=N/2, on
+            isotropic random tokens and on smooth ones (a random field plus
+            noise, like a UNet's hidden states: where the sparse path runs):
+            library (default, dense chain only, and "scipy" back ends) vs
+            SciPy (same as above); ``sparse_path`` says whether the default
+            took the sparse path.
 sd_unet     an SD-v1.5-layout UNet (diffusers ``UNet2DConditionModel``:
             3 cross-attention down blocks + 1 plain, mirrored up; narrow widths
             64/128/256/256 so it runs on a CPU; random weights), one forward
@@ -178,29 +182,57 @@ def atc_batch(args) -> List[Row]:
     return rows
 
 
+def smooth_tokens(n: int, channels: int = 64, seed: int = 0) -> torch.Tensor:
+    """(1, n, channels) tokens of a smooth random field on a square grid
+    plus noise, n a square: like a diffusion UNet's hidden states, every
+    token has a few close neighbours (isotropic random tokens have none)."""
+    side = int(round(n ** 0.5))
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(1, channels, max(1, side // 8), max(1, side // 8), generator=g)
+    x = torch.nn.functional.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)
+    x = x + 0.5 * torch.randn(1, channels, side, side, generator=g)
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+def _dense_labels(distance: torch.Tensor, k: int, method: str) -> torch.Tensor:
+    with native_clustering.dense_only():
+        return agglomerative_labels(distance, k, method)
+
+
 def atc_large(args) -> List[Row]:
+    """Per size, linkage and input ("random": isotropic Gaussian tokens;
+    "smooth": :func:`smooth_tokens`): the default back end (for complete and
+    average linkage at N >= 1024 the sparse path where it applies), the
+    dense chain alone, the SciPy back end and SciPy itself."""
     rows: List[Row] = []
     for N in args.large_sizes:
         K = N // 2
         torch.manual_seed(N)
-        distance = cosine_distance(torch.randn(1, N, 64))
-        for method in args.large_linkages:
-            fns = {"library": lambda: agglomerative_labels(distance, K, method),
-                   "library_scipy": lambda: agglomerative_labels(distance, K, method, backend="scipy"),
-                   "scipy": lambda: scipy_loop(distance, K, method)}
-            repeats = args.repeats if N <= 1024 else max(1, args.repeats // 3)
-            times = interleaved(fns, 1 if N <= 1024 else 0, repeats)
-            head = {"section": "atc_large", "name": f"{method} N{N} K{K}"}
-            agree = bool((canonical(agglomerative_labels(distance, K, method))
-                          == canonical(scipy_loop(distance, K, method))).all())
-            rows += [
-                {**head, "metric": "library_ms", "value": 1e3 * med(times["library"])},
-                {**head, "metric": "library_scipy_ms", "value": 1e3 * med(times["library_scipy"])},
-                {**head, "metric": "scipy_ms", "value": 1e3 * med(times["scipy"])},
-                {**head, "metric": "library_vs_scipy", "value": ratio(times["scipy"], times["library"])},
-                {**head, "metric": "scipy_backend_vs_scipy", "value": ratio(times["scipy"], times["library_scipy"])},
-                {**head, "metric": "agree", "value": agree},
-            ]
+        inputs = {"random": cosine_distance(torch.randn(1, N, 64)), "smooth": cosine_distance(smooth_tokens(N))}
+        for kind, distance in inputs.items():
+            for method in args.large_linkages:
+                fns = {"library": lambda: agglomerative_labels(distance, K, method),
+                       "library_scipy": lambda: agglomerative_labels(distance, K, method, backend="scipy"),
+                       "scipy": lambda: scipy_loop(distance, K, method)}
+                if method != "single" and native_clustering.library() is not None:
+                    fns["library_dense"] = lambda: _dense_labels(distance, K, method)
+                repeats = args.repeats if N <= 1024 else max(1, args.repeats // 3)
+                times = interleaved(fns, 1 if N <= 1024 else 0, repeats)
+                head = {"section": "atc_large", "name": f"{method} N{N} K{K} {kind}"}
+                native_clustering.sparse_stats()
+                labels = agglomerative_labels(distance, K, method)
+                path = native_clustering.sparse_stats()
+                agree = bool((canonical(labels) == canonical(scipy_loop(distance, K, method))).all())
+                rows += [{**head, "metric": f"{name}_ms", "value": 1e3 * med(t)} for name, t in times.items()]
+                rows += [
+                    {**head, "metric": "library_vs_scipy", "value": ratio(times["scipy"], times["library"])},
+                    {**head, "metric": "scipy_backend_vs_scipy", "value": ratio(times["scipy"], times["library_scipy"])},
+                    {**head, "metric": "sparse_path", "value": bool(path["finished"])},
+                    {**head, "metric": "agree", "value": agree},
+                ]
+                if "library_dense" in times:
+                    rows.append({**head, "metric": "library_vs_dense", "value": ratio(times["library_dense"],
+                                                                                       times["library"])})
     return rows
 
 
