@@ -877,7 +877,7 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
            the cut height on SD hidden states, where the graph then has 5-10
            pairs per point); when too few merges lie below it, raised by
            the missing merges over the density of merge heights just
-           below T (times 1.25), by 2 % to 50 % */
+           below T (times 1.5), by 2 % to 50 % */
         double next;
         if (raise == 0) {
             next = 1.3 * scratch[n / 2];
@@ -885,7 +885,7 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
             __atomic_fetch_add(&sparse_raises, 1, __ATOMIC_RELAXED);
             int64_t band = 0;
             for (int64_t k = 0; k < merges; k++) band += heights[k] > 0.9 * T;
-            double step = band ? 1.25 * (double)(need - merges) * 0.1 * T / (double)band : 0.5 * T;
+            double step = band ? 1.5 * (double)(need - merges) * 0.1 * T / (double)band : 0.5 * T;
             step = step < 0.02 * T ? 0.02 * T : (step > 0.5 * T ? 0.5 * T : step);
             next = T + step;
         }
