@@ -337,5 +337,38 @@ def test_sparse_path_vector_and_portable_bands_agree():
         portable = cosine_agglomerative_labels(x, 400, "average")
     assert native.sparse_stats() == vector_stats and vector_stats["finished"] == 1
     assert torch.equal(vector, portable)
-    cosine_agglomerative_labels(x, 400, "single")
-    assert native.sparse_stats() == {"finished": 0, "dense": 0, "raises": 0}
+
+
+def test_sparse_single_linkage_equals_scipy():
+    """Single linkage at N >= 1024 unites the closest pairs below the
+    threshold (Kruskal): SciPy's partition, also with duplicated tokens
+    (zero distances below the cut) and for K that needs raised thresholds."""
+    x = _smooth_tokens(2, 32, 32, 16, 0.5, seed=26)
+    x[1, 50:60] = x[1, 3]
+    d = cosine_distance(x)
+    native.sparse_stats()
+    for k in (300, 512, 900):
+        assert torch.equal(cosine_agglomerative_labels(x, k, "single"), _scipy_first_merges(d, k, "single"))
+    stats = native.sparse_stats()
+    assert stats["finished"] == 6 and stats["raises"] > 0, stats
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_sparse_path_hands_a_tie_at_the_cut_to_the_dense_chain(method):
+    """Two merges of equal height at the cut (SciPy's stable order decides
+    which is in): made by moving the first merge left out, of two single
+    points, down to the height of the last one taken. The sparse path sees
+    the tie and the dense chain gives SciPy's partition."""
+    for seed in (27, 28, 29, 30):  # without the check, some of these give other partitions
+        x = _smooth_tokens(1, 32, 32, 16, 0.5, seed=seed)
+        d = cosine_distance(x).double()
+        n = d.shape[1]
+        rows, cols = np.triu_indices(n, 1)
+        z = linkage(d[0].numpy()[rows, cols], method=method)
+        need = next(k for k in range(400, 700) if z[k, 0] < n and z[k, 1] < n and z[k, 2] > z[k - 1, 2])
+        p, q = int(z[need, 0]), int(z[need, 1])
+        d[0, p, q] = d[0, q, p] = z[need - 1, 2]
+        native.sparse_stats()
+        labels = agglomerative_labels(d, n - need, method, backend="native")
+        assert native.sparse_stats()["dense"] == 1
+        assert torch.equal(labels, _scipy_first_merges(d, n - need, method)), f"seed {seed}"

@@ -38,20 +38,24 @@ and the same tie-breaking*, so it yields SciPy's partition exactly, but:
   it is checked every 16 merges at little cost;
 * ATC for Stable Diffusion may pass cosine similarities instead of
   distances; ``max(1 - s, 0)`` is then formed in float32 while filling;
-* for complete and average linkage at N >= 1024 (a 32 x 32 latent and up)
-  a sparse path runs first and needs no work matrix: only the point pairs
-  closer than a threshold T near the cut height are listed (the N - K
-  lowest merges of these reducible linkages join clusters that share such
-  a pair), and the closest pair of clusters is merged, N - K times, on
-  that graph, with the exact sum (average) or maximum (complete) of the
-  point distances between neighbouring clusters. In exact arithmetic that
-  is the dendrogram SciPy's chain builds; SciPy's floating-point heights
-  differ from these by far less than a relative 1e-9, so where every merge
-  is clear of the other neighbours of its two clusters by more than that,
-  and the first merge left out clear above the last one taken, the
-  partition is SciPy's. Otherwise (ties, e.g. equal float32 distances or
-  duplicated tokens; a graph too dense to pay; clusters over 1,000 points)
-  the dense chain runs, which is SciPy's arithmetic and tie-breaking. On
+* at N >= 1024 (a 32 x 32 latent and up) a sparse path runs first and
+  needs no work matrix: only the point pairs closer than a threshold T
+  near the cut height are listed (the N - K lowest merges of these
+  reducible linkages join clusters that share such a pair; T is raised
+  while fewer lie below it). Single linkage unites the listed pairs in
+  order of distance (Kruskal): its first N - K merges are the components
+  of the pairs up to the last one taken, whatever the order among equal
+  distances, provided the next union lies strictly farther. Complete and
+  average linkage merge the closest pair of clusters, N - K times, on that
+  graph, with the exact sum (average) or maximum (complete) of the point
+  distances between neighbouring clusters. In exact arithmetic that is the
+  dendrogram SciPy's chain builds; SciPy's floating-point heights differ
+  from these by far less than a relative 1e-9, so where every merge is
+  clear of the other neighbours of its two clusters by more than that, and
+  the first merge left out clear above the last one taken, the partition
+  is SciPy's. Otherwise (ties, e.g. equal float32 distances or duplicated
+  tokens; a graph too dense to pay; clusters over 1,000 points) the dense
+  kernel runs, which is SciPy's arithmetic and tie-breaking. On
   a UNet's hidden states at a 64 x 64 latent the graph has 5-10 pairs per
   token and the sparse path is about 5x faster than the dense chain
   (``benchmarks/speed_table.py``, section atc_large);
@@ -505,7 +509,8 @@ static void cut(int64_t n, int64_t m, int64_t need, const int *mx, const int *my
 }
 
 /* ---------------------------------------------------------------- sparse greedy (large n)
-   For complete and average linkage at large n (n >= SPARSE_MIN_N), the
+   (Single linkage: see kruskal_step.) For complete and average linkage at
+   large n (n >= SPARSE_MIN_N), the
    partition is first sought without the dense work matrix: the N - K
    lowest merges of these reducible linkages join clusters that share a
    point pair closer than the cut height (a mean or a maximum is at least
@@ -814,6 +819,44 @@ static int near_tie(const sparse_state *s, int a, int other, double h) {
     return 0;
 }
 
+typedef struct { double d; int p, q; } pair_t;
+
+static int cmp_pair(const void *a, const void *b) {
+    double x = ((const pair_t *)a)->d, y = ((const pair_t *)b)->d;
+    return (x > y) - (x < y);
+}
+
+/* single linkage on the sparse graph: Kruskal's unions over the pairs
+   [first, ne), all farther than the pairs of earlier steps, in order of
+   distance. SciPy's first N - K merges are the unions of the N - K
+   shortest minimum-spanning-tree edges; whatever their order among equal
+   distances, they join the components of the pairs at or below the last
+   one's distance, provided the next union lies strictly farther (the
+   distances are the input's values, no arithmetic). Returns 0 short of
+   `need` unions (raise T), 1 done (s->owner the union-find forest), -1 a
+   tie at the cut or out of memory. */
+static int kruskal_step(sparse_state *s, int64_t first, int64_t need, int64_t *unions, double *heights) {
+    int64_t m = s->ne - first;
+    pair_t *pairs = (pair_t *)malloc((size_t)(m > 0 ? m : 1) * sizeof(pair_t));
+    if (!pairs) { s->oom = 1; return -1; }
+    for (int64_t e = 0; e < m; e++) {
+        pairs[e].d = s->ed[first + e]; pairs[e].p = s->ep[first + e]; pairs[e].q = s->eq[first + e];
+    }
+    qsort(pairs, (size_t)m, sizeof(pair_t), cmp_pair);
+    int result = 0;
+    for (int64_t e = 0; e < m; e++) {
+        int a = find_root(s->owner, pairs[e].p), b = find_root(s->owner, pairs[e].q);
+        if (a == b) continue;
+        if (*unions == need) { result = pairs[e].d > heights[need - 1] ? 1 : -1; break; }
+        if (a < b) s->owner[b] = a; else s->owner[a] = b;
+        heights[(*unions)++] = pairs[e].d;
+    }
+    /* all unions taken and no further pair below T: the next union lies above T */
+    if (result == 0 && *unions == need) result = 1;
+    free(pairs);
+    return result;
+}
+
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -894,6 +937,12 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
         int64_t first = s.ne;
         if (collect_edges(&s, lo, T, budget, hits)) goto done;
         lo = T;
+        if (method == SINGLE) {
+            int step = kruskal_step(&s, first, need, &merges, heights);
+            if (step < 0) goto done;
+            if (step == 1) { status = 0; goto single_done; }
+            continue;
+        }
         for (int64_t e = first; e < s.ne; e++) {
             int a = s.owner[s.ep[e]], c = s.owner[s.eq[e]];
             if (raise == 0) {  /* all points on their own: each pair is new, its aggregate its distance */
@@ -922,6 +971,9 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
             heights[merges++] = h;
         }
     }
+    goto done;
+single_done:
+    for (int64_t i = 0; i < n; i++) labels[i] = find_root(s.owner, (int)i);
     goto done;
 finish:
     if (status == 0) {
@@ -989,7 +1041,7 @@ int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, in
     int status = 0;
     for (int64_t b = 0; b < B; b++) {
         const char *src = (const char *)dist + (size_t)(b * n * n) * elem;
-        if (method != SINGLE && sparse_on && n >= SPARSE_MIN_N && need > 0) {
+        if (sparse_on && n >= SPARSE_MIN_N && need > 0) {
             int tried = sparse_labels(src, kind, n, need, method, best, heap, labels + b * n);
             if (tried == 2) { *bad = b; status = 2; break; }
             if (tried == 0) { __atomic_fetch_add(&sparse_runs, 1, __ATOMIC_RELAXED); continue; }

@@ -12,12 +12,13 @@ own algorithms with SciPy's arithmetic and tie-breaking (Prim's minimum
 spanning tree for single linkage, the nearest-neighbour chain for complete
 and average) on a float64 copy of each image's upper triangle, cuts each
 dendrogram in C, stops the chain as soon as the N - K lowest merges are
-known, and spreads the images over threads (the GIL is released). For
-complete and average linkage at N >= 1024 it first tries a sparse path (the
-closest pair merged on the graph of point pairs below a threshold near the
-cut height, with exact cluster distances, checked to be clear of ties by a
-relative 1e-9; else the chain runs): the same partition, 5x faster on
-Stable Diffusion hidden states. Measured by ``benchmarks/speed_table.py`` it
+known, and spreads the images over threads (the GIL is released). At
+N >= 1024 it first tries a sparse path on the graph of point pairs below a
+threshold near the cut height (single linkage: Kruskal's unions; complete
+and average: the closest pair of clusters merged, with exact cluster
+distances), checked to be clear of ties (by a relative 1e-9), else the
+dense code runs: the same partition, about 5x faster on Stable Diffusion
+hidden states. Measured by ``benchmarks/speed_table.py`` it
 is several times faster than SciPy at N=196 and at N=4096.
 
 ``"scipy"`` (the CPU fallback): SciPy's compiled dendrogram routine per
