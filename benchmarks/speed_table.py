@@ -44,7 +44,11 @@ sd_unet     an SD-v1.5-layout UNet (diffusers ``UNet2DConditionModel``:
             library's ToMe-SD vs this library's ATC (average linkage; with
             the default clustering back end and, as ``atc_sd_scipy``, with
             the SciPy back end). Speed-up = time without merging / time with.
-sd_block    one transformer block at SD-v1.5's widths, N = 64 x 64 tokens.
+sd_block    one transformer block at SD-v1.5's widths, N = 64 x 64 tokens;
+            ATC on smooth tokens (like a UNet's hidden states) and on
+            isotropic random ones (where the sparse path gives way).
+            The UNet and block sections add ``sparse_share``: the fraction
+            of ATC's clustered images the sparse path finished.
 sd15_unet   the same comparison (without the SciPy row) on the UNet at
             SD-v1.5's own widths (320/640/1280/1280, cross-attention 768,
             860 M random weights, 3.4 GB; about 15 s a forward on one core):
@@ -302,12 +306,17 @@ def _unet_rows(section: str, base, side: int, text_width: int, repeats: int, wit
 
     with torch.inference_mode():
         times = interleaved({name: run(name, unet) for name, unet in variants.items()}, 1, repeats)
+        native_clustering.sparse_stats()
+        run("atc_sd", variants["atc_sd"])()
+        path = native_clustering.sparse_stats()
     rows: List[Row] = []
     for name in variants:
         head = {"section": section, "name": f"{name} {side}x{side} b2 r0.5"}
         rows += [{**head, "metric": "ms", "value": 1e3 * med(times[name])}]
         if name != "none":
             rows.append({**head, "metric": "speedup_vs_none", "value": ratio(times["none"], times[name])})
+        if name == "atc_sd":
+            rows.append({**head, "metric": "sparse_share", "value": _share(path)})
     if "tomesd" in variants:
         rows.append({"section": section, "name": "tome_sd vs tomesd", "metric": "speed_ratio",
                      "value": ratio(times["tomesd"], times["tome_sd"])})
@@ -341,7 +350,11 @@ def sd_block(args) -> List[Row]:
     """One transformer block at SD-v1.5's widths of the highest resolution
     (320 channels, 8 heads of 40, cross-attention 768, GEGLU MLP), N = 64 x 64
     tokens, batch 2: where the narrow UNet above under-weights attention
-    against the clustering, this is the block ATC merges in the real model."""
+    against the clustering, this is the block ATC merges in the real model.
+    ATC runs on two inputs: smooth tokens (:func:`smooth_tokens`, like a
+    UNet's hidden states) and isotropic random ones (no close neighbours:
+    the sparse path gives way to the dense chain); not merging and ToMe-SD
+    cost the same on either."""
     from diffusers.models.attention import BasicTransformerBlock
 
     from tokenreduction.diffusion import patch as sd_patch
@@ -349,25 +362,41 @@ def sd_block(args) -> List[Row]:
     side = args.latent
     torch.manual_seed(0)
     block = BasicTransformerBlock(320, 8, 40, cross_attention_dim=768).eval()
-    hidden = torch.randn(2, side * side, 320)
+    smooth = torch.cat([smooth_tokens(side * side, 320, seed=s) for s in (0, 1)])
+    random_hidden = torch.randn(2, side * side, 320)
     text = torch.randn(2, 77, 768)
     sample = torch.randn(2, 4, side, side)
+    atc = sd_patch.apply_patch(_OneBlock(copy.deepcopy(block)), ratio=0.5, max_downsample=1, merge_fn="atc",
+                               linkage="average")
     variants = {
-        "none": _OneBlock(block),
-        "tome_sd": sd_patch.apply_patch(_OneBlock(copy.deepcopy(block)), ratio=0.5, max_downsample=1),
-        "atc_sd": sd_patch.apply_patch(_OneBlock(copy.deepcopy(block)), ratio=0.5, max_downsample=1,
-                                       merge_fn="atc", linkage="average"),
+        "none": (_OneBlock(block), smooth),
+        "tome_sd": (sd_patch.apply_patch(_OneBlock(copy.deepcopy(block)), ratio=0.5, max_downsample=1), smooth),
+        "atc_sd": (atc, smooth),
+        "atc_sd_random_tokens": (atc, random_hidden),
     }
     with torch.inference_mode():
-        times = interleaved({name: (lambda m=m: m(sample, hidden, text)) for name, m in variants.items()},
+        times = interleaved({name: (lambda m=m, h=h: m(sample, h, text)) for name, (m, h) in variants.items()},
                             1, args.repeats)
+        paths = {}
+        for name in ("atc_sd", "atc_sd_random_tokens"):
+            native_clustering.sparse_stats()
+            variants[name][0](sample, variants[name][1], text)
+            paths[name] = native_clustering.sparse_stats()
     rows: List[Row] = []
     for name in variants:
         head = {"section": "sd_block", "name": f"{name} sd15-width {side}x{side} b2 r0.5"}
         rows.append({**head, "metric": "ms", "value": 1e3 * med(times[name])})
         if name != "none":
             rows.append({**head, "metric": "speedup_vs_none", "value": ratio(times["none"], times[name])})
+        if name in paths:
+            rows.append({**head, "metric": "sparse_share", "value": _share(paths[name])})
     return rows
+
+
+def _share(stats: dict) -> float:
+    """Fraction of the clustered images the sparse path finished."""
+    total = stats["finished"] + stats["dense"]
+    return stats["finished"] / total if total else float("nan")
 
 
 # --- output -------------------------------------------------------------------------------------

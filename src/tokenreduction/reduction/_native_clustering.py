@@ -81,7 +81,10 @@ back to SciPy) when there is no compiler, when the build fails, or when
 
 Memory: each worker thread keeps its float64 work matrix (N x N x 8 bytes,
 134 MB at N=4096, 0.3 MB at N=196) between calls, so repeated calls do not
-fault fresh pages in; it is reused, and grown only for a larger N.
+fault fresh pages in; it is reused, and grown only for a larger N. It is made
+only when the dense code runs: the sparse path needs the pairs below its
+threshold (5-10 per point on SD hidden states, at most about 0.6 sqrt(N))
+and per-cluster neighbour lists.
 """
 from __future__ import annotations
 
