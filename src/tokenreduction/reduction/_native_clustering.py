@@ -536,7 +536,7 @@ static void cut(int64_t n, int64_t m, int64_t need, const int *mx, const int *my
 
 #define SPARSE_MIN_N 1024
 #define TIE_MARGIN 1e-9
-#define MAX_RAISES 8
+#define MAX_RAISES 12
 #define MAX_SPARSE_CLUSTER 1000  /* sums of at most 1e6 distances: rounding far inside TIE_MARGIN */
 
 static int sparse_on = 1;
@@ -575,15 +575,18 @@ typedef struct {
     int oom;
 } sparse_state;
 
+/* resize the array ptr to count elements; out of memory: flag it and return 1 */
+#define GROW(s, ptr, count) do { \
+        void *grown_ = realloc((ptr), (size_t)(count) * sizeof(*(ptr))); \
+        if (!grown_) { (s)->oom = 1; return 1; } \
+        (ptr) = grown_; \
+    } while (0)
+
 static int nb_push(sparse_state *s, nblist *l, int id, double agg) {
     if (l->len == l->cap) {
         int cap = l->cap ? 2 * l->cap : 8;
-        int *i2 = (int *)realloc(l->id, (size_t)cap * sizeof(int));
-        if (!i2) { s->oom = 1; return 1; }
-        l->id = i2;
-        double *a2 = (double *)realloc(l->agg, (size_t)cap * sizeof(double));
-        if (!a2) { s->oom = 1; return 1; }
-        l->agg = a2;
+        GROW(s, l->id, cap);
+        GROW(s, l->agg, cap);
         l->cap = cap;
     }
     l->id[l->len] = id; l->agg[l->len] = agg; l->len++;
@@ -707,15 +710,9 @@ static int collect_edges(sparse_state *s, double lo, double hi, int64_t budget, 
         if (s->ne + found > s->ecap) {
             int64_t cap = s->ecap ? 2 * s->ecap : 4 * n;
             while (cap < s->ne + found) cap *= 2;
-            int *p2 = (int *)realloc(s->ep, (size_t)cap * sizeof(int));
-            if (!p2) { s->oom = 1; return 1; }
-            s->ep = p2;
-            int *q2 = (int *)realloc(s->eq, (size_t)cap * sizeof(int));
-            if (!q2) { s->oom = 1; return 1; }
-            s->eq = q2;
-            double *d2 = (double *)realloc(s->ed, (size_t)cap * sizeof(double));
-            if (!d2) { s->oom = 1; return 1; }
-            s->ed = d2;
+            GROW(s, s->ep, cap);
+            GROW(s, s->eq, cap);
+            GROW(s, s->ed, cap);
             s->ecap = cap;
         }
         for (int64_t t = 0; t < found; t++) {
@@ -919,14 +916,18 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
     int64_t merges = 0;
     double hmax = -INFINITY;
     for (int raise = 0; raise < MAX_RAISES; raise++) {
-        /* T: first 1.3 x the median nearest-neighbour distance (close to
-           the cut height on SD hidden states, where the graph then has 5-10
-           pairs per point); when too few merges lie below it, raised by
-           the missing merges over the density of merge heights just
-           below T (times 1.5), by 2 % to 50 % */
+        /* T: first a little above the need-th smallest nearest-neighbour
+           distance (on SD hidden states the cut height of K = N/2 lies at
+           1.01x it for single linkage, 1.15-1.28x for average and
+           1.19-1.37x for complete; the pairs below a threshold grow
+           steeply past the cut height, so T starts low); when too few
+           merges lie below it, raised by the missing merges over the
+           density of merge heights just below T (times 1.5), by 2 % to
+           50 % */
         double next;
         if (raise == 0) {
-            next = 1.3 * scratch[n / 2];
+            int64_t q = need - 1 < n - 1 ? need - 1 : n - 1;
+            next = (method == SINGLE ? 1.02 : method == AVERAGE ? 1.15 : 1.2) * scratch[q];
         } else {
             __atomic_fetch_add(&sparse_raises, 1, __ATOMIC_RELAXED);
             int64_t band = 0;
