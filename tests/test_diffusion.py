@@ -151,6 +151,64 @@ def test_atc_assignment_matches_scipy():
             assert np.array_equal(ours[:, None] == ours[None], ref[:, None] == ref[None])
 
 
+@pytest.mark.parametrize("method", ["single", "complete", "average"])
+def test_atc_inside_the_unet_at_a_32x32_latent_merges_scipys_clusters(unet, method):
+    """At a 32 x 32 latent (1,024 tokens: the clustering kernel's sparse path)
+    the first full-resolution block's self-attention receives the means of
+    SciPy's clusters (cut at N/2, cosine distance of the block's input,
+    clusters ordered by their smallest token) of its normalised input."""
+    from scipy.cluster.hierarchy import linkage
+
+    from tokenreduction.reduction import _native_clustering as native
+    from tokenreduction.reduction.clustering import cosine_distance_from_unit, unit_rows
+
+    g = torch.Generator().manual_seed(4)
+    latent, text = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 8, 32, generator=g)
+    name, block = transformer_blocks(unet)[0]
+    seen = {}
+
+    def keep(key):
+        def hook(module, args, kwargs):
+            seen.setdefault(key, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    apply_patch(unet, ratio=0.5, merge_fn="atc", linkage=method)
+    # registered after the patch's hooks: attn1 sees the merged tokens
+    handles = [block.register_forward_pre_hook(keep("x"), with_kwargs=True),
+               block.attn1.register_forward_pre_hook(keep("merged"), with_kwargs=True)]
+    native.sparse_stats()
+    try:
+        run(unet, (latent, text))
+    finally:
+        remove_patch(unet)
+        for h in handles:
+            h.remove()
+    if native.library() is not None:
+        assert native.sparse_stats()["finished"] > 0
+    x = seen["x"][0]
+    n = x.shape[0]
+    assert n == 1024 and seen["merged"].shape[1] == 512
+    d = cosine_distance_from_unit(unit_rows(x[None].float()))[0].double().numpy()
+    z = linkage(d[np.triu_indices(n, 1)], method=method)
+    parent = list(range(2 * n - 1))  # union-find over SciPy's first N/2 merges
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for k, (a, b) in enumerate(z[: n // 2, :2].astype(int)):
+        parent[root(a)] = parent[root(b)] = n + k
+    groups = {}
+    for t in range(n):
+        groups.setdefault(root(t), []).append(t)
+    clusters = sorted(groups.values(), key=min)
+    with torch.no_grad():
+        normed = block.norm1(x[None])[0]
+    expected = torch.stack([normed[c].mean(0) for c in clusters])
+    torch.testing.assert_close(seen["merged"][0], expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the UNet patch
 
 
