@@ -291,29 +291,37 @@ static int64_t first_min(const double *row, const double *pen, int64_t n, double
    row in rowmin; returns 1 when an entry is inf or nan. Works in blocks of
    BLOCK rows: their upper parts are converted, then mirrored tile by tile
    below the diagonal while they are still in cache. */
+/* row i's upper part (columns j > i) of one (n, n) input of the given kind
+   -> float64 dst[j - i - 1]; rowmin[j] takes each entry if smaller and
+   rowmin[i] the row's smallest (with rowmin[i] holding the minimum over
+   the columns j < i, filled from rows j, the point's nearest distance once
+   all rows are done); returns 1 when an entry is inf or nan */
+static int upper_row(const void *src, int kind, int64_t n, int64_t i, double *dst, double *rowmin) {
+    double low = INFINITY;
+    int bad = 0;
+    if (kind == DIST_F64) {
+        const double *r = (const double *)src + i * n;
+        for (int64_t j = i + 1; j < n; j++) {
+            double v = r[j];
+            bad |= !(v - v == 0.0);
+            dst[j - i - 1] = v;
+            rowmin[j] = v < rowmin[j] ? v : rowmin[j];
+            low = v < low ? v : low;
+        }
+    } else {
+        bad = convert((const float *)src + i * n + i + 1, kind, n - i - 1, dst, rowmin + i + 1, &low);
+    }
+    rowmin[i] = low < rowmin[i] ? low : rowmin[i];
+    return bad;
+}
+
 static int fill_work(const void *src, int kind, int64_t n, int64_t ld, double *W, double *rowmin) {
     for (int64_t i = 0; i < n; i++) rowmin[i] = INFINITY;
     for (int64_t ib = 0; ib < n; ib += BLOCK) {
         int64_t ie = ib + BLOCK < n ? ib + BLOCK : n;
         for (int64_t i = ib; i < ie; i++) {
             double *w = W + i * ld;
-            double low = INFINITY;
-            int bad;
-            if (kind == DIST_F64) {
-                const double *r = (const double *)src + i * n;
-                bad = 0;
-                for (int64_t j = i + 1; j < n; j++) {
-                    double v = r[j];
-                    bad |= !(v - v == 0.0);
-                    w[j] = v;
-                    rowmin[j] = v < rowmin[j] ? v : rowmin[j];
-                    low = v < low ? v : low;
-                }
-            } else {
-                bad = convert((const float *)src + i * n + i + 1, kind, n - i - 1, w + i + 1, rowmin + i + 1, &low);
-            }
-            if (bad) return 1;
-            rowmin[i] = low < rowmin[i] ? low : rowmin[i];  /* its columns j < i came from rows j */
+            if (upper_row(src, kind, n, i, w + i + 1, rowmin)) return 1;
             w[i] = INFINITY;  /* never a nearest neighbour */
         }
         for (int64_t jb = ib; jb < n; jb += BLOCK) {  /* mirror, tile by tile */
@@ -518,9 +526,9 @@ static void cut(int64_t n, int64_t m, int64_t need, const int *mx, const int *my
    lowest merges of these reducible linkages join clusters that share a
    point pair closer than the cut height (a mean or a maximum is at least
    the smallest pair), so only the pairs below a threshold T are listed
-   (one pass over the upper triangle; T starts from the median
-   nearest-neighbour distance and is raised while too few merges lie below
-   it), and the greedy scheme "merge the closest pair of clusters" runs on
+   (one pass over the upper triangle; T starts a little above the
+   (N - K)-th smallest nearest-neighbour distance and is raised while too
+   few merges lie below it), and the greedy scheme "merge the closest pair of clusters" runs on
    that sparse graph: each cluster keeps its neighbours with the exact sum
    (average) or maximum (complete) of the point distances between the two,
    combined when clusters merge and summed point by point where one side
@@ -607,19 +615,6 @@ static double direct_agg(const sparse_state *s, int a, int c) {
             if (s->method == AVERAGE) agg += v; else agg = v > agg ? v : agg;
         }
     return agg;
-}
-
-/* fetch the point distances direct_agg(s, a, c) will read: they lie
-   anywhere in the (n, n) input, so each read is a cache miss, and issuing
-   them all first lets the memory system serve them together */
-static void prefetch_agg(const sparse_state *s, int a, int c) {
-    size_t elem = s->kind == DIST_F64 ? sizeof(double) : sizeof(float);
-    const char *base = (const char *)s->src;
-    for (int p = s->head[a]; p >= 0; p = s->nextm[p])
-        for (int q = s->head[c]; q >= 0; q = s->nextm[q]) {
-            int64_t at = p < q ? (int64_t)p * s->n + q : (int64_t)q * s->n + p;
-            __builtin_prefetch(base + (size_t)at * elem, 0, 0);
-        }
 }
 
 static inline double combine(int method, double a, double b) {
@@ -763,10 +758,6 @@ static int merge_clusters(sparse_state *s, int a, int b) {
         }
     }
     for (int t = 0; t < out.len; t++) {
-        if (have[t] == 1) prefetch_agg(s, b, out.id[t]);
-        else if (have[t] == 2) prefetch_agg(s, a, out.id[t]);
-    }
-    for (int t = 0; t < out.len; t++) {
         int c = out.id[t];
         s->where[c] = -1;
         if (have[t] == 1) out.agg[t] = combine(method, out.agg[t], direct_agg(s, b, c));
@@ -882,23 +873,8 @@ static int sparse_labels(const void *src, int kind, int64_t n, int64_t need, int
     /* pass 1: every point's nearest distance (rows and, via colmin, columns
        of the upper triangle), and inf/nan */
     for (int64_t i = 0; i < n; i++) rowmin[i] = INFINITY;
-    for (int64_t i = 0; i < n; i++) {
-        double low = INFINITY;
-        int bad = 0;
-        if (kind == DIST_F64) {
-            const double *r = (const double *)src + i * n;
-            for (int64_t j = i + 1; j < n; j++) {
-                double v = r[j];
-                bad |= !(v - v == 0.0);
-                rowmin[j] = v < rowmin[j] ? v : rowmin[j];
-                low = v < low ? v : low;
-            }
-        } else {
-            bad = convert((const float *)src + i * n + i + 1, kind, n - i - 1, scratch, rowmin + i + 1, &low);
-        }
-        if (bad) { status = 2; goto done; }
-        rowmin[i] = low < rowmin[i] ? low : rowmin[i];
-    }
+    for (int64_t i = 0; i < n; i++)
+        if (upper_row(src, kind, n, i, scratch, rowmin)) { status = 2; goto done; }
     memcpy(scratch, rowmin, (size_t)n * sizeof(double));
     qsort(scratch, (size_t)n, sizeof(double), cmp_double);
     double *heights = rowmin;  /* free from here on: the merge heights */
@@ -1167,9 +1143,10 @@ def portable_only():
 
 @contextlib.contextmanager
 def dense_only():
-    """Within the block complete and average linkage always run the dense
-    nearest-neighbour chain, also for large N (for tests and benchmarks:
-    both paths must give the same labels). Not thread-safe."""
+    """Within the block the dense kernel (SciPy's minimum spanning tree or
+    nearest-neighbour chain) runs also for N >= 1024, never the sparse path
+    (for tests and benchmarks: both must give the same labels). Not
+    thread-safe."""
     lib = library()
     if lib is None:
         raise RuntimeError("the compiled clustering kernel is not available")
