@@ -316,3 +316,18 @@ def test_schema_lists_agree_with_the_library():
     for name, preset in PRESETS.items():
         read = cv.ots_presets()[name]
         assert (read["depth"], read["patch_size"], read["img_size"]) == (preset.depth, preset.patch_size, preset.img_size)
+
+
+@pytest.mark.parametrize("section", ["methods", "detection", "diffusion"])
+def test_a_bug_in_a_check_stops_the_build_with_its_traceback(monkeypatch, section):
+    """A validator that raises must not be skipped (it would switch its check off):
+    check_config raises ValidatorError naming the section, chained to the bug."""
+
+    def buggy(self):
+        return {}["no such key"]  # the injected bug: a KeyError inside the check
+
+    monkeypatch.setattr(cv._Checker, section, buggy)
+    with pytest.raises(cv.ValidatorError, match=f"config check '{section}'") as caught:
+        cv.check_config(copy.deepcopy(DEMO), SCHEMA, repo=REPO)
+    assert isinstance(caught.value.__cause__, KeyError)
+    assert caught.value.__cause__.__traceback__ is not None

@@ -923,6 +923,10 @@ def ots_presets() -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------- the checks
 
 
+class ValidatorError(RuntimeError):
+    """A config check itself failed (a bug in the validator): the DAG build stops."""
+
+
 class _Checker:
     def __init__(self, config: dict, base: Path, repo: Path) -> None:
         self.config = config
@@ -1348,14 +1352,19 @@ class _Checker:
                 self.fail(f"diffusion.experiments.{name}.linkage", f"linkage applies to merge_fn atc only (this one is {merge})")
 
     def run(self) -> list[tuple[str, str]]:
-        sections = (self.datasets, self.backbones, self.methods, self.experiments, self.recipes, self.ots,
-                    self.mae, self.benchmark, self.detection, self.diffusion)
+        sections = ("datasets", "backbones", "methods", "experiments", "recipes", "ots", "mae", "benchmark",
+                    "detection", "diffusion")
         for section in sections:
             try:
-                section()
-            except Exception as err:  # a bug here must not block a valid config: the jobs still check
-                print(f"note: config section check {section.__name__} skipped ({type(err).__name__}: {err})",
-                      file=sys.stderr)
+                getattr(self, section)()
+            except Exception as err:
+                # A bug in a check must not switch that check off: stop, with the
+                # traceback into the validator attached (``raise ... from``).
+                raise ValidatorError(
+                    f"internal error in tokenreduction's config check '{section}' "
+                    f"({type(err).__name__}: {err}). This is a bug in the validator, not "
+                    "necessarily in your config: please report it with the traceback above."
+                ) from err
         return self.problems
 
 
