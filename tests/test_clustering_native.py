@@ -216,6 +216,28 @@ def test_build_into_cache_and_fallback(tmp_path, monkeypatch):
     monkeypatch.delenv("TOKENREDUCTION_NATIVE")
 
 
+def test_the_c_file_is_what_is_built_and_keys_the_cache(tmp_path, monkeypatch):
+    """The kernel is built from reduction/_native_clustering.c: an edit of
+    that file gives another cached library; a missing file raises, naming it."""
+    assert native.SOURCE_PATH.name == "_native_clustering.c" and native.SOURCE_PATH.is_file()
+    monkeypatch.setenv("TOKENREDUCTION_CACHE", str(tmp_path))
+    edited = tmp_path / "edited.c"
+    edited.write_text(native.SOURCE_PATH.read_text() + "\nint tr_edited_marker(void) { return 7; }\n")
+    built = []
+    for path in (native.SOURCE_PATH, edited):
+        monkeypatch.setattr(native, "SOURCE_PATH", path)
+        monkeypatch.setattr(native, "_tried", False)
+        monkeypatch.setattr(native, "_library", None)
+        built.append(native.library())
+    assert len(list(tmp_path.glob("agglomerative-*.so"))) == 2
+    assert not hasattr(built[0], "tr_edited_marker") and built[1].tr_edited_marker() == 7
+    monkeypatch.setattr(native, "SOURCE_PATH", tmp_path / "missing.c")
+    monkeypatch.setattr(native, "_tried", False)
+    with pytest.raises(RuntimeError, match="missing.c"):
+        native.library()
+    monkeypatch.setattr(native, "_tried", False)  # rebuilt (cached) for the tests after this one
+
+
 def test_native_rejects_gpu_tensors_by_name():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
