@@ -1338,7 +1338,7 @@ class _Checker:
         names = diff.get("class_names")
         if isinstance(names, str) and not self.path(names).is_file():
             self.fail("diffusion.class_names", f"{names} does not exist (a .txt with one name per line, a .json, "
-                      "or the ATC study's class_names.py; README, 'Stable Diffusion and FID')")
+                      "or the ATC study's class_names.py; see docs/diffusion.md)")
         elif diff["dataset"] in self.config["datasets"] and diff.get("num_classes") is None:
             kind = self.config["datasets"][diff["dataset"]].get("kind")
             count = _class_name_count(self.path(names)) if isinstance(names, str) else (

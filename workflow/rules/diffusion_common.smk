@@ -52,7 +52,7 @@ def _check_diffusion():
             _fail(
                 "diffusion.fid.inception_weights",
                 f"{weights} does not exist: download inception-2015-12-05.pt"
-                " (see README, 'FID offline') and put it there",
+                " (see docs/diffusion.md, 'FID offline') and put it there",
             )
 
 

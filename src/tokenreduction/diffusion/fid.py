@@ -5,7 +5,7 @@ as clean-fid resizes it, to (B, D) features):
 
 * ``inception``: clean-fid's Inception-V3 TorchScript
   (``inception-2015-12-05.pt``), the standard FID. clean-fid downloads it on
-  first use; offline, point ``inception_weights`` at a copy (see the README).
+  first use; offline, point ``inception_weights`` at a copy (see docs/diffusion.md).
   With no path configured, clean-fid's own cache location is used
   (:data:`CLEANFID_DEFAULT`) and it downloads there if it can.
 * ``pixels``: a small fixed extractor for the demo and tests that needs no
