@@ -1,6 +1,6 @@
 """The README and the pages under docs/ name only things that exist.
 
-Checked in README.md and every docs/*.md:
+Checked in README.md, config/README.md (the config keys) and every docs/*.md:
 
 - every relative Markdown link and image, ``[text](target)`` and
   ``![alt](target)``: the target exists (relative to the page), and an anchor
@@ -42,7 +42,7 @@ def label(page: Path) -> str:
 
 
 def pages() -> list[Path]:
-    return [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+    return [REPO / "README.md", REPO / "config" / "README.md", *sorted(DOCS.glob("*.md"))]
 
 
 def top_level_names(repo: Path = REPO) -> set[str]:
