@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     data.add_argument("--image-size", type=int, default=128)
     data.add_argument("--seed", type=int, default=0)
     summary = sub.add_parser("summary")
-    summary.add_argument("--runs", required=True, help="JSON list of {size, method, ratio, metrics, benchmark}")
+    runs = summary.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--runs", help="JSON list of {size, method, ratio, metrics, benchmark}")
+    runs.add_argument("--manifest", help="JSON file {runs: [the same list]} (what the workflow passes)")
     summary.add_argument("--out", required=True)
     for name in ("train", "eval", "benchmark"):
         p = sub.add_parser(name)
@@ -118,7 +120,16 @@ def main(argv=None) -> int:
     else:
         from tokenreduction.detection.run import SUMMARY_COLUMNS, summary_rows
 
-        rows = summary_rows(json.loads(args.runs))
+        if args.manifest is not None:
+            from tokenreduction.manifest import ManifestError, load_manifest
+
+            try:
+                runs = load_manifest(args.manifest, ("runs",))["runs"]
+            except ManifestError as err:
+                sys.exit(str(err))
+        else:
+            runs = json.loads(args.runs)
+        rows = summary_rows(runs)
         tmp = Path(args.out + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", newline="") as fh:

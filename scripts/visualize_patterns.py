@@ -46,13 +46,29 @@ def main() -> None:
     parser.add_argument("--kind", required=True, help="dataset kind (as in the config)")
     parser.add_argument("--root", required=True, help="dataset root")
     parser.add_argument("--img-size", type=int, required=True)
-    parser.add_argument("--patterns", nargs="+", required=True, help="patterns.npz of each run")
-    parser.add_argument("--metrics", nargs="+", required=True, help="metrics.json of each run (same order)")
-    parser.add_argument("--labels", nargs="+", required=True, help="row label of each run (same order)")
+    parser.add_argument("--manifest", help="JSON file {patterns: [...], metrics: [...], labels: [...]} "
+                        "(what the workflow passes; replaces the three lists below)")
+    parser.add_argument("--patterns", nargs="+", help="patterns.npz of each run")
+    parser.add_argument("--metrics", nargs="+", help="metrics.json of each run (same order)")
+    parser.add_argument("--labels", nargs="+", help="row label of each run (same order)")
     parser.add_argument("--num-images", type=int, default=3)
     parser.add_argument("--title", default=None)
     parser.add_argument("--out", required=True, help="the figure (.png)")
     args = parser.parse_args()
+    lists = ("patterns", "metrics", "labels")
+    if args.manifest is not None:
+        if any(getattr(args, name) is not None for name in lists):
+            parser.error("--manifest replaces --patterns, --metrics and --labels: give one or the other")
+        from tokenreduction.manifest import ManifestError, load_manifest
+
+        try:
+            manifest = load_manifest(args.manifest, lists)
+        except ManifestError as err:
+            sys.exit(str(err))
+        for name in lists:
+            setattr(args, name, [str(v) for v in manifest[name]])
+    elif any(getattr(args, name) is None for name in lists):
+        parser.error("give --manifest, or --patterns, --metrics and --labels")
     if not len(args.patterns) == len(args.metrics) == len(args.labels):
         sys.exit(
             f"--patterns ({len(args.patterns)}), --metrics ({len(args.metrics)}) and --labels "

@@ -99,3 +99,58 @@ def copy_tree(dst: Path) -> Path:
     shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(
         ".git", ".venv", ".venv-mmdet", "results", ".snakemake", "__pycache__", "*.egg-info", ".pytest_cache"))
     return dst
+
+
+def with_existing_inputs(config: dict, tmp_path: Path) -> dict:
+    """A study config whose every user-supplied input exists, for dry runs:
+    dataset roots and the detection root as empty folders, checkpoint files
+    (OTS backbones, ViT-Adapter ``load_from``) as empty files, and a class-name
+    list of 1000 lines for the diffusion stage."""
+    config = with_existing_roots(config, tmp_path)
+    for name, spec in (config.get("ots", {}).get("backbones") or {}).items():
+        if spec.get("checkpoint"):
+            path = tmp_path / "checkpoints" / "ots" / Path(spec["checkpoint"]).name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+            spec["checkpoint"] = str(path)
+    det = config.get("detection")
+    if det:
+        if det.get("data_root"):
+            root = tmp_path / "data" / "coco"
+            root.mkdir(parents=True, exist_ok=True)
+            det["data_root"] = str(root)
+        for size, spec in (det.get("sizes") or {}).items():
+            if spec.get("load_from"):
+                path = tmp_path / "checkpoints" / "detection" / Path(spec["load_from"]).name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+                spec["load_from"] = str(path)
+    diff = config.get("diffusion")
+    if diff and isinstance(diff.get("class_names"), str):
+        path = tmp_path / "class_names.txt"
+        path.write_text("".join(f"class {i}\n" for i in range(1000)))
+        diff["class_names"] = str(path)
+    return config
+
+
+def planned_commands(output: str) -> list[tuple[str, str]]:
+    """(rule, shell command) of every planned job in a dry run with ``-p``."""
+    found = []
+    rule = None
+    lines = output.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        m = re.match(r"^(?:local)?rule (\w+):", line.strip())
+        if m:
+            rule = m.group(1)
+        if line.startswith("Shell command:"):
+            command = [line[len("Shell command:"):].strip()]
+            i += 1
+            while i < len(lines) and lines[i].strip() and not lines[i].startswith(("[", "Job stats:")):
+                command.append(lines[i])
+                i += 1
+            found.append((rule, "\n".join(command)))
+            continue
+        i += 1
+    return found

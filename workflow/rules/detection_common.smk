@@ -179,17 +179,15 @@ def det_code(wildcards):
 
 
 def det_summary_runs():
-    return json.dumps(
-        [
-            {
-                "size": size,
-                "method": method,
-                "ratio": ratio,
-                "metrics": _det_path(f"{DET_RUN}/metrics.json", size, method, ratio),
-                "benchmark": _det_path(
-                    f"{DET_RUN}/benchmark.json", size, method, ratio
-                ),
-            }
-            for size, method, ratio in DET_RUNS
-        ]
-    )
+    """Each detection run's size, method, ratio and result files (the
+    detection summary's manifest)."""
+    return [
+        {
+            "size": size,
+            "method": method,
+            "ratio": ratio,
+            "metrics": _det_path(f"{DET_RUN}/metrics.json", size, method, ratio),
+            "benchmark": _det_path(f"{DET_RUN}/benchmark.json", size, method, ratio),
+        }
+        for size, method, ratio in DET_RUNS
+    ]

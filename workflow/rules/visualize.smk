@@ -8,11 +8,18 @@
 include: "visualize_common.smk"
 
 
+# manifest.smk (included by summary.smk): the grid's runs reach its job in a file
+
+
+_register_pattern_manifests()
+
+
 rule pattern_grid:
     input:
         script=script_path("visualize_patterns.py"),
         library=f"{ROOT}/src/tokenreduction/visualization.py",
         data=lambda w: dataset_manifest(w.dataset),
+        manifest=lambda w: manifest_path(f"patterns_{w.dataset}"),
         patterns=_pattern_files("patterns.npz"),
         metrics=_pattern_files("metrics.json"),
     output:
@@ -34,11 +41,9 @@ rule pattern_grid:
         kind=lambda w: config["datasets"][w.dataset]["kind"],
         root=lambda w: dataset_root(w.dataset),
         img_size=lambda w: config["datasets"][w.dataset]["img_size"],
-        labels=_pattern_labels,
         num_images=VISUALIZE.get("num_images", 3),
         title=lambda w: f"Reduction patterns on {w.dataset}: the same validation images for every run",
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} --kind {params.kind} --root {params.root:q}'
-        " --img-size {params.img_size} --patterns {input.patterns:q} --metrics {input.metrics:q}"
-        " --labels {params.labels:q} --num-images {params.num_images} --title {params.title:q}"
+        " --img-size {params.img_size} --manifest {input.manifest:q} --num-images {params.num_images} --title {params.title:q}"
         " --out {output:q} > {log:q} 2>&1"

@@ -1,5 +1,6 @@
 # Input functions of the pattern grid rule (visualize.smk).
 
+import types
 
 VISUALIZE = config.get("visualize") or {}
 
@@ -44,6 +45,22 @@ def _pattern_labels(wildcards):
         f"{r['method']} kr{r['keep_rate']}" + (f" ({r['backbone']})" if several else "")
         for r in runs
     ]
+
+
+def _pattern_manifest(dataset):
+    """What a pattern grid job reads (manifest.smk): per run its patterns
+    file, metrics file and row label, in the same order."""
+    wildcards = types.SimpleNamespace(dataset=dataset)
+    return {
+        "patterns": _pattern_files("patterns.npz")(wildcards),
+        "metrics": _pattern_files("metrics.json")(wildcards),
+        "labels": _pattern_labels(wildcards),
+    }
+
+
+def _register_pattern_manifests():
+    for dataset in analysis_datasets():
+        MANIFESTS[f"patterns_{dataset}"] = functools.partial(_pattern_manifest, dataset)
 
 
 def pattern_targets():
