@@ -31,6 +31,15 @@ def _load_config_validation():
 # locations, token budgets, recipes, timm models, paths): a mistake stops the
 # DAG build with every offending key named, and no traceback.
 config_validation = _load_config_validation()
+# rehearse=true: the study on small stand-ins (docs/rehearsal.md), swapped in
+# before the checks so that they check the stand-ins
+if config.get("rehearse"):
+    _spec = importlib.util.spec_from_file_location(
+        "tokenreduction_rehearsal", ROOT / "workflow" / "lib" / "rehearsal.py"
+    )
+    _rehearsal = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_rehearsal)
+    _rehearsal.apply_rehearsal(config, ROOT)
 _problems = config_validation.check_config(
     config,
     config_validation.load_schema(ROOT / "workflow" / "schemas" / "config.schema.yaml"),

@@ -1,0 +1,211 @@
+"""Writers of the rehearsal's stand-ins, each in the real on-disk format that
+:mod:`tokenreduction.data.readers` (or timm) reads.
+
+``fabricate_<kind>(root, splits, seed)`` writes a small data set of that kind
+under ``root``: ``splits`` maps a split name to its image count. Images are
+JPEGs of varying sizes (so the readers' transforms resize and crop as on the
+real sets) whose colour depends on the class. Every writer leaves ``root`` in
+the exact layout the reader of the kind requires (see its docstring in
+readers.py); :func:`fabricate` writes one stand-in of the rehearsal plan and
+stamps it, so an unchanged stand-in is not written again.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import numpy as np
+
+from .standin import is_current, stamp_path  # noqa: F401  (is_current re-exported)
+
+PathLike = Union[str, Path]
+#: classes of the single-label stand-ins; labels of the multi-label ones
+NUM_CLASSES = 8
+#: COCO's 80 category ids (1..90 with the ten unused ids left out) and a few of their names
+COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in COCO_UNUSED_IDS]
+NUSWIDE_LABELS = ["animal", "beach", "buildings", "clouds", "flowers", "grass", "person", "sky", "sunset", "water"]
+
+
+def _rng(seed: int, *keys: Any) -> np.random.Generator:
+    return np.random.default_rng([seed, *(zlib.crc32(str(k).encode()) for k in keys)])
+
+
+def _write_jpeg(path: Path, rng: np.random.Generator, label: int) -> None:
+    """A JPEG of 48-96 px per side: noise over a colour set by `label`."""
+    from PIL import Image
+
+    h, w = (int(v) for v in rng.integers(48, 97, size=2))
+    base = np.array([(label * 37) % 256, (label * 91) % 256, (label * 53) % 256], dtype=np.float32)
+    pixels = np.clip(base + rng.normal(0, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=85)
+
+
+def _labels(n: int, num_classes: int) -> list[int]:
+    """Class of each of n images: every class present, in turn."""
+    return [i % num_classes for i in range(n)]
+
+
+def fabricate_imagenet(root: PathLike, splits: dict[str, int], seed: int = 0) -> None:
+    """ImageNet as class folders: ``{train,val}/<wnid>/<wnid>_<i>.JPEG``."""
+    root = Path(root)
+    wnids = [f"n0{1440764 + 17 * c:07d}" for c in range(NUM_CLASSES)]
+    for split in ("train", "val"):
+        for i, c in enumerate(_labels(splits[split], NUM_CLASSES)):
+            _write_jpeg(root / split / wnids[c] / f"{wnids[c]}_{split}_{i}.JPEG", _rng(seed, split, i), c)
+
+
+def fabricate_imagefolder(root: PathLike, splits: dict[str, int], seed: int = 0) -> None:
+    """``<split>/<class>/<image>`` for train and val."""
+    root = Path(root)
+    for split in ("train", "val"):
+        for i, c in enumerate(_labels(splits[split], NUM_CLASSES)):
+            _write_jpeg(root / split / f"class{c}" / f"{i}.jpg", _rng(seed, split, i), c)
+
+
+def fabricate_nabirds(root: PathLike, splits: dict[str, int], seed: int = 0) -> None:
+    """NABirds: ``images/<class dir>/<uuid>.jpg`` and the five text files.
+    Leaf class ids are sparse and above the parents' (as the real 555 leaves
+    among 1011 ids), so the reader's remapping to 0..C-1 runs."""
+    root = Path(root)
+    parents = [0, 1, 2]
+    leaves = [295 + 7 * c for c in range(NUM_CLASSES)]
+    images, labels, split_rows = [], [], []
+    n = 0
+    for split, is_train in (("train", 1), ("val", 0)):
+        for i, c in enumerate(_labels(splits[split], NUM_CLASSES)):
+            n += 1
+            key = f"{n:08x}-0000-4000-8000-{n:012x}"
+            rel = f"{leaves[c]:04d}/{key.replace('-', '')}.jpg"
+            _write_jpeg(root / "images" / rel, _rng(seed, split, i), c)
+            images.append(f"{key} {rel}")
+            labels.append(f"{key} {leaves[c]}")
+            split_rows.append(f"{key} {is_train}")
+    classes = [f"{p} Parent group {p}" for p in parents] + [f"{c} Bird species {c}" for c in leaves]
+    hierarchy = [f"{p} 0" for p in parents[1:]] + [f"{c} {parents[1 + k % 2]}" for k, c in enumerate(leaves)]
+    for name, lines in (
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("train_test_split.txt", split_rows),
+        ("classes.txt", classes),
+        ("hierarchy.txt", hierarchy),
+    ):
+        (root / name).write_text("\n".join(lines) + "\n")
+
+
+def fabricate_coco(root: PathLike, splits: dict[str, int], seed: int = 0) -> None:
+    """COCO 2014 multi-label: ``{train,val}2014/COCO_<split>2014_<id>.jpg`` and
+    ``annotations/instances_{train,val}2014.json`` with the 80 real category
+    ids; every image carries 1-3 categories (one annotation a crowd one), and
+    one image per split has no annotation (the reader leaves it out)."""
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": cid, "name": f"category{cid}", "supercategory": "thing"} for cid in COCO_CATEGORY_IDS]
+    ann_id = 0
+    for split in ("train", "val"):
+        rng = _rng(seed, "coco", split)
+        images, annotations = [], []
+        for i in range(splits[split] + 1):  # + the unannotated image
+            image_id = 100000 * (split == "val") + 3 * i + 9
+            name = f"COCO_{split}2014_{image_id:012d}.jpg"
+            first = i % NUM_CLASSES
+            _write_jpeg(root / f"{split}2014" / name, _rng(seed, split, i), first)
+            images.append({"id": image_id, "file_name": name, "width": 64, "height": 64})
+            if i == splits[split]:
+                continue
+            cats = {first, *(int(c) for c in rng.integers(0, NUM_CLASSES, size=int(rng.integers(0, 3))))}
+            for k, c in enumerate(sorted(cats)):
+                ann_id += 1
+                annotations.append({
+                    "id": ann_id, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[c * 10],
+                    "iscrowd": int(k == 1), "bbox": [0, 0, 8, 8], "area": 64.0,
+                })
+        data = {"info": {"description": "tokenreduction rehearsal stand-in"}, "images": images,
+                "annotations": annotations, "categories": categories}
+        (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(data))
+
+
+def fabricate_nuswide(root: PathLike, splits: dict[str, int], seed: int = 0) -> None:
+    """NUS-WIDE, ASL's variant: ``nus_wid_data.csv`` (filepath, label = a
+    stringified list of names, split) and the images it lists."""
+    root = Path(root)
+    rows = []
+    for split in ("train", "val"):
+        rng = _rng(seed, "nuswide", split)
+        for i in range(splits[split]):
+            first = i % len(NUSWIDE_LABELS)
+            names = sorted({NUSWIDE_LABELS[first], *(NUSWIDE_LABELS[int(c)] for c in rng.integers(0, len(NUSWIDE_LABELS), size=int(rng.integers(0, 3))))})
+            rel = f"images/{split}_{i:05d}.jpg"
+            _write_jpeg(root / rel, _rng(seed, split, i), first)
+            rows.append({"filepath": rel, "label": str(names), "split": split})
+    with open(root / "nus_wid_data.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["filepath", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def fabricate_ufgir(root: PathLike, splits: dict[str, int], seed: int = 0) -> None:
+    """A UFGIR leaves set: ``images/<class>/<i>.jpg`` and
+    ``{train,val,test,train_val}.csv`` (columns dir, class_id)."""
+    root = Path(root)
+    for split in ("train", "val", "test", "train_val"):
+        rows = []
+        for i, c in enumerate(_labels(splits[split], NUM_CLASSES)):
+            rel = f"{c + 1}/{split}_{i}.jpg"
+            _write_jpeg(root / "images" / rel, _rng(seed, split, i), c)
+            rows.append({"dir": rel, "class_id": c})
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["dir", "class_id"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def fabricate_timm_weights(path: PathLike, model: str, model_kwargs: dict, seed: int = 0) -> None:
+    """The state dict of timm `model` (narrowed by `model_kwargs`, random
+    init, its pretrained head of 1000 classes) as timm's loader reads a local
+    pretrained file."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    net = timm.create_model(model, pretrained=False, **model_kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+DATASET_WRITERS: dict[str, Callable[..., None]] = {
+    "imagenet": fabricate_imagenet,
+    "imagefolder": fabricate_imagefolder,
+    "nabirds": fabricate_nabirds,
+    "coco": fabricate_coco,
+    "nuswide": fabricate_nuswide,
+    "ufgir": fabricate_ufgir,
+}
+
+
+def fabricate(item: dict[str, Any]) -> None:
+    """Write the stand-in of one plan item (from standin.standin_config) and
+    stamp it last, so an interrupted write is redone."""
+    path = Path(item["path"])
+    if item["what"] == "dataset":
+        if path.exists():
+            shutil.rmtree(path)
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        DATASET_WRITERS[item["kind"]](tmp, item["splits"])
+        os.replace(tmp, path)
+    elif item["what"] == "timm_weights":
+        fabricate_timm_weights(path, item["model"], item["model_kwargs"])
+    else:
+        raise ValueError(f"unknown stand-in {item['what']!r}")
+    Path(stamp_path(item)).write_text(json.dumps({"fingerprint": item["fingerprint"], **item}, sort_keys=True))

@@ -1,0 +1,211 @@
+"""The rehearsal's config rewrite: a study's config with every input replaced
+by a small stand-in, and the list of stand-ins to fabricate.
+
+Pure functions on plain dicts, standard library only: the workflow loads this
+file at DAG build (``workflow/rules/common.smk``) without importing torch.
+
+What changes (and nothing else: the job list, the wildcards and every
+aggregation's inputs stay the study's):
+
+* ``results``: ``<results>-rehearsal``;
+* each dataset's ``root``: a stand-in of its kind under
+  ``<results>/standins/data/<name>`` (fabricated by :mod:`.fabricate` in the
+  kind's real on-disk format);
+* each backbone: the same timm model (family, depth, patch grid, prefix
+  tokens, image size) narrowed to ``embed_dim`` 16-32 and 1-2 heads; ``init:
+  timm`` loads a generated file through timm's own pretrained-weight loading
+  (``pretrained_cfg_overlay.file``), so nothing is downloaded;
+* recipes: a few optimiser steps, small batches, no data-loading workers;
+  evaluation on the stand-in's validation images;
+* resources: one thread and no GPU per job (so the jobs run on the CPU, and
+  the local cores run jobs side by side).
+
+A config naming a dataset kind, backbone family, ``init`` or section the
+stand-ins do not cover raises :class:`RehearsalError` naming the key.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+#: dataset kinds with a stand-in writer (tokenreduction.rehearsal.fabricate);
+#: the demo kinds are made by the DAG itself and stay as they are
+STANDIN_KINDS = ("imagenet", "imagefolder", "nabirds", "coco", "nuswide", "ufgir")
+DEMO_KINDS = ("digits", "digits_multilabel", "digits_ufgir")
+#: timm families narrowed by embed_dim / num_heads (all build timm's VisionTransformer)
+BACKBONE_FAMILIES = ("vit_", "deit_", "deit3_")
+#: the stand-in width of a real width (embed_dim -> (embed_dim, num_heads))
+WIDTHS = ((192, (16, 1)), (384, (24, 2)), (10**9, (32, 2)))
+#: real widths of the families' size names (the model name says the size)
+SIZE_WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 1280, "giant": 1408}
+#: images per split of every stand-in data set (val: more images than two
+#: stand-in widths together, as the CCA of the analysis needs)
+SPLIT_SIZES = {"train": 24, "val": 80, "test": 80, "train_val": 32}
+#: sections of a study config the stand-ins do not cover yet
+UNCOVERED_SECTIONS = ("ots", "mae", "detection", "diffusion", "benchmark", "pretrain")
+#: the recipe: optimiser steps per run = epochs x ceil(train / (batch x accum))
+RECIPE = {"epochs": 2, "batch_size": 4, "num_workers": 0}
+EVALUATE = {"batch_size": 16, "throughput_batch": 4}
+
+
+class RehearsalError(ValueError):
+    """A config the stand-ins do not cover; the message names the key."""
+
+
+def rehearsal_results(results: str) -> str:
+    """Where a rehearsal of a study writing to `results` writes."""
+    return f"{results.rstrip('/')}-rehearsal"
+
+
+def standin_width(model: str, model_kwargs: dict) -> tuple[int, int]:
+    """(embed_dim, num_heads) of the stand-in of timm `model` (16-32 wide,
+    wider stand-ins for wider models, so the capacity axis keeps its order)."""
+    real = model_kwargs.get("embed_dim")
+    if real is None:
+        arch = model.partition(".")[0]
+        real = next((w for size, w in SIZE_WIDTHS.items() if f"_{size}_" in f"_{arch}_"), 768)
+    return next(standin for bound, standin in WIDTHS if int(real) <= bound)
+
+
+def _check_family(key: str, model: str) -> None:
+    if not model.startswith(BACKBONE_FAMILIES):
+        raise RehearsalError(
+            f"{key}: rehearsal stand-ins cover the timm families {', '.join(f + '*' for f in BACKBONE_FAMILIES)}; "
+            f"{model!r} is not one of them"
+        )
+
+
+def _cut_recipe(recipe: dict) -> dict:
+    """A recipe cut to a few steps (warm-up / cool-down kept, one epoch each, where the study has them)."""
+    out = dict(recipe)
+    out.update(RECIPE)
+    if recipe.get("warmup_epochs"):
+        out["warmup_epochs"] = 1
+    if recipe.get("cooldown_epochs"):
+        out["cooldown_epochs"] = 1
+    if recipe.get("max_steps"):
+        out["max_steps"] = None
+    return out
+
+
+def standin_dataset_root(results: str, name: str) -> str:
+    return f"{results}/standins/data/{name}"
+
+
+def standin_weights_path(results: str, backbone: str) -> str:
+    return f"{results}/standins/weights/{backbone}.pth"
+
+
+def _restrict_datasets(cfg: dict[str, Any], only: list[str]) -> None:
+    """Keep the datasets `only` (``rehearse_datasets``): the experiments list
+    just these, experiments left with none are dropped."""
+    unknown = [d for d in only if d not in cfg["datasets"]]
+    if unknown:
+        raise RehearsalError(f"rehearse_datasets: {unknown} are not keys of datasets ({', '.join(cfg['datasets'])})")
+    experiments = []
+    for exp in cfg["experiments"]:
+        kept = [d for d in exp["datasets"] if d in only]
+        if kept:
+            experiments.append({**exp, "datasets": kept})
+    if not experiments:
+        raise RehearsalError(f"rehearse_datasets: no experiment uses {only}")
+    cfg["experiments"] = experiments
+    cfg["datasets"] = {name: spec for name, spec in cfg["datasets"].items() if name in only}
+
+
+def standin_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the rehearsal's config, the stand-ins to fabricate) of a study config.
+
+    Each stand-in is a dict with ``what`` (``dataset`` or ``timm_weights``),
+    ``path`` and what its writer needs; :func:`standin_fingerprint` names it.
+    Raises RehearsalError naming the first uncovered key."""
+    cfg = copy.deepcopy(config)
+    cfg.pop("rehearse", None)
+    only = cfg.pop("rehearse_datasets", None)
+    if only:
+        _restrict_datasets(cfg, list(only))
+    for section in UNCOVERED_SECTIONS:
+        if section in cfg and not (isinstance(cfg[section], dict) and cfg[section].get("enabled") is False):
+            raise RehearsalError(
+                f"{section}: the rehearsal has no stand-ins for this section yet "
+                f"(it covers datasets, backbones, the fine-tuning grid, evaluation, analysis, summary and report)"
+            )
+    results = rehearsal_results(cfg["results"])
+    cfg["results"] = results
+    plan: list[dict[str, Any]] = []
+
+    for name, spec in cfg["datasets"].items():
+        kind = spec.get("kind")
+        if kind in DEMO_KINDS:
+            continue
+        if kind not in STANDIN_KINDS:
+            raise RehearsalError(
+                f"datasets.{name}.kind: rehearsal stand-ins cover {', '.join(STANDIN_KINDS + DEMO_KINDS)}; not {kind!r}"
+            )
+        root = standin_dataset_root(results, name)
+        spec["root"] = root
+        if spec.get("recipe"):
+            spec["recipe"] = {k: v for k, v in spec["recipe"].items() if k not in RECIPE and k != "max_steps"}
+        plan.append({"what": "dataset", "kind": kind, "path": root, "splits": dict(SPLIT_SIZES)})
+
+    for name, spec in cfg["backbones"].items():
+        _check_family(f"backbones.{name}.model", spec["model"])
+        kwargs = dict(spec.get("model_kwargs") or {})
+        dim, heads = standin_width(spec["model"], kwargs)
+        kwargs.update(embed_dim=dim, num_heads=heads)
+        init = spec["init"]
+        if init == "timm":
+            path = standin_weights_path(results, name)
+            # timm's own pretrained loading (filter, position-embedding resampling,
+            # head removal) reads the generated file instead of downloading
+            kwargs["pretrained_cfg_overlay"] = {"file": path, "source": ""}
+            weights_kwargs = {k: v for k, v in kwargs.items() if k not in ("img_size", "pretrained_cfg_overlay")}
+            plan.append({"what": "timm_weights", "model": spec["model"], "model_kwargs": weights_kwargs, "path": path})
+        elif init != "pretrain":
+            raise RehearsalError(
+                f"backbones.{name}.init: rehearsal stand-ins cover init timm and pretrain; "
+                f"no stand-in for the checkpoint file {init!r} (its format is not known)"
+            )
+        spec["model_kwargs"] = kwargs
+
+    cfg["finetune"] = _cut_recipe(cfg.get("finetune") or {})
+    evaluate = dict(cfg.get("evaluate") or {})
+    evaluate.update(EVALUATE)
+    val_images = min(SPLIT_SIZES["val"], SPLIT_SIZES["test"])
+    evaluate["num_pattern_images"] = min(int(evaluate.get("num_pattern_images", val_images)), val_images)
+    cfg["evaluate"] = evaluate
+    resources = dict(cfg.get("resources") or {})
+    resources.update(gpus_per_train_job=0, gpus_per_eval_job=0, threads_per_job=1)
+    cfg["resources"] = resources
+    cfg["wandb_project"] = None
+    for item in plan:
+        item["fingerprint"] = standin_fingerprint(item)
+    return cfg, plan
+
+
+def standin_fingerprint(item: dict[str, Any]) -> str:
+    """A short hash of what a stand-in holds (its writer's inputs): a stand-in
+    whose stamp carries it is up to date."""
+    from_item = {k: v for k, v in item.items() if k != "fingerprint"}
+    from_item["format_version"] = 1
+    return hashlib.sha256(json.dumps(from_item, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: the stamp a written stand-in carries (in a data set's root; beside a weights file)
+STAMP = ".standin.json"
+
+
+def stamp_path(item: dict[str, Any]) -> str:
+    path = item["path"].rstrip("/")
+    return f"{path}/{STAMP}" if item["what"] == "dataset" else f"{path}{STAMP}"
+
+
+def is_current(item: dict[str, Any]) -> bool:
+    """Whether the stand-in of a plan item is written and stamped with its fingerprint."""
+    try:
+        with open(stamp_path(item)) as f:
+            return json.load(f).get("fingerprint") == item["fingerprint"]
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,204 @@
+"""The rehearsal (--config rehearse=true): the config rewrite, the stand-ins in
+their real formats (read back by the real readers and timm's loader), the
+rehearsal DAG against the study's own, and the configs it refuses."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tokenreduction.config_validation import timm_model_info
+from tokenreduction.data import build_dataset
+from tokenreduction.rehearsal import RehearsalError, is_current, standin_config
+from tokenreduction.rehearsal.fabricate import COCO_CATEGORY_IDS, DATASET_WRITERS, NUM_CLASSES, fabricate
+from tokenreduction.rehearsal.standin import SPLIT_SIZES, standin_width
+from workflow_utils import load_config, snakemake, with_existing_roots, write_config
+
+STUDIES = ["which-tokens.yaml", "clca.yaml"]
+SPLITS = {"train": 6, "val": 9, "test": 5, "train_val": 7}
+
+
+# ---------------------------------------------------------------- the config rewrite
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_standin_config_shrinks_inputs_only(name):
+    real = load_config(name)
+    cfg, plan = standin_config({**real, "rehearse": True})
+    assert cfg["results"] == real["results"] + "-rehearsal"
+    # the grid is the study's
+    for key in ("experiments", "methods", "reduction_loc", "budget", "seeds"):
+        assert cfg[key] == real[key], key
+    assert set(cfg["datasets"]) == set(real["datasets"]) and set(cfg["backbones"]) == set(real["backbones"])
+    for ds, spec in cfg["datasets"].items():
+        assert spec["kind"] == real["datasets"][ds]["kind"] and spec["img_size"] == real["datasets"][ds]["img_size"]
+        assert spec["root"] == f"{cfg['results']}/standins/data/{ds}"
+    for bb, spec in cfg["backbones"].items():
+        orig = real["backbones"][bb]
+        assert spec["model"] == orig["model"] and spec["init"] == orig["init"]
+        a = timm_model_info(orig["model"], orig.get("model_kwargs"))
+        b = timm_model_info(spec["model"], spec["model_kwargs"])
+        # same family, depth, patch grid, prefix tokens; narrow
+        assert (a.depth, a.patch_size, a.img_size, a.class_token, a.builds) == (
+            b.depth, b.patch_size, b.img_size, b.class_token, b.builds)
+        assert 16 <= spec["model_kwargs"]["embed_dim"] <= 32 and spec["model_kwargs"]["num_heads"] in (1, 2)
+        assert spec["model_kwargs"]["pretrained_cfg_overlay"]["file"] == f"{cfg['results']}/standins/weights/{bb}.pth"
+    assert cfg["finetune"]["epochs"] == 2 and cfg["finetune"]["batch_size"] == 4
+    assert cfg["resources"]["gpus_per_train_job"] == 0
+    whats = sorted((item["what"], item["path"]) for item in plan)
+    assert len(whats) == len(real["datasets"]) + len(real["backbones"])
+    assert len({item["fingerprint"] for item in plan}) == len(plan)
+    # the input is not changed
+    assert real == load_config(name)
+
+
+def test_standin_widths_keep_the_capacity_order():
+    widths = [standin_width(m, {}) for m in ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")]
+    assert widths == [(16, 1), (24, 2), (32, 2)]
+    assert standin_width("vit_tiny_patch16_224", {"embed_dim": 1024}) == (32, 2)
+
+
+def test_rehearse_datasets_restricts_the_grid():
+    real = load_config("which-tokens.yaml")
+    cfg, plan = standin_config({**real, "rehearse": True, "rehearse_datasets": ["nabirds"]})
+    assert list(cfg["datasets"]) == ["nabirds"]
+    assert [e["datasets"] for e in cfg["experiments"]] == [["nabirds"]]
+    assert cfg["experiments"][0]["methods"] == real["experiments"][0]["methods"]
+    assert sum(item["what"] == "dataset" for item in plan) == 1
+    with pytest.raises(RehearsalError, match=r"rehearse_datasets: \['birds'\]"):
+        standin_config({**real, "rehearse_datasets": ["birds"]})
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda c: c["datasets"]["nabirds"].update(kind="cub"), "datasets.nabirds.kind"),
+        (lambda c: c["backbones"]["small"].update(model="swin_tiny_patch4_window7_224"), "backbones.small.model"),
+        (lambda c: c["backbones"]["base"].update(init="pretrained/deit_base.pth"), "backbones.base.init"),
+        (lambda c: c.update(ots={"dataset": "imagenet"}), "ots"),
+    ],
+)
+def test_uncovered_config_names_its_key(edit, key):
+    cfg = load_config("which-tokens.yaml")
+    edit(cfg)
+    with pytest.raises(RehearsalError) as err:
+        standin_config(cfg)
+    assert str(err.value).startswith(f"{key}:"), str(err.value)
+
+
+# ---------------------------------------------------------------- the stand-ins in their real formats
+
+
+@pytest.mark.parametrize("kind", sorted(DATASET_WRITERS))
+def test_fabricated_dataset_reads_with_the_real_reader(tmp_path, kind):
+    DATASET_WRITERS[kind](tmp_path, SPLITS, seed=0)
+    splits = ("train", "val", "test", "train_val") if kind == "ufgir" else ("train", "val")
+    for split in splits:
+        ds = build_dataset(kind, tmp_path, split)
+        assert len(ds) == SPLITS[split], (kind, split)
+        image, target = ds[len(ds) - 1]
+        assert image.mode == "RGB" and 48 <= min(image.size) and max(image.size) <= 96
+        if kind == "coco":
+            assert ds.multilabel and ds.num_classes == 80 and ds.category_ids == COCO_CATEGORY_IDS
+            assert target.sum() >= 1
+        elif kind == "nuswide":
+            assert ds.multilabel and target.sum() >= 1
+        else:
+            assert not ds.multilabel and ds.num_classes == NUM_CLASSES
+            # every class in turn: the class counts of the writer
+            assert sorted(int(t) for t in ds.targets) == sorted(i % NUM_CLASSES for i in range(len(ds)))
+    if kind == "nabirds":
+        # sparse leaf ids above the parents': remapped to 0..C-1 in ascending order
+        assert build_dataset(kind, tmp_path, "train").source_class_ids == [295 + 7 * c for c in range(NUM_CLASSES)]
+
+
+def test_fabricated_coco_leaves_out_the_unannotated_image(tmp_path):
+    DATASET_WRITERS["coco"](tmp_path, SPLITS)
+    data = json.loads((tmp_path / "annotations" / "instances_val2014.json").read_text())
+    assert len(data["images"]) == SPLITS["val"] + 1
+    assert len(build_dataset("coco", tmp_path, "val")) == SPLITS["val"]
+    assert any(a["iscrowd"] for a in data["annotations"])
+
+
+def test_generated_weights_load_through_timm_pretrained_loading(tmp_path):
+    import timm
+
+    real = load_config("clca.yaml")
+    real["results"] = str(tmp_path / "results")
+    cfg, plan = standin_config(real)
+    item = next(i for i in plan if i["what"] == "timm_weights" and i["model"].startswith("deit3"))
+    assert not is_current(item)
+    fabricate(item)
+    assert is_current(item)
+    spec = cfg["backbones"]["deit3"]
+    # as the fine-tuning job builds it: pretrained, 448 px, the data set's classes
+    model = timm.create_model(spec["model"], pretrained=True, num_classes=5, **spec["model_kwargs"])
+    saved = torch.load(item["path"], weights_only=True)
+    assert torch.equal(model.blocks[7].mlp.fc1.weight, saved["blocks.7.mlp.fc1.weight"])
+    assert saved["pos_embed"].shape[1] == 14 * 14  # written at 224 px ...
+    assert model.pos_embed.shape[1] == 28 * 28  # ... resampled by timm to 448 px (deit3: no class-token position)
+    assert model.head.out_features == 5 and saved["head.weight"].shape[0] == 1000
+
+
+def test_dataset_standin_is_rewritten_when_its_spec_changes(tmp_path):
+    item = {"what": "dataset", "kind": "ufgir", "path": str(tmp_path / "leaves"), "splits": SPLITS, "fingerprint": "a"}
+    fabricate(item)
+    assert is_current(item) and len(build_dataset("ufgir", tmp_path / "leaves", "test")) == SPLITS["test"]
+    changed = {**item, "splits": {**SPLITS, "test": 3}, "fingerprint": "b"}
+    assert not is_current(changed)
+    fabricate(changed)
+    assert is_current(changed) and len(build_dataset("ufgir", tmp_path / "leaves", "test")) == 3
+
+
+# ---------------------------------------------------------------- the DAG
+
+
+def _jobs(output: str) -> list[tuple[str, str]]:
+    """(rule, wildcards) of every planned job of a dry run (jobs without wildcards: '')."""
+    jobs, current = [], None
+    for line in output.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line.strip())
+        if m:
+            if current:
+                jobs.append(tuple(current))
+            current = [m.group(1), ""]
+        elif current and line.strip().startswith("wildcards:"):
+            current[1] = line.strip()[len("wildcards:"):].strip()
+    if current:
+        jobs.append(tuple(current))
+    return sorted(jobs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STUDIES)
+def test_rehearsal_dag_is_the_studys(tmp_path, name):
+    real_dir, rehearsal_dir = tmp_path / "real", tmp_path / "rehearsal"
+    real_dir.mkdir()
+    rehearsal_dir.mkdir()
+    real = write_config(real_dir / name, with_existing_roots(load_config(name), real_dir))
+    real_jobs = _jobs(snakemake(["-n", "--configfile", str(real)], real_dir).stdout)
+    proc = snakemake(["-n", "--configfile", str(real), "--config", "rehearse=true"], rehearsal_dir)
+    rehearsal_jobs = _jobs(proc.stdout)
+    assert len(real_jobs) > 1000
+    assert rehearsal_jobs == real_jobs
+    # the stand-ins were written where the rehearsal reads them
+    results = rehearsal_dir / (load_config(name)["results"] + "-rehearsal")
+    for ds in load_config(name)["datasets"]:
+        assert (results / "standins" / "data" / ds / ".standin.json").is_file()
+    assert "standins/data" in proc.stdout and "--img-size" in proc.stdout
+
+
+@pytest.mark.slow
+def test_uncovered_config_stops_the_dag_build_with_its_key(tmp_path):
+    cfg = load_config("which-tokens.yaml")
+    cfg["backbones"]["tiny"]["model"] = "swin_tiny_patch4_window7_224"
+    path = write_config(tmp_path / "bad.yaml", cfg)
+    proc = snakemake(["-n", "--configfile", str(path), "--config", "rehearse=true"], tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rehearse=true" in out and "backbones.tiny.model" in out and "swin_tiny" in out
+    assert "Traceback" not in out

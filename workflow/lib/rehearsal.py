@@ -1,0 +1,68 @@
+"""The rehearsal hook of the workflow (``--config rehearse=true``): rewrite the
+config to its stand-ins and write the stand-ins that are missing, at DAG
+build, before the config is validated.
+
+The stand-ins are written here rather than by jobs so that the rehearsal's job
+list is the study's own, job for job (the dataset roots and checkpoint files
+are read by jobs, not made by them, in a real run too). Plain Python: loads
+``tokenreduction/rehearsal/standin.py`` by path (no torch at DAG build); the
+writers run in a subprocess of the jobs' interpreter, only when a stand-in is
+missing or out of date.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _jobs_python(config: dict, root: Path) -> str:
+    """The interpreter the jobs will run (workflow/lib/runtime.py's choice)."""
+    runtime = _load(root / "workflow" / "lib" / "runtime.py", "tokenreduction_rehearsal_runtime")
+    try:
+        return runtime.main_python(root, config.get("python"))
+    except runtime.InterpreterError as err:
+        sys.exit(f"rehearsal: {err}")
+
+
+def apply_rehearsal(config: dict, root: Path) -> list[dict]:
+    """Replace `config` in place by its rehearsal (when ``config['rehearse']``)
+    and fabricate the stand-ins with the jobs' interpreter; returns the plan (empty when
+    not rehearsing). Exits with one message naming the key on a config the
+    stand-ins do not cover, or when a stand-in cannot be written."""
+    if not config.get("rehearse"):
+        if config.get("rehearse_datasets"):
+            sys.exit("invalid config at rehearse_datasets: it restricts a rehearsal; add --config rehearse=true")
+        return []
+    standin = _load(root / "src" / "tokenreduction" / "rehearsal" / "standin.py", "tokenreduction_rehearsal_standin")
+    try:
+        rehearsal, plan = standin.standin_config(config)
+    except standin.RehearsalError as err:
+        sys.exit(f"invalid config for a rehearsal (rehearse=true) at {err}")
+    stale = [item for item in plan if not standin.is_current(item)]
+    if stale:
+        python = _jobs_python(config, root)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(stale, f)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+        try:
+            proc = subprocess.run([python, str(root / "scripts" / "rehearse_fabricate.py"), f.name], env=env)
+        finally:
+            os.unlink(f.name)
+        if proc.returncode != 0:
+            sys.exit(f"rehearsal: writing the stand-ins with {python} failed (exit {proc.returncode}); see above")
+    config.clear()
+    config.update(rehearsal)
+    return plan
