@@ -284,7 +284,8 @@ class ReducedViTMixin:
         if pool_type == "avg" and self.attn_pool is None and ctx is not None and (ctx.stages or extra):
             # mean over the original patches: each token counts by its size
             p = ctx.num_prefix
-            start = 0 if self.pool_include_prefix else p
+            # timm has pool_include_prefix only from 1.0.16 on; before, avg pools the patches only
+            start = 0 if getattr(self, "pool_include_prefix", False) else p
             weight = ctx.size[:, start:].to(x.dtype)
             if ctx.mask is not None:
                 weight = weight * ctx.mask[:, start:].to(x.dtype)
@@ -434,7 +435,8 @@ def _resolve_budget(
     if budget == "r":
         if r is None:
             raise ValueError("the 'r' budget needs r")
-        return TokenBudget("r", num_patches, len(locs), r_per_block=_r_schedule(r, depth, r_schedule_name))
+        return TokenBudget("r", num_patches, len(locs), r_per_block=_r_schedule(r, depth, r_schedule_name),
+                           stage_blocks=locs)
     if r is not None:
         raise ValueError(f"r belongs to the 'r' budget; the {budget!r} budget takes keep_rate")
     if keep_rate is None:
@@ -663,19 +665,16 @@ def _sized(reducer_cls, num_tokens: int, stage_budget, grid_size: Optional[tuple
     return kwargs
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, Path], strict_backbone: bool = True) -> nn.Module:
-    """Load a local checkpoint into a (patched or plain) timm ViT.
+def read_checkpoint_state(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The model weights a local checkpoint file holds, as a flat state dict.
 
     Accepts a plain state dict or a dict holding one under ``model``,
-    ``state_dict`` or ``model_ema`` (DeiT, MAE and this project's own
-    checkpoints), strips DDP's ``module.`` prefix and converts through timm's
-    own ``checkpoint_filter_fn`` (original DeiT/MAE layouts, position embedding
-    resizing). MAE's decoder weights are ignored; a model with global average
-    pooling (``fc_norm``) loading a checkpoint with the final ``norm`` drops
-    that norm and keeps ``fc_norm`` as initialised, as MAE's fine-tuning
-    does. Missing backbone weights are an error naming them; the
-    classifier head may differ in size (fine-tuning on another dataset) and is
-    then left as initialised.
+    ``state_dict`` or ``model_ema``. Files of the TokenReduction/ATC training
+    code say with ``ema_best`` which of ``model`` and ``model_ema`` won
+    validation; that one is taken, as their validate.py does. Otherwise
+    ``model`` comes first (DeiT, EViT, MAE and this project's files), then
+    ``state_dict``, then ``model_ema``. DDP's ``module.`` prefix is stripped;
+    MAE's decoder (and its ``mask_token``) is dropped.
     """
     path = Path(path)
     if not path.is_file():
@@ -683,34 +682,98 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], strict_backbone: b
     raw = load_checkpoint_file(path, map_location="cpu")  # weights_only, allow-listed types
     state = raw
     if isinstance(raw, dict):
-        for key in ("model_ema", "model", "state_dict"):
+        order = ("model", "state_dict", "model_ema")
+        if "ema_best" in raw:
+            order = ("model_ema", "model") if raw["ema_best"] else ("model",)
+        for key in order:
             if key in raw and isinstance(raw[key], dict):
                 state = raw[key]
                 break
-    if not isinstance(state, dict) or not state:
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict (looked for keys model, state_dict, model_ema)")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     # MAE pre-training files may carry the decoder (and its mask_token, which
     # timm's filter would take for a DINOv2 checkpoint): the encoder is all we load
-    state = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("decoder")}
+    return {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("decoder")}
+
+
+def _holds_extension_weights(state: dict[str, torch.Tensor]) -> bool:
+    """Whether `state` has weights of a model extension (CLCA: its own
+    ``clca.*`` names or the reference's ``clr`` / ``ifa_head.*``)."""
+    return any(k == "clr" or k.startswith(("clca.", "ifa_head.")) for k in state)
+
+
+def _is_added(key: str) -> bool:
+    """Parameters the library adds to the timm model (reducers, extensions)."""
+    return ".reduction." in key or key.startswith("clca.")
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+               strict_backbone: bool = True) -> nn.Module:
+    """Load `state` (from :func:`read_checkpoint_state`) into a patched or
+    plain timm ViT; `source` names it in errors.
+
+    The published layouts are mapped first (:mod:`.published`: TokenReduction
+    and CLCA reduced models, CLCA's head and carriers), then timm's
+    ``checkpoint_filter_fn`` converts the backbone (original DeiT/MAE layouts,
+    position embedding resizing). Two cases:
+
+    * the state holds weights of the reducers or of an extension (a trained
+      reduced model): the load is strict. Every missing, unexpected or
+      differently shaped key is named in one ValueError.
+    * a backbone only (fine-tuning starts): the reducers, extensions and
+      classifier keep their initialisation; the head may differ in size
+      (another dataset); a model with global average pooling (``fc_norm``)
+      loading a checkpoint with the final ``norm`` drops that norm and keeps
+      ``fc_norm`` as initialised, as MAE's fine-tuning does. Missing or
+      unexpected backbone weights are an error naming them
+      (``strict_backbone``).
+    """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    from .published import convert_published
+
+    state = convert_published(dict(state), model)
     state = checkpoint_filter_fn(state, model)
     own = model.state_dict()
-    if "fc_norm.weight" in own and "norm.weight" not in own and "fc_norm.weight" not in state:
-        # global average pooling (MAE fine-tuning) on a checkpoint with the final
-        # norm: as MAE does, drop that norm and start fc_norm afresh
-        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-    for key in list(state):
-        if key.startswith("head") and key in own and state[key].shape != own[key].shape:
-            del state[key]  # another number of classes: keep the new head
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if ".reduction." not in k and not k.startswith(("head", "fc_norm"))]
-    if strict_backbone and missing:
-        raise ValueError(f"{path} lacks weights for {len(missing)} parameters, e.g. {missing[:5]}")
-    if strict_backbone and unexpected:
-        raise ValueError(f"{path} has {len(unexpected)} weights the model does not, e.g. {unexpected[:5]}")
+    full = any(_is_added(k) for k in state)
+    if not full:
+        if "fc_norm.weight" in own and "norm.weight" not in own and "fc_norm.weight" not in state:
+            # global average pooling (MAE fine-tuning) on a checkpoint with the final
+            # norm: as MAE does, drop that norm and start fc_norm afresh
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        for key in list(state):
+            if key.startswith("head") and key in own and state[key].shape != own[key].shape:
+                del state[key]  # another number of classes: keep the new head
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})"
+              for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if not full:
+        missing = [k for k in missing if not _is_added(k) and not k.startswith(("head", "fc_norm"))]
+    problems = []
+    if missing and (full or strict_backbone):
+        problems.append(f"lacks {len(missing)} weights the model has: {missing[:8]}")
+    if unexpected and (full or strict_backbone):
+        problems.append(f"has {len(unexpected)} weights the model does not: {unexpected[:8]}")
+    if shapes:
+        problems.append(f"has {len(shapes)} weights of another shape: {shapes[:8]}")
+    if problems:
+        kind = "a trained reduced model, loaded strictly" if full else "a backbone checkpoint"
+        raise ValueError(
+            f"{source} ({kind}) {'; '.join(problems)}. Build the model as the checkpoint was trained "
+            "(method, keep_rate, reduction_loc, clca options, num_classes)"
+        )
+    model.load_state_dict(state, strict=False)
     return model
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, Path], strict_backbone: bool = True) -> nn.Module:
+    """Load a local checkpoint file into a (patched or plain) timm ViT:
+    :func:`read_checkpoint_state` then :func:`load_state` (which says what is
+    strict). Published layouts load: DeiT, MAE, EViT, and reduced models
+    fine-tuned with the TokenReduction, ATC and CLCA code (:mod:`.published`)."""
+    return load_state(model, read_checkpoint_state(path), source=str(path), strict_backbone=strict_backbone)
 
 
 def create_model(
@@ -736,10 +799,16 @@ def create_model(
     `budget` (see :mod:`tokenreduction.models.budget`). ``r`` with
     ``r_schedule`` removes r tokens per block ToMe-style (give r or
     keep_rate, not both). ``pretrained=True`` uses timm's weight loading;
-    ``checkpoint_path`` loads a local file.
+    ``checkpoint_path`` loads a local file into the built model: a
+    backbone, or a reduced model in this library's or a published layout
+    (TokenReduction, ATC, EViT, CLCA; see :func:`load_state`), strictly.
+    The method's options may be given as keywords
+    (``method="evit", fuse_token=False``) or in ``method_kwargs``; other
+    keywords go to timm.
 
     Extensions registered in :mod:`tokenreduction.models.extensions` are
-    applied after the weights are loaded, each given as a keyword of its name
+    applied after a backbone checkpoint is loaded (before, when the
+    checkpoint holds the extension's weights), each given as a keyword of its name
     or in `extensions`: e.g. ``clca=dict(ifa_head=True, clc=True, num_clr=1)``
     adds CLCA's cross-layer cache aggregation (:func:`tokenreduction.clca.apply_clca`).
     ``dynamic_img_size=True`` is honoured (the geometric budget counts the
@@ -770,9 +839,9 @@ def create_model(
             )
     for ext in chosen:
         get_extension(ext)  # unknown names fail before timm builds anything too
+    method_kwargs = _route_method_options(method, method_kwargs, timm_kwargs)
+    state = read_checkpoint_state(checkpoint_path) if checkpoint_path is not None else None
     model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
     model = patch_model(
         model,
         method=method,
@@ -784,22 +853,65 @@ def create_model(
         prop_attn=prop_attn,
         method_kwargs=method_kwargs,
     )
-    return apply_extensions(model, chosen)
+    if state is None:
+        return apply_extensions(model, chosen)
+    if _holds_extension_weights(state):  # a trained model with its extension: load into the extended model
+        return load_state(apply_extensions(model, chosen), state, source=str(checkpoint_path))
+    # a backbone (or reduced model without extension): extensions start from the loaded
+    # weights (CLCA's carriers from the loaded CLS token)
+    return apply_extensions(load_state(model, state, source=str(checkpoint_path)), chosen)
+
+
+#: constructor arguments the model supplies, not the user
+_SUPPLIED_ARGS = frozenset(("self", "dim", "num_out", "num_in", "grid_size"))
+
+
+def method_options(method: str) -> list[str]:
+    """Names of the options a reduction method takes (its ``method_kwargs``):
+    the reducer's declared ``options`` when it has them, else the named
+    arguments of its constructor that the model does not supply."""
+    import inspect
+
+    reducer_cls = get_method(method)
+    declared = getattr(reducer_cls, "options", None)
+    if isinstance(declared, (dict, list, tuple, frozenset, set)):
+        return sorted(declared)
+    params = inspect.signature(reducer_cls.__init__).parameters.values()
+    return sorted(p.name for p in params if p.name not in _SUPPLIED_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _route_method_options(method: Optional[str], method_kwargs: Optional[dict], timm_kwargs: dict) -> dict:
+    """Move the keywords of `timm_kwargs` that are options of `method` into
+    method_kwargs (in place for timm_kwargs); a keyword that is another
+    method's option is a ValueError naming method_kwargs. The rest stay timm's."""
+    from ..reduction import list_methods
+
+    routed = dict(method_kwargs or {})
+    own = set(method_options(method)) if method not in _BASELINE_NAMES else set()
+    for key in list(timm_kwargs):
+        if key in own:
+            if key in routed:
+                raise ValueError(f"the method option {key!r} is given twice (keyword and method_kwargs)")
+            routed[key] = timm_kwargs.pop(key)
+            continue
+        owners = [m for m in list_methods() if key in method_options(m)]
+        if owners:
+            if method in _BASELINE_NAMES:
+                mine = "the model has no reduction method"
+            else:
+                mine = f"method {method!r} takes {', '.join(sorted(own)) or 'no options'}"
+            raise ValueError(
+                f"{key!r} is an option of the method(s) {', '.join(owners)}, but {mine}; method options are "
+                f"given as keywords of their method or in method_kwargs, e.g. method={owners[0]!r}, "
+                f"method_kwargs={{{key!r}: ...}}"
+            )
+    return routed
 
 
 def count_flops(model: nn.Module, img_size: Optional[int] = None, batch_size: int = 1) -> float:
-    """GFLOPs of one forward per image, counted by torch's FlopCounterMode on
-    the actual forward (so per-block token counts are the real ones), in the
-    convention of the papers (one multiply-add = one FLOP, as fvcore counts)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """GFLOPs of one forward per image in the papers' (fvcore's) convention,
+    attention included on every device and kernel: see
+    :mod:`tokenreduction.models.flop_count`."""
+    from .flop_count import count_flops as count_paper_flops
 
-    if img_size is None:
-        img_size = model.patch_embed.img_size[0]
-    device = next(model.parameters()).device
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
-    return counter.get_total_flops() / 2 / batch_size / 1e9
+    return count_paper_flops(model, img_size=img_size, batch_size=batch_size)
