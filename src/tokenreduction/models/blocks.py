@@ -124,8 +124,12 @@ class TokenBlock(Block):
             feats.metric = k[:, :, p:].mean(dim=1)
         if "value" in need:
             feats.value = v[:, :, p:]
-        out = out.transpose(1, 2).reshape(B, T, attn.attn_dim)
-        out = attn.norm(out)
+        # (B, H, T, head_dim) -> (B, T, H * head_dim). timm's Attention has an
+        # ``attn_dim`` only from 1.0.23 and a ``norm`` (scale_norm) only from
+        # 1.0.16: read what every 1.0.x has
+        out = out.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim)
+        if getattr(attn, "norm", None) is not None:
+            out = attn.norm(out)
         if gate is not None:
             out = out * gate
         out = attn.proj_drop(attn.proj(out))
