@@ -10,10 +10,11 @@ from scipy.spatial.distance import squareform
 
 import tokenreduction as tr
 from tokenreduction.models.budget import StageBudget
-from tokenreduction.reduction.atc import ATC, atc_merge, cosine_distance
+from tokenreduction.reduction.atc import ATC, atc_merge, cosine_distance, pool_clusters
 from tokenreduction.reduction.base import BlockFeatures
 from tokenreduction.reduction import _native_clustering
 from tokenreduction.reduction.clustering import agglomerative_labels
+from tokenreduction.reduction.ops import pool_by_assignment
 
 LINKAGES = ["single", "complete", "average"]
 
@@ -243,6 +244,59 @@ def test_atc_merge_is_size_weighted_cluster_mean_with_gradient():
     total = torch.zeros(2, 4).scatter_add_(1, out.assignment, size)
     expected_grad = (size / total.gather(1, out.assignment))[..., None].expand_as(x)
     assert torch.allclose(x.grad, expected_grad, atol=1e-6)
+
+
+def _slow_pool(x, assignment, num_out, weight):
+    """Per image and output slot: the weighted mean of its members, in float64."""
+    B, N, C = x.shape
+    pooled = torch.zeros(B, num_out, C, dtype=torch.float64)
+    total = torch.zeros(B, num_out, dtype=torch.float64)
+    for b in range(B):
+        for n in range(N):
+            m = int(assignment[b, n])
+            pooled[b, m] += float(weight[b, n]) * x[b, n].double()
+            total[b, m] += float(weight[b, n])
+    return pooled / total[..., None], total
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "prefix_sliced", "channels_strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pool_clusters_equals_slow_mean_and_scatter_pooling(layout, dtype):
+    """pool_clusters gives the weighted cluster means (a slow loop), the same
+    values as the scatter pooling it replaced (bit for bit in float64 here:
+    members are summed in index order either way), for the patch tokens
+    sliced off a model's tokens (read in place) and for other strides, and
+    the same gradients in x and in the weights."""
+    g = torch.Generator().manual_seed(3)
+    B, N, C, M = 3, 40, 6, 11
+    assignment = torch.stack([torch.cat([torch.arange(M), torch.randint(0, M, (N - M,), generator=g)])
+                              [torch.randperm(N, generator=g)] for _ in range(B)])
+    weight = torch.randint(1, 5, (B, N), generator=g).to(dtype)
+    base = torch.randn(B, N + 2, C, generator=g, dtype=dtype)
+    if layout == "contiguous":
+        x = base[:, :N].contiguous()
+    elif layout == "prefix_sliced":
+        x = base[:, 2:]
+        assert not x.is_contiguous()
+    else:
+        x = base[:, :N].transpose(1, 2).contiguous().transpose(1, 2)
+    x = x.detach().requires_grad_()
+    w = weight.clone().requires_grad_()
+    pooled, total = pool_clusters(x, assignment, M, w)
+    slow, slow_total = _slow_pool(x.detach(), assignment, M, weight)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(pooled.double(), slow, rtol=tol, atol=tol)
+    assert torch.equal(total.double(), slow_total)
+    ref_x = x.detach().clone().requires_grad_()
+    ref_w = weight.clone().requires_grad_()
+    ref, ref_total = pool_by_assignment(ref_x, assignment, M, weight=ref_w)
+    if dtype == torch.float64:
+        assert torch.equal(pooled, ref)
+    grad = torch.randn(B, M, C, generator=g, dtype=dtype)
+    (pooled * grad).sum().backward()
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=tol, atol=tol)
 
 
 def _tiny(**kwargs):

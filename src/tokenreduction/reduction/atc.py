@@ -24,11 +24,14 @@ off-the-shelf ATC code counts the class token in N and so removes only r - 1.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
+import torch.nn.functional as F
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .clustering import LINKAGES, agglomerative_labels, check_linkage
-from .ops import labels_to_assignment, pool_by_assignment, sum_by_assignment
+from .ops import labels_to_assignment
 from .registry import register
 
 
@@ -50,8 +53,47 @@ def atc_merge(
         labels = agglomerative_labels(cosine_distance(metric), num_clusters, linkage)
     # the clustering yields exactly min(K, N) clusters per image
     assignment, num_out = labels_to_assignment(labels, num_out=min(int(num_clusters), x.shape[1]))
-    merged, _ = pool_by_assignment(x, assignment, num_out, weight=size)
-    return ReductionOutput(x=merged, size=sum_by_assignment(size, assignment, num_out), assignment=assignment)
+    merged, total = pool_clusters(x, assignment, num_out, size)
+    return ReductionOutput(x=merged, size=total.to(size.dtype), assignment=assignment)
+
+
+def pool_clusters(
+    x: torch.Tensor, assignment: torch.Tensor, num_out: int, weight: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted cluster means: x (B, N, C), assignment (B, N) in
+    [0, num_out) with every slot used, weight (B, N) -> (pooled (B, M, C),
+    total weight (B, M)), M = num_out; ``pooled[b, m] = sum_n w_n x_n /
+    sum_n w_n`` over the n assigned to m. The same values as
+    :func:`~tokenreduction.reduction.ops.pool_by_assignment`, members
+    summed in index order, but as one ``embedding_bag`` over the tokens
+    sorted by cluster: the weights are applied inside the sum and no
+    (B, N, C) index or product is formed (about 3x faster forward and
+    backward on the CPU at B=64, N=196, C=384; benchmarks/speed_table.py).
+    Differentiable in x and weight."""
+    B, N, C = x.shape
+    w = weight.to(x.dtype)
+    order = assignment.argsort(dim=1, stable=True)  # members of slot 0, then of slot 1, ... (index order)
+    counts = torch.zeros(B, num_out, dtype=torch.long, device=x.device)
+    counts.scatter_add_(1, assignment, torch.ones_like(assignment))
+    counts = counts.view(-1)
+    rows, step = _token_rows(x)
+    image = torch.arange(B, device=x.device).unsqueeze(1)
+    summed = F.embedding_bag((order + step * image).view(-1), rows, counts.cumsum(0) - counts, mode="sum",
+                             per_sample_weights=w.gather(1, order).view(-1))
+    total = torch.zeros(B, num_out, dtype=x.dtype, device=x.device).scatter_add_(1, assignment, w)
+    return summed.view(B, num_out, C) / total.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), total
+
+
+def _token_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """x (B, N, C) -> (rows (R, C), step): token (b, n) is row b * step + n.
+    A view where x's tokens lie at one row stride (the patch tokens x[:, p:]
+    of a model's (B, p + N, C) tokens: no copy of x), else a contiguous copy."""
+    B, N, C = x.shape
+    sb, sn, sc = x.stride()
+    if B > 0 and sc == 1 and sn >= C > 0 and sb % sn == 0 and sb >= N * sn:
+        step = sb // sn
+        return x.as_strided(((B - 1) * step + N, C), (sn, 1)), step
+    return x.reshape(B * N, C), N
 
 
 @register("atc")
@@ -76,4 +118,4 @@ class ATC(TokenReducer):
         return atc_merge(x, size, feats.metric, min(budget.target, x.shape[1]), self.linkage)
 
 
-__all__ = ["ATC", "LINKAGES", "atc_merge", "cosine_distance"]
+__all__ = ["ATC", "LINKAGES", "atc_merge", "cosine_distance", "pool_clusters"]
