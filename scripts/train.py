@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from tokenreduction.train import TrainConfig, train
+from tokenreduction.train.runtime import CudaUnavailableError
 
 
 def evaluate_kwargs(text: str) -> dict:
@@ -38,12 +39,21 @@ def main() -> None:
     parser.add_argument("--then-evaluate", default=None, metavar="JSON",
                         help="evaluate final.pth afterwards: tokenreduction.evaluate.evaluate keyword arguments "
                              "(dataset, data_root, out_metrics, out_patterns, out_features, ...) as a JSON object")
+    parser.add_argument("--device", default=None,
+                        help="cpu | cuda | cuda:N, replacing the spec's device (the workflow passes cuda when the "
+                             "job asked for GPUs, cpu when not); a CUDA device that is not usable fails at once")
     args = parser.parse_args()
+    spec = json.loads(args.spec)
+    if args.device is not None:
+        spec["device"] = args.device
     # checked before training, so a bad argument costs no training time
     eval_kwargs = evaluate_kwargs(args.then_evaluate) if args.then_evaluate else None
     # a job rerun because its parameters changed starts afresh; a retried or
     # requeued job with the same parameters resumes from checkpoint_last.pth
-    train(TrainConfig.from_dict(json.loads(args.spec)), Path(args.final).parent, on_config_change="restart")
+    try:
+        train(TrainConfig.from_dict(spec), Path(args.final).parent, on_config_change="restart")
+    except CudaUnavailableError as err:  # one message, no traceback: the job asked for a GPU it cannot use
+        raise SystemExit(str(err)) from None
     if eval_kwargs is not None and int(os.environ.get("RANK", "0")) == 0:  # torchrun: the first process only
         from tokenreduction.evaluate import evaluate
 

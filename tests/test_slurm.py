@@ -215,8 +215,9 @@ def test_demo_on_slurm_reruns_nothing_reruns_only_what_changed_and_resumes(tmp_p
 
     config = tiny_demo_config(tmp_path)
     config["experiments"][0]["methods"] = ["evit"]  # baseline + one method: 6 Slurm jobs
-    # GPU tags on the fake GPUs (the trainer falls back to the CPU)
-    config.setdefault("resources", {}).update(gpus_per_train_job=1, gpus_per_eval_job=0)
+    # GPU tags on the fake GPUs; the jobs are told to train on the CPU (a
+    # job that asks for a GPU otherwise fails where CUDA is not usable)
+    config.setdefault("resources", {}).update(gpus_per_train_job=1, gpus_per_eval_job=0, device="cpu")
     path = write_config(tmp_path / "demo.yaml", config)
 
     # ---- 1. the reduced demo: every non-local job through sbatch

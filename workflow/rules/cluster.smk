@@ -1,5 +1,6 @@
-# Cluster checks. Not part of rule all: run it once after installing a site
-# profile to see which GPUs a job gets:
+# Cluster checks. Not part of rule all: the FIRST step on a cluster, once
+# after installing a site profile, to see which GPUs a job gets and that CUDA
+# is usable there (it fails, naming node, devices, torch and driver, if not):
 #   snakemake --profile slurm gpu_smoke
 #   snakemake --profile slurm gpu_smoke --set-resources gpu_smoke:gpu=2
 
@@ -24,4 +25,12 @@ rule gpu_smoke:
         ' "$TOKENREDUCTION_PYTHON" -c "import torch; n = torch.cuda.device_count();'
         " print('torch', torch.__version__, 'sees', n, 'CUDA device(s)',"
         ' [torch.cuda.get_device_name(i) for i in range(n)])"'
-        " ) > {output.report:q} 2> {log:q}; cat {output.report:q}"
+        " ) > {output.report:q}.tmp 2> {log:q}; cat {output.report:q}.tmp;"
+        # fails (and writes no report) where the job's GPU is not usable,
+        # with the message every GPU job would give (train/runtime.py)
+        ' "$TOKENREDUCTION_PYTHON" -c "import sys; from tokenreduction.train.runtime import'
+        " CudaUnavailableError, resolve_device, cuda_environment;\n"
+        "try: print('usable:', resolve_device('cuda'), cuda_environment())\n"
+        'except CudaUnavailableError as err: sys.exit(str(err))" >> {output.report:q}.tmp 2>> {log:q}'
+        " || {{ cat {log:q} >&2; exit 1; }};"
+        " tail -n 1 {output.report:q}.tmp; mv {output.report:q}.tmp {output.report:q}"

@@ -316,6 +316,19 @@ def _gpus(kind):
     return int(config.get("resources", {}).get(f"gpus_per_{kind}_job", 0))
 
 
+def job_device(wildcards, resources):
+    """The device a training/evaluation job runs on, from its own GPU request
+    (the rule's gpu resource, after any --set-resources): cuda when it asked
+    for GPUs, cpu when not; never 'auto', so that a GPU job on a node where
+    CUDA is not usable fails at once instead of training on the CPU
+    (tokenreduction.train.runtime.resolve_device). resources.device (cpu
+    or cuda) replaces that choice for every job, e.g. cpu on fake GPUs."""
+    chosen = config.get("resources", {}).get("device")
+    if chosen:
+        return chosen
+    return "cuda" if int(resources.get("gpu", 0) or 0) > 0 else "cpu"
+
+
 def _scale(backbone):
     """Relative cost of a backbone: 1 (tiny) .. ~20 (large), from its name or width."""
     spec = config["backbones"][backbone]

@@ -35,9 +35,11 @@ if not EVAL_AFTER_TRAINING:
             batch_size=lambda w: evaluate_options(w)["batch_size"],
             throughput_batch=lambda w: evaluate_options(w)["throughput_batch"],
             code=evaluate_code,
+            device=job_device,
         shell:
             'OMP_NUM_THREADS={threads} "$TOKENREDUCTION_PYTHON" {input.script:q} --checkpoint {input.model:q} --kind {params.kind}'
             " --root {params.root:q} --img-size {params.img_size} --batch-size {params.batch_size}"
             " --num-pattern-images {params.num_images} --throughput-batch {params.throughput_batch}"
+            " --device {params.device}"
             " --metrics {output.metrics:q} --patterns {output.patterns:q} --features {output.features:q}"
             " > {log:q} 2>&1"

@@ -33,7 +33,7 @@ def evaluate_options(wildcards):
     }
 
 
-def then_evaluate_arg(wildcards, output):
+def then_evaluate_arg(wildcards, output, resources):
     """train.py's --then-evaluate argument: empty unless evaluate.after_training."""
     if not EVAL_AFTER_TRAINING:
         return ""
@@ -42,6 +42,7 @@ def then_evaluate_arg(wildcards, output):
         "out_metrics": output.eval_metrics,
         "out_patterns": output.patterns,
         "out_features": output.features,
+        "device": job_device(wildcards, resources),
     }
     return f"--then-evaluate {shlex.quote(json.dumps(options, sort_keys=True))}"
 

@@ -27,11 +27,13 @@ rule pretrain:
         runtime=train_runtime,
     params:
         spec=pretrain_spec,
+        device=job_device,
         code=lambda w: code_hash(("model", "data", "train")),
     shell:
         "set --; if [ {resources.gpu} -gt 1 ]; then"
         " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"
         ' OMP_NUM_THREADS={threads} "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
+        " --device {params.device}"
         " --final {output.model:q} > {log:q} 2>&1"
 
 
@@ -60,10 +62,12 @@ rule finetune:
         runtime=finetune_job_runtime,
     params:
         spec=finetune_spec,
+        device=job_device,
         then_evaluate=then_evaluate_arg,
         code=finetune_job_code,
     shell:
         "set --; if [ {resources.gpu} -gt 1 ]; then"
         " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"
         ' OMP_NUM_THREADS={threads} "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
+        " --device {params.device}"
         " --final {output.model:q} {params.then_evaluate} > {log:q} 2>&1"

@@ -59,12 +59,11 @@ UNREDUCED_FEATURE_BLOCKS = (3, 6, 9)
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available")
-    return dev
+    """tokenreduction.train.runtime.resolve_device: an unusable CUDA device
+    fails at once, naming the node, visible devices, torch and driver."""
+    from ..train.runtime import resolve_device
+
+    return resolve_device(device)
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:

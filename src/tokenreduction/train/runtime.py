@@ -5,6 +5,11 @@ import contextlib
 import os
 import random
 import signal
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -12,6 +17,102 @@ import torch
 import torch.distributed as dist
 
 from .sampling import SIGNALS
+
+
+class CudaUnavailableError(RuntimeError):
+    """A job asked for a CUDA device that this process cannot use."""
+
+
+def driver_version() -> str:
+    """The NVIDIA kernel driver's version, from /proc or nvidia-smi; 'none'
+    where neither answers (no driver on this node)."""
+    proc_file = Path("/proc/driver/nvidia/version")
+    try:
+        first = proc_file.read_text().splitlines()[0]
+        for word in first.split():
+            if word[:1].isdigit() and "." in word:
+                return word
+    except (OSError, IndexError):
+        pass
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "none"
+
+
+def cuda_environment() -> str:
+    """Where this process runs, for a CUDA error: node, visible devices, torch
+    and the CUDA it was built for, and the driver's version."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "unset" if visible is None else (repr(visible) if visible.strip() == "" else visible)
+    return (
+        f"node {socket.gethostname()}, CUDA_VISIBLE_DEVICES={shown}, torch {torch.__version__} "
+        f"(built for CUDA {torch.version.cuda or 'none: a CPU-only build'}), NVIDIA driver {driver_version()}"
+    )
+
+
+def cuda_problem() -> Optional[str]:
+    """Why CUDA cannot be used here, or None when it can: torch's own warning
+    (e.g. a driver too old for this build) when it gives one."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+        count = torch.cuda.device_count() if available else 0
+    if available and count > 0:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() == "":
+        reason = "CUDA_VISIBLE_DEVICES is empty: no GPU is visible to this job"
+    elif torch.version.cuda is None:
+        reason = "this torch is a CPU-only build"
+    else:
+        reason = "torch.cuda.is_available() is False"
+    details = "; ".join(str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip())
+    return reason + (f" ({details})" if details else "")
+
+
+def resolve_device(device: str, index: Optional[int] = None) -> torch.device:
+    """The torch device of ``device``: 'cpu', 'cuda', 'cuda:N' or 'auto'.
+
+    A CUDA device that is not usable raises :class:`CudaUnavailableError`
+    at once, naming the node, the visible devices, and the torch and driver
+    versions: a job that asked for a GPU never trains on the CPU. 'auto'
+    takes CUDA when usable and says on stderr which device it took (the
+    workflow never passes 'auto': it decides from each job's GPU request).
+    ``index`` (a torchrun local rank) replaces the device's own index.
+    """
+    if device == "auto":
+        problem = cuda_problem()
+        chosen = "cpu" if problem else "cuda"
+        print(f"device: auto -> {chosen}" + (f" ({problem}; {cuda_environment()})" if problem else ""),
+              file=sys.stderr, flush=True)
+        device = chosen
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r}: expected cpu, cuda, cuda:N or auto")
+    problem = cuda_problem()
+    if problem is None:
+        wanted = dev.index if index is None else index
+        count = torch.cuda.device_count()
+        if (wanted or 0) >= count:
+            problem = f"device index {wanted} asked for but only {count} CUDA device(s) are visible"
+        dev = torch.device("cuda", wanted or 0)
+    if problem is not None:
+        raise CudaUnavailableError(
+            f"device {device!r} asked for but CUDA is not usable: {problem}. Where: {cuda_environment()}"
+        )
+    return dev
 
 
 class Runtime:
@@ -23,21 +124,15 @@ class Runtime:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.distributed = self.world_size > 1
-        if device == "auto":
-            use_cuda = torch.cuda.is_available()
-        else:
-            use_cuda = device.startswith("cuda")
-            if use_cuda and not torch.cuda.is_available():
-                raise ValueError(f"device {device!r} asked for but CUDA is not available")
+        self.device = resolve_device(device, self.local_rank if self.distributed else None)
+        use_cuda = self.device.type == "cuda"
         if use_cuda:
-            index = self.local_rank if self.distributed else (torch.device(device).index or 0 if device != "auto" else 0)
-            self.device = torch.device("cuda", index)
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
         self.is_main = self.rank == 0
+        if self.is_main:  # every job's log says where it ran
+            print(f"device: {self.device} ({self.world_size} process(es))", file=sys.stderr, flush=True)
 
     def barrier(self) -> None:
         if self.distributed:
