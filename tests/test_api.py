@@ -302,3 +302,31 @@ def test_extensions_are_found_by_name():
         build(method="topk", keep_rate=0.5, reduction_loc=(1,), extensions={"nope": {}})
     with pytest.raises(ValueError, match="twice"):
         build(method="topk", keep_rate=0.5, reduction_loc=(1,), clca=dict(ifa_head=True), extensions={"clca": dict(ifa_head=True)})
+
+
+def test_method_options_as_keywords_go_to_the_reducer_and_timm_keywords_to_timm():
+    """Issue 27.5: create_model(..., method="evit", keep_rate=0.7, fuse_token=False)."""
+    common = dict(method="evit", keep_rate=0.5, reduction_loc=(1, 2), drop_path_rate=0.1)
+    kw = build(fuse_token=False, **common)
+    ref = build(method_kwargs={"fuse_token": False}, **common)
+    fused = build(**common)
+    assert kw.reduction_config["method_kwargs"] == {"fuse_token": False}
+    assert kw.blocks[3].drop_path1.drop_prob == pytest.approx(0.1)  # timm's keyword reached timm
+    x = images()
+    with torch.no_grad():
+        out, out_ref, out_fused = kw(x), ref(x), fused(x)
+    assert kw.tokens_kept == ref.tokens_kept == [8, 4]
+    assert fused.tokens_kept == [9, 5]  # the fused token
+    assert torch.equal(out, out_ref) and not torch.allclose(out, out_fused)
+    atc = build(method="atc", keep_rate=0.5, reduction_loc=(1, 2), linkage="complete")
+    assert atc.blocks[1].reduction.linkage == "complete"
+    assert atc.reduction_config["method_kwargs"] == {"linkage": "complete"}
+
+
+def test_method_option_of_another_method_names_method_kwargs():
+    with pytest.raises(ValueError, match=r"'fuse_token' is an option of the method\(s\) evit.*'topk'.*method_kwargs"):
+        build(method="topk", keep_rate=0.5, reduction_loc=(1, 2), fuse_token=False)
+    with pytest.raises(ValueError, match=r"'fuse_token'.*no reduction method.*method_kwargs"):
+        build(method=None, fuse_token=False)
+    with pytest.raises(ValueError, match=r"'fuse_token' is given twice"):
+        build(method="evit", keep_rate=0.5, reduction_loc=(1, 2), fuse_token=False, method_kwargs={"fuse_token": True})
