@@ -46,6 +46,13 @@ def tokens_to_remove(num_tokens: int, ratio: float) -> int:
     return int(num_tokens * ratio)
 
 
+def max_tome_ratio(sx: int, sy: int) -> float:
+    """The largest ratio ToMe-SD can remove with one destination per sy x sx
+    cell: 1 - 1 / (sx x sy) (every source merged). tomesd caps larger ratios
+    without a word; :func:`bipartite_grid_assignment` refuses them."""
+    return 1.0 - 1.0 / (sx * sy)
+
+
 def grid_destinations(
     h: int,
     w: int,
@@ -57,25 +64,30 @@ def grid_destinations(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Split an h x w token grid into sources and destinations, ToMe-SD style:
     one destination per full sy x sx cell (random within the cell if
-    `use_rand`, drawn on the CPU from `generator`; else the top-left token).
-    Rows/columns beyond the last full cell are all sources.
+    `use_rand`, drawn on `device` from `generator`, which must be a generator
+    of that device; else the top-left token). Rows/columns beyond the last
+    full cell are all sources.
 
-    Returns (src_idx (N - D,), dst_idx (D,)) row-major token indices, sorted,
-    with D = (h // sy) x (w // sx).
+    Returns (src_idx (N - D,), dst_idx (D,)) row-major token indices on
+    `device`, sorted, with D = (h // sy) x (w // sx). Everything is made on
+    the device and every size is known on the host: no host-device copy and
+    no synchronisation (``torch.compile(fullgraph=True)`` traces it).
     """
     if sx < 1 or sy < 1:
         raise ValueError(f"strides sx, sy must be >= 1, got sx={sx}, sy={sy}")
     hsy, wsx = h // sy, w // sx
+    n_dst = hsy * wsx
     if use_rand:
-        choice = torch.randint(sy * sx, (hsy, wsx), generator=generator)
+        choice = torch.randint(sy * sx, (hsy, wsx), generator=generator, device=device)
     else:
-        choice = torch.zeros(hsy, wsx, dtype=torch.long)
-    rows = torch.arange(hsy)[:, None] * sy + choice // sx
-    cols = torch.arange(wsx)[None, :] * sx + choice % sx
-    is_dst = torch.zeros(h, w, dtype=torch.bool)
-    is_dst[rows, cols] = True
-    flat = is_dst.flatten().to(device)
-    return (~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1)
+        choice = torch.zeros(hsy, wsx, dtype=torch.long, device=device)
+    rows = torch.arange(hsy, device=device)[:, None] * sy + torch.div(choice, sx, rounding_mode="floor")
+    cols = torch.arange(wsx, device=device)[None, :] * sx + choice % sx
+    is_dst = torch.zeros(h * w, dtype=torch.uint8, device=device)
+    is_dst.scatter_(0, (rows * w + cols).reshape(-1), 1)
+    # a stable sort puts the sources first and the destinations last, each in index order
+    order = torch.sort(is_dst, stable=True).indices
+    return order[: h * w - n_dst], order[h * w - n_dst:]
 
 
 def bipartite_grid_assignment(
@@ -91,32 +103,41 @@ def bipartite_grid_assignment(
     """ToMe for SD: bipartite soft matching with 2-D strided destinations.
 
     metric (B, N = h*w, C). Every source proposes its most similar destination
-    (cosine); the r best proposals merge into their destination (r is capped
-    at the number of sources; the same src/dst split is used for every image).
+    (cosine); the r best proposals merge into their destination (the same
+    src/dst split is used for every image). r larger than the number of
+    sources is refused (ValueError; tomesd caps it silently); a grid smaller
+    than one cell has no destination and merges nothing.
     Returns (assignment (B, N) into M = N - r outputs, M): the unmerged
     sources in index order, then the destinations in index order.
+    No host synchronisation: M is known from the shapes.
     """
     B, N, _ = metric.shape
     if N != h * w:
         raise ValueError(f"metric has {N} tokens but the grid is {h} x {w}")
-    src_idx, dst_idx = grid_destinations(h, w, sx, sy, use_rand, generator, metric.device)
-    n_src, n_dst = src_idx.numel(), dst_idx.numel()
-    r = max(0, min(int(r), n_src if n_dst else 0))
-    if r == 0:
-        return torch.arange(N, device=metric.device).expand(B, N).contiguous(), N
+    device = metric.device
+    n_dst = (h // sy) * (w // sx)
+    n_src = N - n_dst
+    r = int(r)
+    if r > n_src and n_dst:
+        raise ValueError(
+            f"cannot remove {r} of {N} tokens with ToMe-SD on a {h} x {w} grid with sx={sx}, sy={sy}: "
+            f"only its {n_src} sources can merge (ratio at most 1 - 1/(sx*sy) = {max_tome_ratio(sx, sy):.4g})"
+        )
+    if r <= 0 or n_dst == 0:
+        return torch.arange(N, device=device).expand(B, N).contiguous(), N
+    src_idx, dst_idx = grid_destinations(h, w, sx, sy, use_rand, generator, device)
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     a, b = m[:, src_idx], m[:, dst_idx]
     best, best_dst = (a @ b.transpose(1, 2)).max(dim=-1)  # (B, n_src)
     order = best.argsort(dim=-1, descending=True)
     merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values
     n_kept = n_src - r
-    device = metric.device
     src_target = torch.empty(B, n_src, dtype=torch.long, device=device)
     src_target.scatter_(1, kept, torch.arange(n_kept, device=device).expand(B, n_kept))
     src_target.scatter_(1, merged, n_kept + best_dst.gather(1, merged))
     assignment = torch.empty(B, N, dtype=torch.long, device=device)
-    assignment[:, src_idx] = src_target
-    assignment[:, dst_idx] = n_kept + torch.arange(n_dst, device=device)
+    assignment.scatter_(1, src_idx.expand(B, n_src), src_target)
+    assignment.scatter_(1, dst_idx.expand(B, n_dst), (n_kept + torch.arange(n_dst, device=device)).expand(B, n_dst))
     return assignment, n_kept + n_dst
 
 
@@ -140,7 +161,8 @@ def atc_assignment(metric: torch.Tensor, r: int, linkage: str = "average") -> Tu
     if r == 0:
         return torch.arange(N, device=metric.device).expand(B, N).contiguous(), N
     labels = cosine_agglomerative_labels(metric, N - r, linkage)
-    return labels_to_assignment(labels)
+    # exactly N - r clusters per image: the relabelling reads nothing back
+    return labels_to_assignment(labels, N - r)
 
 
 def merge_closures(assignment: torch.Tensor, num_out: int) -> Tuple[MergeFn, MergeFn]:
