@@ -44,7 +44,7 @@ SIZE_WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 12
 #: stand-in widths together, as the CCA of the analysis needs)
 SPLIT_SIZES = {"train": 24, "val": 80, "test": 80, "train_val": 32}
 #: sections of a study config the stand-ins do not cover yet
-UNCOVERED_SECTIONS = ("ots", "mae", "detection", "diffusion", "benchmark", "pretrain")
+UNCOVERED_SECTIONS = ("ots", "detection", "diffusion", "benchmark", "pretrain")
 #: the recipe: optimiser steps per run = epochs x ceil(train / (batch x accum))
 RECIPE = {"epochs": 2, "batch_size": 4, "num_workers": 0}
 EVALUATE = {"batch_size": 16, "throughput_batch": 4}
@@ -130,7 +130,7 @@ def standin_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         if section in cfg and not (isinstance(cfg[section], dict) and cfg[section].get("enabled") is False):
             raise RehearsalError(
                 f"{section}: the rehearsal has no stand-ins for this section yet "
-                f"(it covers datasets, backbones, the fine-tuning grid, evaluation, analysis, summary and report)"
+                f"(it covers datasets, backbones, the fine-tuning and MAE grids, evaluation, analysis, summary and report)"
             )
     results = rehearsal_results(cfg["results"])
     cfg["results"] = results
@@ -171,6 +171,9 @@ def standin_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         spec["model_kwargs"] = kwargs
 
     cfg["finetune"] = _cut_recipe(cfg.get("finetune") or {})
+    if cfg.get("mae"):
+        # the MAE fine-tuning grid: its recipe (over finetune) cut alike
+        cfg["mae"] = {**cfg["mae"], "recipe": _cut_recipe(cfg["mae"].get("recipe") or {})}
     evaluate = dict(cfg.get("evaluate") or {})
     evaluate.update(EVALUATE)
     val_images = min(SPLIT_SIZES["val"], SPLIT_SIZES["test"])
