@@ -238,22 +238,25 @@ static int fill_work(const void *src, int kind, int64_t n, int64_t ld, double *W
 /* ---------------------------------------------------------------- linkages */
 
 /* Prim's MST from point 0, as SciPy's mst_single_linkage; returns the
-   number of merges recorded (n - 1) */
-static int64_t mst(int64_t n, int64_t ld, const double *W, double *best, int *done, int *mx, int *my,
+   number of merges recorded (n - 1). SciPy's loop visits the points not
+   yet in the tree, lowers best[i] to d(x, i) where that is smaller, and
+   takes the first i in index order with the smallest best[i]. Here the
+   points in the tree are masked by +inf in pen (as the chain masks merged
+   clusters), best[] is lowered over the whole row (a branch-free loop; the
+   entries of points in the tree are never read unmasked again), and the
+   first smallest is found by the vector row scans: the same point, the
+   same height. */
+static int64_t mst(int64_t n, int64_t ld, const double *W, double *best, double *pen, int *mx, int *my,
                    double *mh) {
-    for (int64_t i = 0; i < n; i++) { best[i] = INFINITY; done[i] = 0; }
-    int x = 0, y = 0;
+    for (int64_t i = 0; i < n; i++) { best[i] = INFINITY; pen[i] = 0.0; }
+    int x = 0;
     for (int64_t k = 0; k < n - 1; k++) {
-        double cur = INFINITY;
         const double *row = W + (int64_t)x * ld;
-        done[x] = 1;
-        for (int64_t i = 0; i < n; i++) {
-            if (done[i]) continue;
-            double d = row[i];
-            if (best[i] > d) best[i] = d;
-            if (best[i] < cur) { y = (int)i; cur = best[i]; }
-        }
-        mx[k] = x; my[k] = y; mh[k] = cur;
+        pen[x] = INFINITY;
+        for (int64_t i = 0; i < n; i++) { double d = row[i]; best[i] = d < best[i] ? d : best[i]; }
+        double cur;
+        int y = (int)first_min(best, pen, n, &cur);
+        mx[k] = x; my[k] = y; mh[k] = best[y];
         x = y;
     }
     return n - 1;
@@ -921,7 +924,7 @@ int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, in
         }
         if (!W && !(W = work_matrix((size_t)(n * ld) * sizeof(double)))) { status = 1; break; }
         if (fill_work(src, kind, n, ld, W, best)) { *bad = b; status = 2; break; }
-        int64_t m = method == SINGLE ? mst(n, ld, W, best, act, mx, my, mh)
+        int64_t m = method == SINGLE ? mst(n, ld, W, heap, pen, mx, my, mh)
                                      : nn_chain(n, ld, method, need, W, pen, act, size, chain, best, stale, heap,
                                                 mx, my, mh);
         cut(n, m, need, mx, my, mh, idx, tmp, parent, labels + b * n);
