@@ -33,10 +33,17 @@ R_SCHEDULES = {"constant": 0.0, "decrease": -1.0, "increase": 1.0}
 
 @dataclass(frozen=True)
 class StageBudget:
-    """What one stage is asked for: keep `target` patch tokens, or remove `r`."""
+    """What one stage is asked for: keep `target` patch tokens, or remove `r`.
+
+    `keep_fraction`: the fraction of the input's original patches that
+    inference keeps after this stage, every earlier stage having kept its own
+    target (:meth:`TokenBudget.keep_fraction`); a training forward that removes
+    no token (DynamicViT) aims its policy at it. None for a budget made for
+    one stage alone, whose tokens present are then the original ones."""
 
     target: int
     r: int
+    keep_fraction: Optional[float] = None
 
 
 def r_schedule(
@@ -85,6 +92,7 @@ class TokenBudget:
         num_stages: int,
         keep_rate: Optional[Union[float, Sequence[float]]] = None,
         r_per_block: Optional[Sequence[int]] = None,
+        stage_blocks: Optional[Sequence[int]] = None,
     ) -> None:
         if kind not in BUDGETS:
             raise ValueError(f"unknown token budget {kind!r}; use one of {', '.join(BUDGETS)}")
@@ -92,6 +100,9 @@ class TokenBudget:
         self.num_patches = num_patches
         self.num_stages = num_stages
         self.r_per_block = list(r_per_block) if r_per_block is not None else None
+        self.stage_blocks = [int(b) for b in stage_blocks] if stage_blocks is not None else None
+        if self.stage_blocks is not None and len(self.stage_blocks) != num_stages:
+            raise ValueError(f"stage_blocks has {len(self.stage_blocks)} blocks but there are {num_stages} stages")
         if kind == "r":
             if self.r_per_block is None:
                 raise ValueError("the 'r' budget needs r")
@@ -123,16 +134,48 @@ class TokenBudget:
             value = int(self.keep_rates[stage] * total)
         return max(value, 1)
 
-    def stage(self, stage: int, block: int, num_tokens: int, num_patches: Optional[int] = None) -> StageBudget:
-        """The StageBudget of `stage` at `block` with `num_tokens` patch tokens
-        present; `num_patches`: patches of the actual input (geometric budget)."""
+    def _kept_after(self, stage: int, block: int, num_tokens: int, num_patches: Optional[int]) -> int:
+        """Patch tokens `stage` (at `block`) keeps of the `num_tokens` present."""
         if self.kind == "geometric":
             target = self.nominal(stage, num_patches)
-            r = self.nominal(stage - 1, num_patches) - target
         elif self.kind == "current":
             target = max(1, math.ceil(self.keep_rates[stage] * num_tokens))
-            r = num_tokens - target
         else:
-            r = self.r_per_block[block]
-            target = num_tokens - r
-        return StageBudget(target=min(target, num_tokens), r=max(0, min(r, num_tokens)))
+            target = num_tokens - self.r_per_block[block]
+        return max(0, min(target, num_tokens))
+
+    def keep_fraction(self, stage: int, num_patches: Optional[int] = None) -> Optional[float]:
+        """Fraction of the original patches that inference keeps after
+        `stage`, each earlier stage having kept its target (`num_patches`:
+        patches of the actual input, default the build-time count).
+
+        ``geometric``: the nominal rate, ``keep_rate ** (stage + 1)`` (or
+        ``keep_rate[stage]``), the reference's DynamicViT ratio; inference
+        keeps its floor times the patches (at least one), so the two agree to
+        within one patch. ``current``: the kept count of the chain of
+        ``ceil(keep_rate * n)`` over the patches, exactly. ``r``: the chain of
+        removals at the stages' blocks (None when the budget was made without
+        ``stage_blocks``)."""
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"stage {stage} is out of range: the budget has {self.num_stages} stages")
+        total = self.num_patches if num_patches is None else int(num_patches)
+        if self.kind == "geometric":
+            return self.keep_rates[0] ** (stage + 1) if self.single_rate else self.keep_rates[stage]
+        if self.kind == "r" and self.stage_blocks is None:
+            return None
+        n = total
+        for s in range(stage + 1):
+            n = self._kept_after(s, self.stage_blocks[s] if self.stage_blocks is not None else -1, n, total)
+        return n / total
+
+    def stage(self, stage: int, block: int, num_tokens: int, num_patches: Optional[int] = None) -> StageBudget:
+        """The StageBudget of `stage` at `block` with `num_tokens` patch tokens
+        present; `num_patches`: patches of the actual input (geometric budget,
+        keep fraction)."""
+        target = self._kept_after(stage, block, num_tokens, num_patches)
+        if self.kind == "geometric":
+            r = self.nominal(stage - 1, num_patches) - self.nominal(stage, num_patches)
+        else:
+            r = num_tokens - target
+        return StageBudget(target=target, r=max(0, min(r, num_tokens)),
+                           keep_fraction=self.keep_fraction(stage, num_patches))

@@ -12,7 +12,10 @@ Training (``self.training``): a hard Gumbel-softmax keep decision
 (B, N). No token is removed: the host block masks attention with the policy
 (``models.blocks._policy_softmax``), so shapes stay fixed and gradients reach
 the predictor. The stage returns the policy and its target keep fraction in
-``aux`` for :func:`dynamicvit_ratio_loss`.
+``aux`` for :func:`dynamicvit_ratio_loss`: the fraction of the original
+patches that inference keeps after the stage, under every budget (the
+reference's ``keep_rate ** (stage + 1)`` under ``geometric``). The predictor's
+Linear layers start as the reference's (trunc-normal std 0.02, zero bias).
 
 Inference: keep the ``budget.target`` tokens with the highest keep
 log-probability, in their original order.
@@ -57,6 +60,18 @@ class KeepPredictor(nn.Module):
             nn.Linear(dim // 4, 2),
             nn.LogSoftmax(dim=-1),
         )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's initialisation: Linear weights trunc-normal with
+        std 0.02 (cut at +-2), biases zero; LayerNorm weight one, bias zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         x = self.in_conv(x)
@@ -77,6 +92,16 @@ def gumbel_keep_decision(log_probs: torch.Tensor, prev_policy: torch.Tensor) -> 
     dt = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
     hard = F.gumbel_softmax(log_probs.to(dt), hard=True, dim=-1)[..., 0]
     return hard.to(prev_policy.dtype) * prev_policy
+
+
+def stage_keep_fraction(budget, num_tokens: int) -> float:
+    """The ratio-loss target of a stage: ``budget.keep_fraction`` (the
+    fraction of the original patches inference keeps after the stage, see
+    :meth:`tokenreduction.models.budget.TokenBudget.keep_fraction`), or, for
+    a budget made for this stage alone, target / num_tokens."""
+    if budget.keep_fraction is not None:
+        return float(budget.keep_fraction)
+    return min(budget.target, num_tokens) / num_tokens
 
 
 @register("dynamicvit")
@@ -108,9 +133,9 @@ class DynamicViT(TokenReducer):
         kept = policy.detach() > 0.5
         arange = torch.arange(N, device=x.device).expand(B, N)
         assignment = torch.where(kept, arange, torch.full_like(arange, -1))
-        # no token is removed in training, so N is the original patch count and
-        # target / N is the cumulative keep fraction the ratio loss asks for
-        ratio = min(budget.target, N) / N
+        # no token is removed in training: the policy aims at the fraction of
+        # the original patches that inference keeps after this stage
+        ratio = stage_keep_fraction(budget, N)
         return ReductionOutput(
             x=x,
             size=size,
