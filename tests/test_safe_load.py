@@ -146,3 +146,44 @@ def test_numpy_1x_checkpoint_names_load(tmp_path):
         pytest.skip("this numpy already pickles numpy.core names")
     path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     np.testing.assert_array_equal(load_checkpoint_file(path)["rng"], np.arange(3))
+
+
+class _Stats:
+    """Like mmengine's HistoryBuffer: its pickled state names one of its own methods,
+    which pickle protocol 2 writes as getattr(_Stats, "mean")."""
+
+    def __init__(self) -> None:
+        self.values = np.array([1.0, 2.0])
+        self.methods = {"mean": _Stats.mean}
+
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+
+def test_extra_globals_widen_the_allow_list_for_one_call_only(tmp_path):
+    """The detection path's form: an extra type, and the pickle's builtins.getattr
+    resolved to a restricted function that answers only what the format needs."""
+    path = tmp_path / "stats.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hub": _Stats()}, path)
+    with pytest.raises(UnsafeCheckpointError, match="_Stats"):
+        load_checkpoint_file(path)
+    asked = []
+
+    def only_stats(obj, name):
+        asked.append((obj, name))
+        if obj is _Stats and name == "mean":
+            return _Stats.mean
+        raise TypeError(f"refused getattr({obj!r}, {name!r})")
+
+    extra = [_Stats, (only_stats, "builtins.getattr")]
+    loaded = load_checkpoint_file(path, extra_globals=extra)
+    assert asked == [(_Stats, "mean")]
+    assert loaded["hub"].mean() == 1.5 and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    with pytest.raises(UnsafeCheckpointError):  # the widening does not outlive the call
+        load_checkpoint_file(path)
+    evil = tmp_path / "evil.pth"
+    marker = tmp_path / "pwned"
+    torch.save({"hub": _Stats(), "x": _Payload(f"touch {marker}")}, evil)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        load_checkpoint_file(evil, extra_globals=extra)
+    assert not marker.exists()

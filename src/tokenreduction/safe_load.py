@@ -26,7 +26,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -67,13 +67,20 @@ ALLOWED_GLOBALS: tuple[Any, ...] = (argparse.Namespace, *_numpy_globals())
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def allowed_global_names() -> list[str]:
-    """Qualified names of :data:`ALLOWED_GLOBALS` (for messages and docs)."""
-    return sorted({g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS})
+def allowed_global_names(extra_globals: Sequence[Any] = ()) -> list[str]:
+    """Qualified names of :data:`ALLOWED_GLOBALS` and `extra_globals` (for messages and docs)."""
+    return sorted({g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+                   for g in (*ALLOWED_GLOBALS, *extra_globals)})
 
 
-def load_checkpoint_file(path: PathLike, map_location: Any = "cpu") -> Any:
+def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", extra_globals: Sequence[Any] = ()) -> Any:
     """``torch.load(path, weights_only=True)`` with :data:`ALLOWED_GLOBALS`.
+
+    `extra_globals` widens the allow-list for one caller's file formats, in
+    torch's ``safe_globals`` form (a type or function, or ``(object,
+    "qualified.name")`` to give the pickle's name that object instead):
+    e.g. the detection path's mmengine types
+    (:mod:`tokenreduction.detection.checkpoint`).
 
     Returns what the file holds (usually a dict of tensors and plain values).
     Raises FileNotFoundError when `path` is not a file,
@@ -85,7 +92,7 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu") -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+        with torch.serialization.safe_globals([*ALLOWED_GLOBALS, *extra_globals]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
@@ -95,7 +102,7 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu") -> Any:
             raise UnsafeCheckpointError(
                 f"refusing to load checkpoint {path}: it references {what}, which is not a"
                 " type known checkpoint formats need (allowed besides tensors and plain"
-                f" containers: {', '.join(allowed_global_names())}); unpickling it could run"
+                f" containers: {', '.join(allowed_global_names(extra_globals))}); unpickling it could run"
                 " code. Re-save the weights from a trusted environment as a plain state dict"
                 " (torch.save(model.state_dict(), ...))."
             ) from None
