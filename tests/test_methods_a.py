@@ -90,6 +90,9 @@ def test_dynamicvit_predictor_global_half_is_policy_weighted():
     """Changing a dropped token must not change the other tokens' predictions."""
     torch.manual_seed(0)
     pred = get_method("dynamicvit")(dim=16).predictor
+    with torch.no_grad():  # weights larger than the reference's std 0.02 init, so the outputs move measurably
+        for p in pred.parameters():
+            p.normal_(0.0, 0.3)
     x = torch.randn(1, 10, 16)
     policy = torch.ones(1, 10)
     policy[0, 3] = 0
