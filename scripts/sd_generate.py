@@ -1,15 +1,17 @@
-"""Generate one experiment's images with Stable Diffusion (optionally with
-token merging) and record the time per image."""
+"""Generate one experiment's images with a diffusion pipeline (sd15, sdxl or
+pixart; optionally with token merging) and record the time per image."""
 import argparse
 import json
 
-from tokenreduction.diffusion import class_names, generate_images, load_pipeline
+from tokenreduction.diffusion import MODELS, class_names, generate_images, load_pipeline
 from tokenreduction.io import write_json
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pipeline", required=True, help="diffusers pipeline folder or hub name")
+    parser.add_argument("--model", default="sd15", choices=list(MODELS),
+                        help="pipeline kind: sd15 (SD 1.x/2.x), sdxl, pixart (diffusion.model)")
     parser.add_argument("--val-root", required=True, help="class folders that give the classes (sorted)")
     parser.add_argument("--class-names", default=None, help="JSON list, or a .txt/.json file (default: folder names)")
     parser.add_argument("--num-classes", type=int, default=0, help="first N classes (0 = all)")
@@ -38,13 +40,14 @@ def main() -> None:
     if names_arg and names_arg.lstrip().startswith("["):
         names_arg = json.loads(names_arg)
     names = class_names(args.val_root, names_arg, args.num_classes or None)
-    pipe = load_pipeline(args.pipeline, args.device, args.dtype)
+    pipe = load_pipeline(args.pipeline, args.device, args.dtype, args.model)
     record = generate_images(
         pipe, names, args.out_images, images_per_class=args.images_per_class, steps=args.steps,
         guidance=args.guidance, img_size=args.img_size, seed=args.seed, merge=json.loads(args.merge),
         seed_scheme=args.seed_scheme, attn_processor=args.attention, progress_every=args.progress_every,
     )
     record["pipeline"] = args.pipeline
+    record["model"] = args.model
     write_json(args.out_timing, record)
     print(f"{record['num_images']} images, {record['time_mean']:.3f} +- {record['time_std']:.3f} s per image"
           f" ({record['attn_processor']}, seeds {record['seed_scheme']});"

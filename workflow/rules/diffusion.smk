@@ -1,4 +1,4 @@
-# Stable Diffusion with token merging (ATC study): generations per experiment
+# Diffusion with token merging (ATC study; diffusion.model sd15 / sdxl / pixart): generations per experiment
 # (merge function, ratio, options), the FID reference set, FID per experiment
 # (clean-fid) and one table. Runs when the config has a `diffusion:` section
 # without `enabled: false`. The demo uses a tiny random-weight pipeline made
@@ -24,10 +24,11 @@ rule sd_make_tiny_pipeline:
     params:
         img_size=DIFF.get("img_size", 64),
         seed=DIFF.get("seed", 0),
+        model=SD_MODEL,
         code=SD_CODE,
     shell:
         '"$TOKENREDUCTION_PYTHON" {input.script:q} --out {output:q} --img-size {params.img_size}'
-        " --seed {params.seed} > {log:q} 2>&1"
+        " --seed {params.seed} --model {params.model} > {log:q} 2>&1"
 
 
 rule sd_reference_set:
@@ -75,6 +76,7 @@ rule sd_generate:
         runtime=sd_gen_runtime,
     params:
         pipeline=sd_pipeline(),
+        model=SD_MODEL,
         val_root=lambda w: sd_val_root(),
         class_names=sd_class_names_arg(),
         num_classes=DIFF.get("num_classes") or 0,
@@ -91,8 +93,8 @@ rule sd_generate:
         merge=sd_merge_spec,
         code=SD_CODE,
     shell:
-        '"$TOKENREDUCTION_PYTHON" {input.script:q} --pipeline {params.pipeline:q} --val-root {params.val_root:q}'
-        " {params.class_names} --num-classes {params.num_classes}"
+        '"$TOKENREDUCTION_PYTHON" {input.script:q} --pipeline {params.pipeline:q} --model {params.model}'
+        " --val-root {params.val_root:q} {params.class_names} --num-classes {params.num_classes}"
         " --images-per-class {params.images_per_class} --steps {params.steps}"
         " --guidance {params.guidance} --img-size {params.img_size} --seed {params.seed}"
         " --seed-scheme {params.seed_scheme} --attention {params.attention}"

@@ -1,6 +1,13 @@
-"""Stable Diffusion pipelines: a tiny random-weight one for the demo and
-tests, loading (the same ``from_pretrained`` path for both), and the study's
+"""Diffusion pipelines: tiny random-weight ones for the demo and tests,
+loading (the same ``from_pretrained`` path for both), and the study's
 generation protocol with per-image timing.
+
+Models (``model``, the config's ``diffusion.model``): ``sd15``
+(``StableDiffusionPipeline``: SD 1.x and 2.x checkpoints), ``sdxl``
+(``StableDiffusionXLPipeline``), ``pixart`` (``PixArtAlphaPipeline`` or
+``PixArtSigmaPipeline``). A local folder's ``model_index.json`` must name a
+pipeline class of the chosen model; the patch finds the pipeline's ``unet``
+or ``transformer``.
 
 Protocol (ATC study, ``sd_generate.py``): prompt "A high quality photograph
 of a <class>." for every class, `images_per_class` images each, a fixed seed
@@ -39,6 +46,7 @@ import numpy as np
 import torch
 
 from .patch import apply_patch, patch_state, remove_patch, reseed
+from .tiny import build_tiny_pipeline
 
 PathLike = Union[str, Path]
 PROMPT = "A high quality photograph of a {}."
@@ -48,60 +56,27 @@ TINY_MARKER = "model_index.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _byte_level_tokenizer(folder: Path):
-    """A CLIPTokenizer over single bytes (no merges), made offline: vocab =
-    the 256 characters of the byte-level alphabet, each also with ``</w>``,
-    plus the start and end tokens; merges.txt holds only its version line."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(ByteLevel.alphabet())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+MODEL_PIPELINES = {
+    "sd15": ("StableDiffusionPipeline",),
+    "sdxl": ("StableDiffusionXLPipeline",),
+    "pixart": ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
+}
+MODELS = tuple(MODEL_PIPELINES)
 
 
-def build_tiny_pipeline(img_size: int = 64, seed: int = 0):
-    """A random-weight StableDiffusionPipeline small enough for a CPU: UNet
-    (32, 64) channels with cross-attention at full latent resolution (so
-    merging at max_downsample 1 has blocks to act on), a 2-block VAE (latent
-    = img_size / 2), a 2-layer CLIP text model with a byte-level tokenizer,
-    DDIM scheduler, no safety checker."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def check_model(model: str) -> str:
+    if model not in MODEL_PIPELINES:
+        raise ValueError(f"unknown diffusion model {model!r}; use one of {', '.join(MODELS)}")
+    return model
 
-    if img_size < 16 or img_size % 8:
-        raise ValueError(f"img_size must be a multiple of 8 and >= 16, got {img_size}")
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _byte_level_tokenizer(Path(tmp))
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=img_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=32, sample_size=img_size,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+
+def backbone(pipe: Any) -> torch.nn.Module:
+    """The denoising network of a pipeline: its ``unet`` or ``transformer``."""
+    for attr in ("unet", "transformer"):
+        module = getattr(pipe, attr, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -111,14 +86,16 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
-def save_tiny_pipeline(out_dir: PathLike, img_size: int = 64, seed: int = 0) -> Path:
-    """Build the tiny pipeline and ``save_pretrained`` it to `out_dir` (built in
-    a temporary sibling folder, then renamed)."""
+def save_tiny_pipeline(out_dir: PathLike, img_size: int = 64, seed: int = 0, model: str = "sd15") -> Path:
+    """Build the tiny pipeline of `model` (:func:`.tiny.build_tiny_pipeline`)
+    and ``save_pretrained`` it to `out_dir` (built in a temporary sibling
+    folder, then renamed)."""
+    check_model(model)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        build_tiny_pipeline(img_size, seed).save_pretrained(str(tmp))
+        build_tiny_pipeline(img_size, seed, model).save_pretrained(str(tmp))
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,14 +118,33 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_pipeline(source: PathLike, device: Optional[str] = None, dtype: Optional[str] = None):
-    """``StableDiffusionPipeline.from_pretrained`` from a local folder (read
-    offline) or a hub name (e.g. ``runwayml/stable-diffusion-v1-5``; uses the
-    Hugging Face cache, downloading if allowed). Returns the pipeline on the
-    device, progress bars off, no safety checker (as the study)."""
-    from diffusers import StableDiffusionPipeline
+def _folder_pipeline_class(folder: Path, model: str) -> str:
+    """The pipeline class a local folder's model_index.json names, checked
+    against `model`."""
+    index = folder / TINY_MARKER
+    if not index.exists():
+        raise ValueError(f"pipeline folder {folder} has no {TINY_MARKER}: not a diffusers pipeline folder")
+    class_name = json.loads(index.read_text()).get("_class_name")
+    if class_name not in MODEL_PIPELINES[model]:
+        raise ValueError(
+            f"pipeline folder {folder} holds a {class_name}, but diffusion.model {model!r} loads "
+            f"{' or '.join(MODEL_PIPELINES[model])}; set diffusion.model to match the folder"
+        )
+    return class_name
+
+
+def load_pipeline(source: PathLike, device: Optional[str] = None, dtype: Optional[str] = None,
+                  model: str = "sd15"):
+    """The `model` pipeline (see the module docstring) by ``from_pretrained``
+    from a local folder (read offline; its model_index.json must name a
+    pipeline class of `model`) or a hub name (e.g.
+    ``stable-diffusion-v1-5/stable-diffusion-v1-5``; uses the Hugging Face
+    cache, downloading if allowed). Returns the pipeline on the device,
+    progress bars off, no safety checker (as the study)."""
+    import diffusers
     from diffusers.utils import logging as diffusers_logging
 
+    check_model(model)
     diffusers_logging.disable_progress_bar()  # as the study: logs get our progress lines instead
     try:
         from transformers.utils import logging as transformers_logging
@@ -163,11 +159,10 @@ def load_pipeline(source: PathLike, device: Optional[str] = None, dtype: Optiona
         raise ValueError(
             f"pipeline {source!r} is neither an existing folder nor a hub name (owner/name)"
         )
-    if local and not (Path(source) / TINY_MARKER).exists():
-        raise ValueError(f"pipeline folder {source} has no {TINY_MARKER}: not a diffusers pipeline folder")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        source, dtype=resolve_dtype(dtype, dev), local_files_only=local,
-        safety_checker=None, requires_safety_checker=False,  # the study's: no image is blacked out
+    class_name = _folder_pipeline_class(Path(source), model) if local else MODEL_PIPELINES[model][0]
+    extra = {"safety_checker": None, "requires_safety_checker": False} if model == "sd15" else {}
+    pipe = getattr(diffusers, class_name).from_pretrained(
+        source, dtype=resolve_dtype(dtype, dev), local_files_only=local, **extra,  # sd15: no image blacked out
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
@@ -188,19 +183,19 @@ def image_seed(base_seed: int, class_index: int, image_index: int, images_per_cl
 
 
 def set_attention(pipe: Any, attn_processor: str = "default") -> str:
-    """Switch the UNet's attention processor as the study does: "default"
+    """Switch the backbone's attention processor as the study does: "default"
     (diffusers' default processor), "flash" (AttnProcessor2_0, PyTorch SDPA)
     or "keep" (unchanged). Returns the processor class name now in use."""
     if attn_processor not in ATTN_PROCESSORS:
         raise ValueError(f"unknown attention processor {attn_processor!r}; use one of {', '.join(ATTN_PROCESSORS)}")
-    unet = pipe.unet
+    net = backbone(pipe)
     if attn_processor == "default":
-        unet.set_default_attn_processor()
+        net.set_default_attn_processor()
     elif attn_processor == "flash":
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        unet.set_attn_processor(AttnProcessor2_0())
-    names = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+        net.set_attn_processor(AttnProcessor2_0())
+    names = sorted({type(p).__name__ for p in net.attn_processors.values()})
     return "+".join(names)
 
 
@@ -230,6 +225,12 @@ class ProgressLog:
                     f"elapsed {elapsed:.0f} s, ETA {max(eta, 0.0):.0f} s")
             self.lines.append(line)
             self._printer(line)
+
+
+def _call_parameters(pipe: Any) -> set:
+    import inspect
+
+    return set(inspect.signature(type(pipe).__call__).parameters)
 
 
 def _sync(device: torch.device) -> None:
@@ -284,12 +285,17 @@ def generate_images(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
 
+    # PixArt would round the size to its aspect-ratio bins (generate at img_size exactly) and
+    # rewrite the prompt when optional packages are installed (keep the prompt as written)
+    accepted = _call_parameters(pipe)
+    extra = {k: False for k in ("use_resolution_binning", "clean_caption") if k in accepted}
+
     def call(prompt: str, s: int, num_steps: int):
         generator = torch.Generator(device=device).manual_seed(s)
         reseed(pipe, s)
         return pipe(
             prompt, num_inference_steps=num_steps, guidance_scale=guidance, height=img_size,
-            width=img_size, generator=generator, output_type="pil",
+            width=img_size, generator=generator, output_type="pil", **extra,
         ).images[0]
 
     times: List[float] = []
@@ -338,7 +344,8 @@ def generate_images(
         "seeds": seeds,
         "attn_processor": attention,
         "device": str(device),
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "dtype": str(backbone(pipe).dtype).replace("torch.", ""),
+        "pipeline_class": type(pipe).__name__,
         "merge": {"merge_fn": merge_fn or "none", **merge},
         "merged_tokens": tokens,
     }
