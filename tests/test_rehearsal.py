@@ -79,7 +79,8 @@ def test_rehearse_datasets_restricts_the_grid():
         (lambda c: c["datasets"]["nabirds"].update(kind="cub"), "datasets.nabirds.kind"),
         (lambda c: c["backbones"]["small"].update(model="swin_tiny_patch4_window7_224"), "backbones.small.model"),
         (lambda c: c["backbones"]["base"].update(init="pretrained/deit_base.pth"), "backbones.base.init"),
-        (lambda c: c.update(ots={"dataset": "imagenet"}), "ots"),
+        (lambda c: c.update(detection={"data_root": None}), "detection"),
+        (lambda c: c.update(ots={"backbones": {"big": {"preset": "eva_giant"}}}), "ots.backbones.big.preset"),
     ],
 )
 def test_uncovered_config_names_its_key(edit, key):
@@ -202,3 +203,55 @@ def test_uncovered_config_stops_the_dag_build_with_its_key(tmp_path):
     assert proc.returncode != 0
     assert "rehearse=true" in out and "backbones.tiny.model" in out and "swin_tiny" in out
     assert "Traceback" not in out
+
+
+# ---------------------------------------------------------------- off-the-shelf backbones (ATC study)
+
+
+def _atc_ots_standins(tmp_path):
+    from tokenreduction.config_validation import ots_presets
+
+    real = load_config("atc.yaml")
+    real["results"] = str(tmp_path / "results")
+    for section in ("detection", "diffusion"):
+        real.pop(section)
+    return real, *standin_config(real, ots_presets())
+
+
+def test_ots_standins_cover_every_preset_of_the_atc_study(tmp_path):
+    real, cfg, plan = _atc_ots_standins(tmp_path)
+    whats = {i["path"].rsplit("/", 1)[-1]: i["what"] for i in plan}
+    assert whats["ots-swag_h14.torch"] == "swag_weights" and whats["ots-mae_huge.pth"] == "mae_weights"
+    assert whats["ots-augreg_large_384.pth"] == "timm_weights"
+    for name, spec in cfg["ots"]["backbones"].items():
+        assert spec["r"] == real["ots"]["backbones"][name]["r"] and spec["preset"] == real["ots"]["backbones"][name]["preset"]
+        assert 16 <= spec["model_kwargs"]["embed_dim"] <= 32
+    # the configured checkpoint files are replaced, never written over
+    assert cfg["ots"]["backbones"]["swag_b16"]["checkpoint"].startswith(cfg["results"] + "/standins/")
+    assert cfg["mae"]["recipe"]["epochs"] == 2 and cfg["mae"]["r"] == real["mae"]["r"]
+    with pytest.raises(RehearsalError, match="ots.backbones.augreg_tiny.preset"):
+        standin_config(real, {})
+
+
+@pytest.mark.parametrize("name", ["augreg_large_384", "swag_h14", "mae_base"])
+def test_ots_standin_weights_load_with_the_real_loaders(tmp_path, name):
+    from tokenreduction.ots.presets import build_backbone, preset_from_spec
+
+    _, cfg, plan = _atc_ots_standins(tmp_path)
+    spec = {k: v for k, v in cfg["ots"]["backbones"][name].items() if k != "r"}
+    item = next(i for i in plan if i["path"].rsplit("/", 1)[-1].startswith(f"ots-{name}."))
+    fabricate(item)
+    preset = preset_from_spec({"name": name, **spec})
+    model = build_backbone(preset)
+    grid = preset.img_size // preset.patch_size
+    assert model.patch_embed.grid_size == (grid, grid) and len(model.blocks) == preset.depth
+    saved = torch.load(item["path"], weights_only=True)
+    if item["what"] == "swag_weights":
+        assert saved["encoder.pos_embedding"].shape[1] == 1  # SWAG's (S, 1, D)
+        written = saved["encoder.layers.layer_31.self_attention.in_proj_weight"]
+        assert torch.equal(model.blocks[31].attn.qkv.weight, written)
+    elif item["what"] == "mae_weights":
+        assert set(saved) == {"model"} and "fc_norm.weight" in saved["model"]
+        assert torch.equal(model.fc_norm.weight, saved["model"]["fc_norm.weight"])
+    else:
+        assert torch.equal(model.blocks[23].mlp.fc2.weight, saved["blocks.23.mlp.fc2.weight"])

@@ -47,8 +47,12 @@ def apply_rehearsal(config: dict, root: Path) -> list[dict]:
             sys.exit("invalid config at rehearse_datasets: it restricts a rehearsal; add --config rehearse=true")
         return []
     standin = _load(root / "src" / "tokenreduction" / "rehearsal" / "standin.py", "tokenreduction_rehearsal_standin")
+    presets = None
+    if config.get("ots"):
+        validation = _load(root / "src" / "tokenreduction" / "config_validation.py", "tokenreduction_rehearsal_validation")
+        presets = validation.ots_presets()
     try:
-        rehearsal, plan = standin.standin_config(config)
+        rehearsal, plan = standin.standin_config(config, presets)
     except standin.RehearsalError as err:
         sys.exit(f"invalid config for a rehearsal (rehearse=true) at {err}")
     stale = [item for item in plan if not standin.is_current(item)]

@@ -166,20 +166,72 @@ def fabricate_ufgir(root: PathLike, splits: dict[str, int], seed: int = 0) -> No
             writer.writerows(rows)
 
 
-def fabricate_timm_weights(path: PathLike, model: str, model_kwargs: dict, seed: int = 0) -> None:
-    """The state dict of timm `model` (narrowed by `model_kwargs`, random
-    init, its pretrained head of 1000 classes) as timm's loader reads a local
-    pretrained file."""
+def _timm_state(model: str, model_kwargs: dict, seed: int) -> dict:
+    """The state dict of timm `model` built with `model_kwargs`, random init."""
     import timm
     import torch
 
     torch.manual_seed(seed)
-    net = timm.create_model(model, pretrained=False, **model_kwargs)
+    return timm.create_model(model, pretrained=False, **model_kwargs).state_dict()
+
+
+def _save(obj: Any, path: PathLike) -> None:
+    """torch.save to `path`, atomically."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(net.state_dict(), tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def fabricate_timm_weights(path: PathLike, model: str, model_kwargs: dict, seed: int = 0) -> None:
+    """The state dict of timm `model` (narrowed by `model_kwargs`, random
+    init, its pretrained head of 1000 classes) as timm's loader reads a local
+    pretrained file."""
+    _save(_timm_state(model, model_kwargs, seed), path)
+
+
+#: timm VisionTransformer block names -> SWAG's (``encoder.layers.layer_<i>.``)
+SWAG_BLOCK_NAMES = {
+    "norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
+    "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+    "mlp.fc1": "mlp.linear_1", "mlp.fc2": "mlp.linear_2",
+}
+SWAG_TOP_NAMES = {
+    "cls_token": "class_token", "patch_embed.proj.weight": "conv_proj.weight", "patch_embed.proj.bias": "conv_proj.bias",
+    "norm.weight": "encoder.ln.weight", "norm.bias": "encoder.ln.bias",
+    "head.weight": "head.layers.head.weight", "head.bias": "head.layers.head.bias",
+}
+
+
+def fabricate_swag_weights(path: PathLike, model: str, model_kwargs: dict, seed: int = 0) -> None:
+    """A SWAG in1k checkpoint (the ``*_in1k.torch`` file SWAG's torch.hub
+    entry points fetch): the plain state dict of SWAG's ViT, with its names
+    (``encoder.layers.layer_<i>.self_attention.in_proj_weight``, ...), the
+    position embedding as (S, 1, D) and a 1000-class head, made from a timm
+    `model` (random init) at the preset's resolution."""
+    state = {}
+    for key, value in _timm_state(model, {**model_kwargs, "num_classes": 1000}, seed).items():
+        if key == "pos_embed":
+            state["encoder.pos_embedding"] = value.permute(1, 0, 2).contiguous()
+        elif key in SWAG_TOP_NAMES:
+            state[SWAG_TOP_NAMES[key]] = value
+        elif key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            src = next(n for n in SWAG_BLOCK_NAMES if rest == n or rest.startswith(n + "."))
+            state[f"encoder.layers.layer_{index}.{SWAG_BLOCK_NAMES[src]}{rest[len(src):]}"] = value
+        else:
+            raise ValueError(f"{model}: no SWAG name for {key}")
+    _save(state, path)
+
+
+def fabricate_mae_weights(path: PathLike, model: str, model_kwargs: dict, seed: int = 0) -> None:
+    """An MAE fine-tuned release checkpoint (``mae_finetuned_vit_*.pth``):
+    ``{"model": state}`` in MAE's names (timm's, with ``fc_norm`` for global
+    average pooling and a 1000-class head)."""
+    _save({"model": _timm_state(model, {**model_kwargs, "num_classes": 1000}, seed)}, path)
 
 
 DATASET_WRITERS: dict[str, Callable[..., None]] = {
@@ -189,6 +241,13 @@ DATASET_WRITERS: dict[str, Callable[..., None]] = {
     "coco": fabricate_coco,
     "nuswide": fabricate_nuswide,
     "ufgir": fabricate_ufgir,
+}
+
+
+WEIGHT_WRITERS: dict[str, Callable[..., None]] = {
+    "timm_weights": fabricate_timm_weights,
+    "swag_weights": fabricate_swag_weights,
+    "mae_weights": fabricate_mae_weights,
 }
 
 
@@ -204,8 +263,8 @@ def fabricate(item: dict[str, Any]) -> None:
             shutil.rmtree(tmp)
         DATASET_WRITERS[item["kind"]](tmp, item["splits"])
         os.replace(tmp, path)
-    elif item["what"] == "timm_weights":
-        fabricate_timm_weights(path, item["model"], item["model_kwargs"])
+    elif item["what"] in WEIGHT_WRITERS:
+        WEIGHT_WRITERS[item["what"]](path, item["model"], item["model_kwargs"])
     else:
         raise ValueError(f"unknown stand-in {item['what']!r}")
     Path(stamp_path(item)).write_text(json.dumps({"fingerprint": item["fingerprint"], **item}, sort_keys=True))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from typing import Any
+from typing import Any, Optional
 
 #: dataset kinds with a stand-in writer (tokenreduction.rehearsal.fabricate);
 #: the demo kinds are made by the DAG itself and stay as they are
@@ -44,7 +44,7 @@ SIZE_WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 12
 #: stand-in widths together, as the CCA of the analysis needs)
 SPLIT_SIZES = {"train": 24, "val": 80, "test": 80, "train_val": 32}
 #: sections of a study config the stand-ins do not cover yet
-UNCOVERED_SECTIONS = ("ots", "detection", "diffusion", "benchmark", "pretrain")
+UNCOVERED_SECTIONS = ("detection", "diffusion", "benchmark", "pretrain")
 #: the recipe: optimiser steps per run = epochs x ceil(train / (batch x accum))
 RECIPE = {"epochs": 2, "batch_size": 4, "num_workers": 0}
 EVALUATE = {"batch_size": 16, "throughput_batch": 4}
@@ -115,10 +115,54 @@ def _restrict_datasets(cfg: dict[str, Any], only: list[str]) -> None:
     cfg["datasets"] = {name: spec for name, spec in cfg["datasets"].items() if name in only}
 
 
-def standin_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(the rehearsal's config, the stand-ins to fabricate) of a study config.
+def _standin_ots(cfg: dict[str, Any], results: str, presets: Optional[dict[str, dict]], plan: list) -> None:
+    """The off-the-shelf sweeps on narrow backbones: each preset's weights
+    generated in its family's real format (AugReg: timm layout through timm's
+    pretrained loading, or the configured local file's timm layout; SWAG: the
+    ``*_in1k.torch`` state dict; MAE: the release's ``{"model": state}``)."""
+    ots = cfg["ots"]
+    ots.update(batch_size=16, num_workers=0)
+    if ots.get("throughput_batch"):
+        ots["throughput_batch"] = 4
+    for name, spec in (ots.get("backbones") or {}).items():
+        if "pretrain" in spec:
+            continue  # the DAG's own pretrained backbone
+        key = f"ots.backbones.{name}"
+        preset = (presets or {}).get(spec.get("preset"))
+        if preset is None:
+            raise RehearsalError(f"{key}.preset: no stand-in for preset {spec.get('preset')!r} "
+                                 f"(tokenreduction.ots.PRESETS could not be read, or has no such preset)")
+        family = preset.get("family")
+        kwargs = dict(preset.get("model_kwargs") or {})
+        if spec.get("img_size") and "img_size" in kwargs:
+            kwargs["img_size"] = int(spec["img_size"])
+        dim, heads = standin_width(preset["model"], {})
+        kwargs.update(embed_dim=dim, num_heads=heads)
+        path = f"{results}/standins/weights/ots-{name}" + (".torch" if family == "swag" else ".pth")
+        if family in ("augreg", "mae") and not spec.get("checkpoint"):
+            # timm's pretrained tag, loaded by timm from the generated file
+            weights_kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+            plan.append({"what": "timm_weights", "model": preset["timm_weights"], "model_kwargs": weights_kwargs, "path": path})
+            kwargs["pretrained_cfg_overlay"] = {"file": path, "source": ""}
+        elif family in ("augreg", "swag", "mae"):
+            what = {"augreg": "timm_weights", "swag": "swag_weights", "mae": "mae_weights"}[family]
+            plan.append({"what": what, "model": preset["model"], "model_kwargs": dict(kwargs), "path": path})
+            spec["checkpoint"] = path
+        else:
+            raise RehearsalError(f"{key}.preset: rehearsal stand-ins cover the AugReg, SWAG and MAE presets; "
+                                 f"not {spec.get('preset')!r} (family {family!r})")
+        spec["model_kwargs"] = kwargs
 
-    Each stand-in is a dict with ``what`` (``dataset`` or ``timm_weights``),
+
+def standin_config(
+    config: dict[str, Any], ots_presets: Optional[dict[str, dict]] = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the rehearsal's config, the stand-ins to fabricate) of a study config.
+    `ots_presets`: tokenreduction.config_validation.ots_presets() (needed
+    when the config has an ``ots`` section).
+
+    Each stand-in is a dict with ``what`` (``dataset``, ``timm_weights``,
+    ``swag_weights`` or ``mae_weights``),
     ``path`` and what its writer needs; :func:`standin_fingerprint` names it.
     Raises RehearsalError naming the first uncovered key."""
     cfg = copy.deepcopy(config)
@@ -130,7 +174,7 @@ def standin_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         if section in cfg and not (isinstance(cfg[section], dict) and cfg[section].get("enabled") is False):
             raise RehearsalError(
                 f"{section}: the rehearsal has no stand-ins for this section yet "
-                f"(it covers datasets, backbones, the fine-tuning and MAE grids, evaluation, analysis, summary and report)"
+                f"(it covers datasets, backbones, the fine-tuning and MAE grids, off-the-shelf sweeps, evaluation, analysis, summary and report)"
             )
     results = rehearsal_results(cfg["results"])
     cfg["results"] = results
@@ -170,6 +214,8 @@ def standin_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
             )
         spec["model_kwargs"] = kwargs
 
+    if cfg.get("ots"):
+        _standin_ots(cfg, results, ots_presets, plan)
     cfg["finetune"] = _cut_recipe(cfg.get("finetune") or {})
     if cfg.get("mae"):
         # the MAE fine-tuning grid: its recipe (over finetune) cut alike
