@@ -27,6 +27,17 @@ atc_batch   clustering B=64 images of N=196 tokens into K=137 (C=64 random
             distances). Every side starts from the same (B, N, N) tensor and
             includes its own conversions. ``agree`` is the fraction of images
             whose partition equals SciPy's.
+atc_reducer ATC's whole reducer (``atc_merge``: cosine distance, clustering,
+            pooling, sizes) on B=64 images of N=196 patch tokens into K=137,
+            at DeiT-S's widths (C=384 tokens sliced off (B, 197, C) as in the
+            model, head-mean keys of width 64), per linkage, vs a per-image
+            SciPy loop that only clusters (``linkage`` + ``fcluster`` on the
+            precomputed distances, as in atc_batch), and vs the reducer as it
+            was before (distance out of place, scatter_add_ pooling, separate
+            size sum; today's kernel) as ``reducer_before``; the reducer's
+            parts are timed in the same
+            rounds (``distance``, ``labels``, ``pool``). ``agree`` is the
+            fraction of images whose partition equals SciPy's.
 atc_large   one image, N=1024 and N=4096 (a 512-px SD latent), K=N/2, on
             isotropic random tokens and on smooth ones (a random field plus
             noise, like a UNet's hidden states: where the sparse path runs):
@@ -53,6 +64,16 @@ sd15_unet   the same comparison (without the SciPy row) on the UNet at
             SD-v1.5's own widths (320/640/1280/1280, cross-attention 768,
             860 M random weights, 3.4 GB; about 15 s a forward on one core):
             attention is a larger share there than in the narrow UNet.
+sdxl_unet   a UNet in SDXL's layout at SDXL's widths (320/640/1280, heads
+            of 64, cross-attention 2048, text-time conditioning, no attention
+            at the first level; random weights) at a 128x128 latent (a
+            1024-px image; 64x64 with --quick), batch 1 (--sdxl-batch 2 for
+            a guidance batch): no merging vs this library's ToMe-SD and ATC
+            (average) at ratio 0.5 with the default levels (auto: SDXL's
+            first attention level, downsampling 2, 4096 tokens). SDXL has
+            10 transformer layers per block at the lowest level; the default
+            run keeps 2 there (--sdxl-depth 10 for the whole model, about
+            4x the time) so one forward takes tens of seconds on a core.
 
 The machine may be shared: the load average before and after is written
 next to the figures. Writes a long CSV (section, name, metric, value)
@@ -182,6 +203,50 @@ def atc_batch(args) -> List[Row]:
                 (canonical(agglomerative_labels(distance, K, method)) == reference).all(1).mean())},
             {**head, "metric": "rnn_agree", "value": float(
                 (canonical(agglomerative_labels(distance, K, method, backend="rnn")) == reference).all(1).mean())},
+        ]
+    return rows
+
+
+def atc_reducer(args) -> List[Row]:
+    from tokenreduction.reduction.atc import atc_merge, pool_clusters
+    from tokenreduction.reduction.ops import labels_to_assignment, pool_by_assignment, sum_by_assignment
+
+    B, N, C, D, K = 64, 196, 384, 64, 137
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 1 + N, C, generator=g)[:, 1:]  # the patch tokens of a model's (B, 1 + N, C)
+    size = torch.ones(B, N)
+    metric = torch.randn(B, N, D, generator=g)
+    distance = cosine_distance(metric)
+    rows: List[Row] = []
+    for method in LINKAGES:
+        labels = agglomerative_labels(distance, K, method)
+        assignment, _ = labels_to_assignment(labels, K)
+
+        def before():
+            with torch.no_grad():
+                m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                lab = agglomerative_labels(1.0 - m @ m.transpose(1, 2), K, method)
+            a, m = labels_to_assignment(lab, num_out=K)
+            return pool_by_assignment(x, a, m, weight=size)[0], sum_by_assignment(size, a, m)
+
+        fns = {
+            "reducer": lambda: atc_merge(x, size, metric, K, method),
+            "reducer_before": before,
+            "scipy": lambda: scipy_loop(distance, K, method),
+            "distance": lambda: cosine_distance(metric),
+            "labels": lambda: agglomerative_labels(distance, K, method),
+            "pool": lambda: pool_clusters(x, assignment, K, size),
+        }
+        times = interleaved(fns, args.warmup, args.repeats)
+        out = atc_merge(x, size, metric, K, method)
+        head = {"section": "atc_reducer", "name": f"{method} B{B} N{N} K{K} C{C}"}
+        rows += [{**head, "metric": f"{name}_ms", "value": 1e3 * med(t)} for name, t in times.items()]
+        rows += [
+            {**head, "metric": "reducer_vs_scipy", "value": ratio(times["scipy"], times["reducer"])},
+            {**head, "metric": "before_vs_scipy", "value": ratio(times["scipy"], times["reducer_before"])},
+            {**head, "metric": "reducer_vs_before", "value": ratio(times["reducer_before"], times["reducer"])},
+            {**head, "metric": "agree", "value": float(
+                (canonical(out.assignment) == canonical(scipy_loop(distance, K, method))).all(1).mean())},
         ]
     return rows
 
@@ -334,6 +399,45 @@ def sd15_unet(args) -> List[Row]:
     return _unet_rows("sd15_unet", sd15_width_unet(args.latent), args.latent, 768, args.sd15_repeats, False)
 
 
+def sdxl_unet(args) -> List[Row]:
+    """ToMe-SD and ATC against no merging in an SDXL-width UNet (see the
+    module docstring); the merged blocks' token counts are checked."""
+    from tokenreduction.diffusion import patch as sd_patch
+    from tokenreduction.diffusion.tiny import tiny_sdxl_unet
+
+    side, batch, depth = args.sdxl_latent, args.sdxl_batch, args.sdxl_depth
+    torch.manual_seed(0)
+    base = tiny_sdxl_unet(side, widths=(320, 640, 1280), layers=(1, 2, depth), heads=(5, 10, 20),
+                          text_width=2048, pooled_width=1280, time_dim=256)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, side, side, generator=g).expand(batch, -1, -1, -1).contiguous()
+    text = torch.randn(batch, 77, 2048, generator=g)
+    added = {"text_embeds": torch.randn(batch, 1280, generator=g),
+             "time_ids": torch.tensor([[8.0 * side, 8.0 * side, 0, 0, 8.0 * side, 8.0 * side]] * batch)}
+    step = torch.tensor(500)
+    variants = {
+        "none": base,
+        "tome_sd": sd_patch.apply_patch(_shared_copy(base), ratio=0.5),
+        "atc_sd": sd_patch.apply_patch(_shared_copy(base), ratio=0.5, merge_fn="atc", linkage="average"),
+    }
+    with torch.inference_mode():
+        times = interleaved({name: (lambda u=u: u(sample, step, encoder_hidden_states=text,
+                                                   added_cond_kwargs=added).sample)
+                             for name, u in variants.items()}, 1, args.sdxl_repeats)
+    n = (side // 2) ** 2
+    for name in ("tome_sd", "atc_sd"):
+        counts = set(sd_patch.patch_state(variants[name]).tokens.values())
+        if counts != {(n, n - n // 2)}:
+            raise RuntimeError(f"{name}: merged token counts {counts}, expected {{({n}, {n - n // 2})}}")
+    rows: List[Row] = []
+    for name in variants:
+        head = {"section": "sdxl_unet", "name": f"{name} sdxl-width depth{depth} {side}x{side} b{batch} r0.5"}
+        rows.append({**head, "metric": "ms", "value": 1e3 * med(times[name])})
+        if name != "none":
+            rows.append({**head, "metric": "speedup_vs_none", "value": ratio(times["none"], times[name])})
+    return rows
+
+
 class _OneBlock(torch.nn.Module):
     """One diffusers transformer block behind a UNet-like call (the latent
     comes first, so the merging patch finds the latent size)."""
@@ -458,8 +562,12 @@ def deit_s(args) -> List[Row]:
     return [{**row, "section": "deit_s"} for row in methods.throughput(args)]
 
 
-SECTIONS = {"unreduced": unreduced, "deit_s": deit_s, "tome_official": tome_official, "atc_batch": atc_batch, "atc_large": atc_large,
+SECTIONS = {"unreduced": unreduced, "deit_s": deit_s, "tome_official": tome_official, "atc_batch": atc_batch, "atc_reducer": atc_reducer,
+            "atc_large": atc_large,
             "sd_unet": sd_unet, "sd_block": sd_block, "sd15_unet": sd15_unet}
+
+
+SECTIONS["sdxl_unet"] = sdxl_unet
 
 
 def parse_args(argv=None):
@@ -472,6 +580,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/speed_table.csv"))
     parser.add_argument("--unet-rounds", type=int, default=None,
                         help="timed rounds of the UNet sections (default 3, 2 with --quick)")
+    parser.add_argument("--sdxl-latent", type=int, default=None, help="sdxl_unet latent side (default 128, 64 with --quick)")
+    parser.add_argument("--sdxl-depth", type=int, default=2,
+                        help="sdxl_unet transformer layers per block at the lowest level (SDXL: 10; default 2)")
+    parser.add_argument("--sdxl-batch", type=int, default=1, help="sdxl_unet batch (2 = a guidance batch)")
     args = parser.parse_args(argv)
     if args.quick:
         args.model_batch, args.model_warmup, args.model_repeats = 8, 1, 3
@@ -485,6 +597,8 @@ def parse_args(argv=None):
         args.large_sizes, args.large_linkages = [1024, 4096], list(LINKAGES)
     if args.unet_rounds:
         args.unet_repeats = args.sd15_repeats = args.unet_rounds
+    args.sdxl_latent = args.sdxl_latent or (64 if args.quick else 128)
+    args.sdxl_repeats = args.unet_rounds or (1 if args.quick else 2)
     return args
 
 

@@ -37,10 +37,12 @@ from .registry import register
 
 def cosine_distance(metric: torch.Tensor) -> torch.Tensor:
     """metric (B, N, D) -> (B, N, N) cosine distance 1 - cos, in float32
-    (float64 metrics stay float64)."""
+    (float64 metrics stay float64). ``1 - s`` is formed in place on the
+    product s, as ``-s + 1`` (the same bits: negation is exact), sparing a
+    second (B, N, N) tensor."""
     m = metric.double() if metric.dtype == torch.float64 else metric.float()
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return 1.0 - m @ m.transpose(1, 2)
+    return torch.bmm(m, m.transpose(1, 2)).neg_().add_(1.0)
 
 
 def atc_merge(
@@ -81,7 +83,7 @@ def pool_clusters(
     summed = F.embedding_bag((order + step * image).view(-1), rows, counts.cumsum(0) - counts, mode="sum",
                              per_sample_weights=w.gather(1, order).view(-1))
     total = torch.zeros(B, num_out, dtype=x.dtype, device=x.device).scatter_add_(1, assignment, w)
-    return summed.view(B, num_out, C) / total.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), total
+    return summed.view(B, num_out, C).div_(total.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)), total
 
 
 def _token_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
