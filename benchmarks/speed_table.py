@@ -9,7 +9,9 @@ unreduced   DeiT-S (random weights) through ``tr.patch_model`` with no
             reduction vs the same stock timm model: stock time / patched time.
 deit_s      DeiT-S at keep rate 0.7 (blocks 3/6/9) for topk, evit, tome, atc
             and ToMe r=13: speed-up over the unreduced model next to the
-            speed-up its FLOPs imply (``benchmarks/methods.py`` section b).
+            speed-up its FLOPs imply (``benchmarks/methods.py`` section b;
+            GFLOPs in the papers' convention, attention included on every
+            kernel: docs/flops.md).
 tome_official  DeiT-S with ToMe r=13: this library vs the official ToMe patch
             (facebookresearch/ToMe's ``tome.patch.timm``, not on PyPI: pass a
             checkout with ``--tome-repo``; the section is skipped without

@@ -162,3 +162,12 @@ def test_attention_formula_on_cpu_kernel():
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     assert _counted(Attend(), q) == 2 * 3 * 7 * 9 * (4 + 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fuse", [None, True])
+def test_same_count_on_cuda(fuse, deit_s):
+    """CUDA's attention kernels (flash / efficient / cuDNN) count as the CPU one."""
+    model = copy.deepcopy(deit_s) if fuse is None else evit(deit_s, 0.7, fuse)
+    on_cpu = count_flops(model)
+    assert count_flops(model.cuda()) == pytest.approx(on_cpu, rel=1e-12)

@@ -1,9 +1,10 @@
 """Theoretical FLOPs of the configured models and how much of the speed-up
 they imply is achieved.
 
-GFLOPs come from :func:`tokenreduction.count_flops`: torch's FlopCounterMode
-on one actual forward, so the per-block token counts are the real ones (one
-multiply-add = one FLOP, as the papers count). A reduced model's FLOPs imply
+GFLOPs come from :func:`tokenreduction.count_flops`: one actual forward, so
+the per-block token counts are the real ones, counted in the papers'
+(fvcore's) convention, attention's QK^T and AV included on every device and
+attention kernel (:mod:`tokenreduction.models.flop_count`, docs/flops.md). A reduced model's FLOPs imply
 a speed-up of ``baseline GFLOPs / model GFLOPs``; the throughput benchmark
 measures the achieved one (``throughput_ratio``). Their quotient,
 ``achieved_over_implied``, is the headline of the speed table: 1.0 means the
