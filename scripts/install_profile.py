@@ -70,6 +70,7 @@ def render(
     status_command: str,
     gpu_model: str | None = None,
     jobs: int | None = None,
+    max_runtime: int | None = None,
 ) -> str:
     """The site profile's text with the cluster's specifics filled in.
 
@@ -98,6 +99,9 @@ def render(
             continue
         if stripped.startswith("slurm-status-command:"):
             out.append(re.sub(r"^slurm-status-command:\s*\w+", f"slurm-status-command: {status_command}", line))
+            continue
+        if max_runtime is not None and stripped.startswith("max_runtime:"):
+            out.append(re.sub(r"max_runtime:\s*\d+", f"max_runtime: {int(max_runtime)}", line))
             continue
         if jobs is not None and re.match(r"^jobs:\s*\d+", line):
             out.append(re.sub(r"^jobs:\s*\d+", f"jobs: {int(jobs)}", line))
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         help="how the executor polls job status (auto: sacct if accounting works, else squeue)",
     )
     parser.add_argument("--jobs", type=int, help="jobs queued or running at once (default: the template's)")
+    parser.add_argument("--max-runtime", type=int, metavar="MINUTES",
+                        help="the partition's time limit; the DAG build warns about jobs asking for more (default 2880)")
     parser.add_argument("--name", default="slurm", help="profile name (default: slurm, i.e. --profile slurm)")
     parser.add_argument("--dest", type=Path, help="profile folder (default: <Snakemake user config dir>/NAME)")
     parser.add_argument("--force", action="store_true", help="replace an existing, different profile")
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             status_command=status,
             gpu_model=args.gpu_model,
             jobs=args.jobs,
+            max_runtime=args.max_runtime,
         )
     except ValueError as err:
         parser.error(str(err))

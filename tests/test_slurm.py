@@ -159,7 +159,7 @@ def test_installer_fills_the_site_specifics(tmp_path):
     assert target == tmp_path / "cfg" / "snakemake" / "slurm" / "config.yaml"
     profile = yaml.safe_load(target.read_text())
     assert profile["executor"] == "slurm"
-    assert profile["default-resources"] == {"slurm_account": "proj42", "slurm_partition": "gpu"}
+    assert profile["default-resources"] == {"slurm_account": "proj42", "slurm_partition": "gpu", "max_runtime": 2880}
     assert profile["slurm-status-command"] == "squeue"
     assert profile["retries"] >= 1 and "params" in profile["rerun-triggers"]
     assert profile["set-resources"]["finetune"] == {"gpu_model": "a100"}
@@ -170,7 +170,7 @@ def test_installer_fills_the_site_specifics(tmp_path):
     other = install_profile(tmp_path / "cfg2", "--no-account", "--status-command", "sacct")
     profile = yaml.safe_load(other.read_text())
     assert profile["slurm-no-account"] is True and profile["slurm-status-command"] == "sacct"
-    assert not profile.get("default-resources") and "set-resources" not in profile
+    assert profile.get("default-resources") == {"max_runtime": 2880} and "set-resources" not in profile
 
     # an existing, different profile is kept unless --force
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}

@@ -22,10 +22,10 @@ rule benchmark_throughput:
         "../../envs/torch.yaml"
     threads: benchmark_threads()
     resources:
+        **BENCH_SLURM,
         gpu=benchmark_gpus(),
         mem_mb=lambda w, attempt: int(6000 * _scale(w.backbone) ** 0.5 * attempt),
         runtime=benchmark_runtime,
-        slurm_extra=BENCH_SLURM_EXTRA,
     params:
         model=lambda w: config["backbones"][w.backbone]["model"],
         model_kwargs=benchmark_model_kwargs,
@@ -115,10 +115,10 @@ rule benchmark_clustering:
         "../../envs/torch.yaml"
     threads: benchmark_threads()
     resources:
+        **BENCH_SLURM,
         gpu=clustering_gpus(),
         mem_mb=lambda w, attempt: int(8000 * attempt),
         runtime=lambda w, attempt: int(BENCH_CLUSTERING.get("runtime", 60) * attempt),
-        slurm_extra=BENCH_SLURM_EXTRA,
     params:
         backends=clustering_list(
             "backends", ["scipy", "sklearn", "fastcluster", "atc", "atc-cuda", "cuml"]

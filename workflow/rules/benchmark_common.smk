@@ -19,11 +19,10 @@ def _load_benchmark_specs():
 bench_specs = _load_benchmark_specs()
 BENCH = config.get("benchmark") or {}
 BENCH_CLUSTERING = BENCH.get("clustering") or {}
-# On Slurm a benchmark job has its node to itself (no neighbours skewing the
-# timings). Declared here, not in the site profile: the workflow profile's
-# set-resources would replace a site profile's. Override with
-# --set-resources benchmark_throughput:slurm_extra="''" where not allowed.
-BENCH_SLURM_EXTRA = "--exclusive"
+# On Slurm a benchmark job asks for a node to itself (no neighbours skewing
+# the timings) only where the config says so: benchmark.exclusive: true
+# (many sites refuse --exclusive, or charge a whole node for it).
+BENCH_SLURM = {"slurm_extra": "--exclusive"} if BENCH.get("exclusive") else {}
 
 
 def benchmark_enabled():

@@ -1,8 +1,17 @@
+# Cluster checks, and (cluster_common.smk) the plan printed at DAG build
+# under a cluster profile.
+
+
+include: "cluster_common.smk"
+
+
 # Cluster checks. Not part of rule all: the FIRST step on a cluster, once
 # after installing a site profile, to see which GPUs a job gets and that CUDA
 # is usable there (it fails, naming node, devices, torch and driver, if not):
 #   snakemake --profile slurm gpu_smoke
 #   snakemake --profile slurm gpu_smoke --set-resources gpu_smoke:gpu=2
+# It fails (and writes no report) where the job's GPU is not usable, with the
+# message every GPU job would give (tokenreduction/train/runtime.py).
 
 
 rule gpu_smoke:
@@ -26,8 +35,6 @@ rule gpu_smoke:
         " print('torch', torch.__version__, 'sees', n, 'CUDA device(s)',"
         ' [torch.cuda.get_device_name(i) for i in range(n)])"'
         " ) > {output.report:q}.tmp 2> {log:q}; cat {output.report:q}.tmp;"
-        # fails (and writes no report) where the job's GPU is not usable,
-        # with the message every GPU job would give (train/runtime.py)
         ' "$TOKENREDUCTION_PYTHON" -c "import sys; from tokenreduction.train.runtime import'
         " CudaUnavailableError, resolve_device, cuda_environment;\n"
         "try: print('usable:', resolve_device('cuda'), cuda_environment())\n"

@@ -307,26 +307,59 @@ def evaluate_code(wildcards):
 # ---------------------------------------------------------------- resources
 
 
-def job_threads():
-    """Threads of each training/evaluation job (torch's intra-op threads)."""
-    return int(config.get("resources", {}).get("threads_per_job", 2))
+def _load_resources():
+    """workflow/lib/resources.py (plain Python): the resource model."""
+    path = ROOT / "workflow" / "lib" / "resources.py"
+    spec = importlib.util.spec_from_file_location("tokenreduction_resources", path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+resource_model = _load_resources()
+RESOURCES = config.get("resources") or {}
+
+
+def _recipe(dataset=None):
+    recipe = dict(config["finetune"])
+    if dataset is not None:
+        recipe.update(config["datasets"][dataset].get("recipe") or {})
+    return recipe
+
+
+def arrayed(rule_name):
+    """Whether the cluster profile submits this rule's jobs as Slurm arrays
+    (CLUSTER, cluster.smk): every task of an array gets the same resources,
+    so such a rule asks for the largest request among its jobs."""
+    arrays = CLUSTER["array_jobs"]
+    return "all" in arrays or rule_name in arrays
+
+
+def _workers(dataset):
+    return int(_recipe(dataset).get("num_workers", 0) or 0)
+
+
+def job_threads(kind="train", rule_name=None):
+    """Threads of each training/evaluation job (a function of its wildcards):
+    data-loading workers + 1 per process, at least resources.threads_per_job,
+    times the GPUs of a torchrun job (workflow/lib/resources.py); the most
+    over the rule's runs where its jobs go in arrays."""
+
+    def threads(wildcards):
+        if rule_name and arrayed(rule_name):
+            workers = max(_workers(d) for d in analysis_datasets())
+        else:
+            workers = _workers(getattr(wildcards, "dataset", None))
+        gpus = _gpus(kind) if kind == "train" else 1
+        return resource_model.job_threads(
+            workers, gpus, at_least=int(RESOURCES.get("threads_per_job", 1))
+        )
+
+    return threads
 
 
 def _gpus(kind):
-    return int(config.get("resources", {}).get(f"gpus_per_{kind}_job", 0))
-
-
-def job_device(wildcards, resources):
-    """The device a training/evaluation job runs on, from its own GPU request
-    (the rule's gpu resource, after any --set-resources): cuda when it asked
-    for GPUs, cpu when not; never 'auto', so that a GPU job on a node where
-    CUDA is not usable fails at once instead of training on the CPU
-    (tokenreduction.train.runtime.resolve_device). resources.device (cpu
-    or cuda) replaces that choice for every job, e.g. cpu on fake GPUs."""
-    chosen = config.get("resources", {}).get("device")
-    if chosen:
-        return chosen
-    return "cuda" if int(resources.get("gpu", 0) or 0) > 0 else "cpu"
+    return int(RESOURCES.get(f"gpus_per_{kind}_job", 0))
 
 
 def _scale(backbone):
@@ -341,14 +374,83 @@ def _scale(backbone):
     return 1.0
 
 
-def train_runtime(wildcards, attempt):
-    """Minutes: grows with backbone size and epochs; doubles on each retry."""
-    epochs = float(config["finetune"].get("epochs", 30))
-    return int(max(10, 4 * epochs * _scale(wildcards.backbone)) * attempt)
+def _train_estimate(dataset, backbone, recipe_extra=None):
+    """Estimated minutes of one training job (no safety factor)."""
+    recipe = {**_recipe(dataset), **(recipe_extra or {})}
+    epochs = float(recipe.get("epochs", 30)) + float(
+        recipe.get("cooldown_epochs", 0) or 0
+    )
+    try:
+        images = resource_model.train_images(dataset, config["datasets"][dataset])
+    except resource_model.ResourceError as err:
+        sys.exit(str(err))
+    rate = resource_model.throughput(
+        backbone,
+        config["backbones"][backbone],
+        RESOURCES.get("train_throughput") or {},
+    )
+    return resource_model.train_estimate_minutes(
+        images,
+        epochs,
+        rate,
+        _gpus("train"),
+        config["datasets"][dataset]["img_size"],
+    )
+
+
+def train_estimate(wildcards):
+    """Estimated minutes of a fine-tuning (or pretraining) job, no safety factor."""
+    if hasattr(wildcards, "dataset"):
+        return _train_estimate(wildcards.dataset, wildcards.backbone)
+    pre = config["pretrain"]
+    return _train_estimate(pre["dataset"], wildcards.backbone, pre.get("recipe"))
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_run_estimate():
+    return max(_train_estimate(r["dataset"], r["backbone"]) for r in RUNS)
+
+
+def train_runtime(wildcards, attempt, uniform=False):
+    """Minutes: the estimate x resources.time_safety_factor + overhead; grows
+    with each retry (workflow/lib/resources.py). uniform: the largest run's
+    (a rule whose jobs go in arrays)."""
+    safety = float(
+        RESOURCES.get("time_safety_factor", resource_model.DEFAULT_SAFETY_FACTOR)
+    )
+    estimate = _largest_run_estimate() if uniform else train_estimate(wildcards)
+    return resource_model.time_limit_minutes(estimate, safety, attempt)
+
+
+def _largest_scale():
+    return max(_scale(r["backbone"]) for r in RUNS)
 
 
 def train_mem(wildcards, attempt):
-    return int(min(4000 + 2000 * _scale(wildcards.backbone), 120000) * attempt)
+    scale = (
+        _largest_scale()
+        if arrayed("finetune") and hasattr(wildcards, "dataset")
+        else _scale(wildcards.backbone)
+    )
+    return int(min(4000 + 2000 * scale, 120000) * attempt)
+
+
+def eval_mem(wildcards, attempt):
+    scale = _largest_scale() if arrayed("evaluate") else _scale(wildcards.backbone)
+    return int(4000 * scale**0.5 * attempt)
+
+
+def job_device(wildcards, resources):
+    """The device a training/evaluation job runs on, from its own GPU request
+    (the rule's gpu resource, after any --set-resources): cuda when it asked
+    for GPUs, cpu when not; never 'auto', so that a GPU job on a node where
+    CUDA is not usable fails at once instead of training on the CPU
+    (tokenreduction.train.runtime.resolve_device). resources.device (cpu
+    or cuda) replaces that choice for every job, e.g. cpu on fake GPUs."""
+    chosen = config.get("resources", {}).get("device")
+    if chosen:
+        return chosen
+    return "cuda" if int(resources.get("gpu", 0) or 0) > 0 else "cpu"
 
 
 # ---------------------------------------------------------------- analysis

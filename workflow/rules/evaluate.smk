@@ -22,10 +22,10 @@ if not EVAL_AFTER_TRAINING:
         priority: 10
         conda:
             "../../envs/torch.yaml"
-        threads: job_threads()
+        threads: job_threads("eval", "evaluate")
         resources:
             gpu=lambda w: _gpus("eval"),
-            mem_mb=lambda w, attempt: int(4000 * _scale(w.backbone) ** 0.5 * attempt),
+            mem_mb=eval_mem,
             runtime=lambda w, attempt: int(30 * attempt),
         params:
             kind=lambda w: evaluate_options(w)["dataset"],

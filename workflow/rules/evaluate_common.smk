@@ -54,6 +54,6 @@ def finetune_job_code(wildcards):
 
 
 def finetune_job_runtime(wildcards, attempt):
-    return train_runtime(wildcards, attempt) + (
+    return train_runtime(wildcards, attempt, uniform=arrayed("finetune")) + (
         30 * attempt if EVAL_AFTER_TRAINING else 0
     )

@@ -32,7 +32,8 @@ rule pretrain:
     shell:
         "set --; if [ {resources.gpu} -gt 1 ]; then"
         " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"
-        ' OMP_NUM_THREADS={threads} "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
+        " OMP_NUM_THREADS=$(( {threads} / ({resources.gpu} > 1 ? {resources.gpu} : 1) ))"
+        ' "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
         " --device {params.device}"
         " --final {output.model:q} > {log:q} 2>&1"
 
@@ -55,7 +56,7 @@ rule finetune:
     priority: 20
     conda:
         "../../envs/torch.yaml"
-    threads: job_threads()
+    threads: job_threads("train", "finetune")
     resources:
         gpu=lambda w: _gpus("train"),
         mem_mb=train_mem,
@@ -68,6 +69,7 @@ rule finetune:
     shell:
         "set --; if [ {resources.gpu} -gt 1 ]; then"
         " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"
-        ' OMP_NUM_THREADS={threads} "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
+        " OMP_NUM_THREADS=$(( {threads} / ({resources.gpu} > 1 ? {resources.gpu} : 1) ))"
+        ' "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
         " --device {params.device}"
         " --final {output.model:q} {params.then_evaluate} > {log:q} 2>&1"

@@ -6,19 +6,8 @@
 # Snakemake process (no job, no command), and rewritten when the list changes
 # (the params rerun trigger). Readers: tokenreduction.manifest.load_manifest.
 
-#: manifest name -> function giving its content (a JSON-able dict)
-MANIFESTS = {}
 
-
-def manifest_path(name):
-    """The manifest file of ``name`` (an input of the job that reads it)."""
-    return f"{RESULTS}/manifests/{name}.json"
-
-
-def _manifest_content(wildcards):
-    if wildcards.manifest not in MANIFESTS:
-        raise ValueError(f"no manifest named {wildcards.manifest!r}")
-    return MANIFESTS[wildcards.manifest]()
+include: "manifest_common.smk"
 
 
 rule manifest:
@@ -26,6 +15,8 @@ rule manifest:
         template=f"{ROOT}/workflow/templates/manifest.json.j2",
     output:
         f"{RESULTS}/manifests/{{manifest}}.json",
+    log:
+        f"{RESULTS}/logs/manifests/{{manifest}}.log",
     wildcard_constraints:
         manifest=r"[A-Za-z0-9_.-]+",
     params:
