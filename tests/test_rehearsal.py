@@ -174,17 +174,36 @@ def _jobs(output: str) -> list[tuple[str, str]]:
     return sorted(jobs)
 
 
+def _runnable_study_config(name: str, folder):
+    """The study config with its local inputs present (empty dataset roots,
+    empty checkpoint files, a 1000-line class-names file), as a dry run needs
+    them; the ATC study without its detection stage (no stand-ins yet)."""
+    config = with_existing_roots(load_config(name), folder)
+    config.pop("detection", None)
+    for spec in (config.get("ots") or {}).get("backbones", {}).values():
+        if spec.get("checkpoint"):
+            path = folder / "checkpoints" / spec["checkpoint"].rsplit("/", 1)[-1]
+            path.parent.mkdir(exist_ok=True)
+            path.touch()
+            spec["checkpoint"] = str(path)
+    if isinstance((config.get("diffusion") or {}).get("class_names"), str):
+        path = folder / "class_names.txt"
+        path.write_text("".join(f"class {i}\n" for i in range(1000)))
+        config["diffusion"]["class_names"] = str(path)
+    return write_config(folder / name, config)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", STUDIES)
+@pytest.mark.parametrize("name", STUDIES + ["atc.yaml"])
 def test_rehearsal_dag_is_the_studys(tmp_path, name):
     real_dir, rehearsal_dir = tmp_path / "real", tmp_path / "rehearsal"
     real_dir.mkdir()
     rehearsal_dir.mkdir()
-    real = write_config(real_dir / name, with_existing_roots(load_config(name), real_dir))
+    real = _runnable_study_config(name, real_dir)
     real_jobs = _jobs(snakemake(["-n", "--configfile", str(real)], real_dir).stdout)
     proc = snakemake(["-n", "--configfile", str(real), "--config", "rehearse=true"], rehearsal_dir)
     rehearsal_jobs = _jobs(proc.stdout)
-    assert len(real_jobs) > 1000
+    assert len(real_jobs) > 700
     assert rehearsal_jobs == real_jobs
     # the stand-ins were written where the rehearsal reads them
     results = rehearsal_dir / (load_config(name)["results"] + "-rehearsal")
@@ -208,12 +227,13 @@ def test_uncovered_config_stops_the_dag_build_with_its_key(tmp_path):
 # ---------------------------------------------------------------- off-the-shelf backbones (ATC study)
 
 
-def _atc_ots_standins(tmp_path):
+def _atc_ots_standins(tmp_path, drop=("detection", "diffusion")):
+    """(the ATC config less `drop`, its rehearsal config, the plan)."""
     from tokenreduction.config_validation import ots_presets
 
     real = load_config("atc.yaml")
     real["results"] = str(tmp_path / "results")
-    for section in ("detection", "diffusion"):
+    for section in drop:
         real.pop(section)
     return real, *standin_config(real, ots_presets())
 
@@ -255,3 +275,28 @@ def test_ots_standin_weights_load_with_the_real_loaders(tmp_path, name):
         assert torch.equal(model.fc_norm.weight, saved["model"]["fc_norm.weight"])
     else:
         assert torch.equal(model.blocks[23].mlp.fc2.weight, saved["blocks.23.mlp.fc2.weight"])
+
+
+# ---------------------------------------------------------------- Stable Diffusion + FID (ATC study)
+
+
+def test_diffusion_standins_load_with_the_real_readers(tmp_path):
+    from tokenreduction.diffusion.fid import inception_extractor
+    from tokenreduction.diffusion.reference import class_names
+
+    real, cfg, plan = _atc_ots_standins(tmp_path, drop=("detection",))
+    diff = cfg["diffusion"]
+    assert diff["experiments"] == real["diffusion"]["experiments"]
+    assert diff["pipeline"] == f"{cfg['results']}/standins/diffusion/pipeline" and diff["steps"] == 2
+    wanted = {"dataset", "class_names", "inception_weights"}
+    for item in plan:
+        if item["what"] in wanted and (item["what"] != "dataset" or item["path"].endswith("/imagenet")):
+            fabricate(item)
+    val_root = f"{cfg['datasets']['imagenet']['root']}/val"
+    names = class_names(val_root, diff["class_names"], diff["num_classes"])
+    assert len(names) == NUM_CLASSES and names[3] == "stand-in class 3, rehearsal 3"
+    model, label = inception_extractor(diff["fid"]["inception_weights"], torch.device("cpu"))
+    images = torch.randint(0, 256, (3, 3, 299, 299)).float()
+    features = model(images)
+    assert features.shape == (3, 2048) and torch.isfinite(features).all()
+    assert "inception-2015-12-05.pt" in label

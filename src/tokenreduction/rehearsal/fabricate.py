@@ -234,6 +234,65 @@ def fabricate_mae_weights(path: PathLike, model: str, model_kwargs: dict, seed: 
     _save({"model": _timm_state(model, {**model_kwargs, "num_classes": 1000}, seed)}, path)
 
 
+def fabricate_diffusion_pipeline(path: PathLike, model: str = "sd15", img_size: int = 64, seed: int = 0) -> None:
+    """The tiny random-weight pipeline of diffusers layout `model`, saved as a
+    pipeline folder (save_pretrained), as a local copy of the study's is."""
+    from ..diffusion import save_tiny_pipeline
+
+    save_tiny_pipeline(path, img_size, seed, model)
+
+
+def fabricate_class_names(path: PathLike, count: int = NUM_CLASSES) -> None:
+    """A class-names file in the format its suffix names: .txt (one name per
+    line), .json (a list) or .py (a dict literal {index: name}, as the ATC
+    study's SD_setup/class_names.py)."""
+    path = Path(path)
+    names = [f"stand-in class {i}, rehearsal {i}" for i in range(count)]
+    if path.suffix == ".json":
+        text = json.dumps(names)
+    elif path.suffix == ".py":
+        text = "{" + ", ".join(f"{i}: {name!r}" for i, name in enumerate(names)) + "}\n"
+    else:
+        text = "\n".join(names) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def fabricate_inception_weights(path: PathLike, seed: int = 0) -> None:
+    """clean-fid's ``inception-2015-12-05.pt`` stand-in: a TorchScript file
+    with the interface clean-fid's InceptionV3W uses (``base(x,
+    return_features=True)`` on [0, 255] images, ``base.layers(x)`` on
+    normalised 299 px images, 2048 features), a small random network inside."""
+    import torch
+    from torch import nn
+
+    class Layers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, kernel_size=8, stride=8)
+            self.proj = nn.Linear(8 * 4 * 4, 2048)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pooled = nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1)
+            return self.proj(pooled).view(x.shape[0], 2048, 1, 1)
+
+    class Base(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = Layers()
+
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            x = nn.functional.interpolate(img, size=(299, 299), mode="bilinear", align_corners=False)
+            return self.layers((x - 128) / 128)
+
+    torch.manual_seed(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.jit.save(torch.jit.script(Base().eval()), str(tmp))
+    os.replace(tmp, path)
+
+
 DATASET_WRITERS: dict[str, Callable[..., None]] = {
     "imagenet": fabricate_imagenet,
     "imagefolder": fabricate_imagefolder,
@@ -265,6 +324,12 @@ def fabricate(item: dict[str, Any]) -> None:
         os.replace(tmp, path)
     elif item["what"] in WEIGHT_WRITERS:
         WEIGHT_WRITERS[item["what"]](path, item["model"], item["model_kwargs"])
+    elif item["what"] == "diffusion_pipeline":
+        fabricate_diffusion_pipeline(path, item["model"], item["img_size"])
+    elif item["what"] == "class_names":
+        fabricate_class_names(path, item["count"])
+    elif item["what"] == "inception_weights":
+        fabricate_inception_weights(path)
     else:
         raise ValueError(f"unknown stand-in {item['what']!r}")
     Path(stamp_path(item)).write_text(json.dumps({"fingerprint": item["fingerprint"], **item}, sort_keys=True))

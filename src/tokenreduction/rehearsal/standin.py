@@ -44,7 +44,12 @@ SIZE_WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 12
 #: stand-in widths together, as the CCA of the analysis needs)
 SPLIT_SIZES = {"train": 24, "val": 80, "test": 80, "train_val": 32}
 #: sections of a study config the stand-ins do not cover yet
-UNCOVERED_SECTIONS = ("detection", "diffusion", "benchmark", "pretrain")
+UNCOVERED_SECTIONS = ("detection", "benchmark", "pretrain")
+#: classes of the single-label stand-in data sets (tokenreduction.rehearsal.fabricate.NUM_CLASSES)
+STANDIN_CLASSES = 8
+#: the generation recipe of the Stable Diffusion stage, cut
+DIFFUSION = {"steps": 2, "img_size": 64, "dtype": "float32", "device": "cpu", "gpus": 0, "threads": 1}
+CLASS_NAME_FORMATS = (".txt", ".json", ".py")
 #: the recipe: optimiser steps per run = epochs x ceil(train / (batch x accum))
 RECIPE = {"epochs": 2, "batch_size": 4, "num_workers": 0}
 EVALUATE = {"batch_size": 16, "throughput_batch": 4}
@@ -154,6 +159,43 @@ def _standin_ots(cfg: dict[str, Any], results: str, presets: Optional[dict[str, 
         spec["model_kwargs"] = kwargs
 
 
+def _standin_diffusion(cfg: dict[str, Any], results: str, plan: list) -> None:
+    """Stable Diffusion + FID on stand-ins: the pipeline (a hub name or a
+    folder) -> the tiny pipeline of the same layout saved as a folder
+    (save_pretrained); the class-names file -> one in the same format naming
+    the stand-in's classes (num_classes set to them); clean-fid's Inception
+    weights -> a TorchScript file of the same name and interface; the
+    generation cut to 2 steps at 64 px on the CPU."""
+    diff = cfg["diffusion"]
+    if diff.get("enabled") is False:
+        return
+    if cfg["datasets"].get(diff.get("dataset"), {}).get("kind") in DEMO_KINDS:
+        raise RehearsalError("diffusion.dataset: the rehearsal rewrites study configs, whose datasets are real kinds")
+    base = f"{results}/standins/diffusion"
+    if str(diff.get("pipeline", "tiny")) != "tiny":
+        path = f"{base}/pipeline"
+        plan.append({"what": "diffusion_pipeline", "model": diff.get("model", "sd15"), "img_size": DIFFUSION["img_size"], "path": path})
+        diff["pipeline"] = path
+    names = diff.get("class_names")
+    if isinstance(names, str):
+        suffix = "." + names.rsplit(".", 1)[-1] if "." in names.rsplit("/", 1)[-1] else ""
+        if suffix not in CLASS_NAME_FORMATS:
+            raise RehearsalError(f"diffusion.class_names: stand-ins cover {', '.join(CLASS_NAME_FORMATS)} files; not {names!r}")
+        path = f"{base}/class_names{suffix}"
+        plan.append({"what": "class_names", "count": STANDIN_CLASSES, "path": path})
+        diff["class_names"] = path
+    elif isinstance(names, list):
+        diff["class_names"] = names[:STANDIN_CLASSES]
+    diff["num_classes"] = min(int(diff.get("num_classes") or STANDIN_CLASSES), STANDIN_CLASSES)
+    diff.update(DIFFUSION)
+    fid = dict(diff.get("fid") or {})
+    if fid.get("feature_extractor", "inception") == "inception":
+        path = f"{base}/inception/inception-2015-12-05.pt"
+        plan.append({"what": "inception_weights", "path": path})
+        fid["inception_weights"] = path
+    diff["fid"] = fid
+
+
 def standin_config(
     config: dict[str, Any], ots_presets: Optional[dict[str, dict]] = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -174,7 +216,7 @@ def standin_config(
         if section in cfg and not (isinstance(cfg[section], dict) and cfg[section].get("enabled") is False):
             raise RehearsalError(
                 f"{section}: the rehearsal has no stand-ins for this section yet "
-                f"(it covers datasets, backbones, the fine-tuning and MAE grids, off-the-shelf sweeps, evaluation, analysis, summary and report)"
+                f"(it covers datasets, backbones, the fine-tuning and MAE grids, off-the-shelf sweeps, Stable Diffusion + FID, evaluation, analysis, summary and report)"
             )
     results = rehearsal_results(cfg["results"])
     cfg["results"] = results
@@ -216,6 +258,8 @@ def standin_config(
 
     if cfg.get("ots"):
         _standin_ots(cfg, results, ots_presets, plan)
+    if cfg.get("diffusion"):
+        _standin_diffusion(cfg, results, plan)
     cfg["finetune"] = _cut_recipe(cfg.get("finetune") or {})
     if cfg.get("mae"):
         # the MAE fine-tuning grid: its recipe (over finetune) cut alike
