@@ -15,23 +15,10 @@ import torch
 from torch import nn
 
 from ..safe_load import load_checkpoint_file
+from .spec import ModelSpec
 
-SPEC_KEYS = (
-    "model",
-    "model_kwargs",
-    "num_classes",
-    "method",
-    "keep_rate",
-    "reduction_loc",
-    "budget",
-    "r",
-    "r_schedule",
-    "prop_attn",
-    "method_kwargs",
-    "clca",
-    "tuning",
-    "tuning_kwargs",
-)
+#: the fields of a stored spec that build the network (ModelSpec's, in one place)
+SPEC_KEYS = ModelSpec.field_names()
 
 
 #: prefix of the temporary files :func:`atomic_save` writes beside their target
@@ -84,36 +71,10 @@ def remove_stale_temporaries(folder: Union[str, Path]) -> list[Path]:
 
 
 def build_model_from_spec(spec: dict[str, Any], **overrides: Any) -> nn.Module:
-    """Rebuild the (untrained) network a spec describes; `overrides` go to
-    timm (e.g. drop_path_rate)."""
-    from .. import create_model
-
-    missing = [k for k in ("model", "num_classes") if k not in spec]
-    if missing:
-        raise ValueError(f"model spec lacks {missing}")
-    kwargs = dict(spec.get("model_kwargs") or {})
-    kwargs.update(overrides)
-    model = create_model(
-        spec["model"],
-        method=spec.get("method"),
-        keep_rate=spec.get("keep_rate"),
-        reduction_loc=spec.get("reduction_loc"),
-        budget=spec.get("budget"),
-        r=spec.get("r"),
-        r_schedule=spec.get("r_schedule", "constant"),
-        prop_attn=spec.get("prop_attn"),
-        method_kwargs=spec.get("method_kwargs") or None,
-        pretrained=False,
-        num_classes=spec["num_classes"],
-        clca=spec.get("clca") or None,
-        **kwargs,
-    )
-    tuning = spec.get("tuning") or "full"
-    if tuning != "full":
-        from ..clca import apply_tuning
-
-        model = apply_tuning(model, tuning, **(spec.get("tuning_kwargs") or {}))
-    return model
+    """Rebuild the (untrained) network a stored spec describes
+    (:meth:`ModelSpec.from_dict` then :meth:`ModelSpec.build`); `overrides`
+    go to timm (e.g. drop_path_rate)."""
+    return ModelSpec.from_dict(spec).build(**overrides)
 
 
 def load_trained_model(path: Union[str, Path], map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -240,19 +240,14 @@ def build_model_and_optimiser(cfg: TrainConfig, rt: Runtime, data: TrainData) ->
     objective, optimiser, scheduler, grad scaler, EMA and mixup."""
     from timm.utils import ModelEmaV3
 
-    from .. import create_model
-    from ..clca.baselines import apply_tuning
+    from .spec import ModelSpec
 
     device = rt.device
     seed_all(cfg.seed)
     spec = model_spec(cfg, data.num_classes, data.multilabel)
-    model = create_model(
-        cfg.model, method=cfg.method, keep_rate=cfg.keep_rate, reduction_loc=cfg.reduction_loc, budget=cfg.budget,
-        r=cfg.r, r_schedule=cfg.r_schedule, prop_attn=cfg.prop_attn, method_kwargs=cfg.method_kwargs or None,
-        pretrained=cfg.pretrained, checkpoint_path=cfg.init_checkpoint, num_classes=data.num_classes,
-        drop_path_rate=cfg.drop_path, clca=cfg.clca or None, **spec["model_kwargs"],
+    model = ModelSpec.from_dict(spec).build(
+        pretrained=cfg.pretrained, checkpoint_path=cfg.init_checkpoint, drop_path_rate=cfg.drop_path
     ).to(device)
-    model = apply_tuning(model, cfg.tuning, **cfg.tuning_kwargs).to(device)
     seed_all(cfg.seed + rt.rank)
     teacher = build_teacher(cfg, data.num_classes, spec["model_kwargs"], device)
     optimizer = build_optimizer(cfg, model, data.lr)

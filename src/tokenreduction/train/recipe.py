@@ -15,30 +15,18 @@ from torch import nn
 
 from ..reduction.base import MethodLoss
 from .config import TrainConfig
+from .spec import ModelSpec
 
 
 def model_spec(cfg: TrainConfig, num_classes: int, multilabel: bool) -> dict[str, Any]:
-    """What build_model_from_spec needs to rebuild the trained network."""
-    model_kwargs = dict(cfg.model_kwargs)
-    model_kwargs.setdefault("img_size", cfg.img_size)
+    """The spec final.pth stores: the :class:`~.spec.ModelSpec` fields (what
+    build_model_from_spec needs to rebuild the trained network) plus what the
+    evaluator reads (img_size, dataset, multilabel, eval_split)."""
     return {
-        "model": cfg.model,
-        "model_kwargs": model_kwargs,
-        "num_classes": int(num_classes),
-        "method": cfg.method,
-        "keep_rate": cfg.keep_rate,
-        "reduction_loc": None if cfg.reduction_loc is None else [int(v) for v in cfg.reduction_loc],
-        "budget": cfg.budget,
-        "r": cfg.r,
-        "r_schedule": cfg.r_schedule,
-        "prop_attn": cfg.prop_attn,
-        "method_kwargs": dict(cfg.method_kwargs),
+        **ModelSpec.from_config(cfg, num_classes).to_dict(),
         "img_size": cfg.img_size,
         "dataset": cfg.dataset,
         "multilabel": bool(multilabel),
-        "clca": dict(cfg.clca) if cfg.clca else None,
-        "tuning": cfg.tuning,
-        "tuning_kwargs": dict(cfg.tuning_kwargs),
         "eval_split": cfg.data_splits()[1],
     }
 
