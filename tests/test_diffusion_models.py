@@ -42,3 +42,47 @@ def test_a_folder_of_another_kind_is_refused(tmp_path):
         load_pipeline(folder, device="cpu", model="sdxl")
     with pytest.raises(ValueError, match="unknown diffusion model 'flux'"):
         load_pipeline(folder, device="cpu", model="flux")
+
+
+def _config_check():
+    """The DAG build's config check, loaded by path as the workflow does."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    name = "tokenreduction_config_validation"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, repo / "src" / "tokenreduction" / "config_validation.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    demo = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    schema = yaml.safe_load((repo / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    return sys.modules[name], demo, schema, repo
+
+
+def test_config_check_names_model_ratio_and_level_problems(tmp_path):
+    cv, demo, schema, repo = _config_check()
+    assert demo["diffusion"]["model"] == "sd15"
+    assert cv.check_config(demo, schema, base=repo, repo=repo) == []
+
+    def problems(**diffusion):
+        config = json.loads(json.dumps(demo))
+        config["diffusion"].update(diffusion)
+        return dict(cv.check_config(config, schema, base=repo, repo=repo))
+
+    assert "diffusion.model" in problems(model="flux")  # the schema's enum
+    over = problems(experiments={"tome-0.8": {"merge_fn": "tome", "ratio": 0.8}})
+    assert "1 - 1/(sx*sy) = 0.75" in over["diffusion.experiments.tome-0.8.ratio"]
+    assert problems(experiments={"tome-0.8": {"merge_fn": "tome", "ratio": 0.8, "sx": 4, "sy": 4}}) == {}
+    level = problems(model="pixart", experiments={"t": {"merge_fn": "tome", "ratio": 0.5, "max_downsample": 2}})
+    assert "patch grid" in level["diffusion.experiments.t.max_downsample"]
+    folder = tmp_path / "sdxl-folder"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    assert problems(model="sdxl", pipeline=str(folder)) == {}
+    wrong = problems(model="sd15", pipeline=str(folder))
+    assert "holds a StableDiffusionXLPipeline" in wrong["diffusion.model"]

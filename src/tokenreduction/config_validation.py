@@ -1350,6 +1350,26 @@ class _Checker:
             merge = spec.get("merge_fn", "none")
             if merge != "atc" and "linkage" in spec:
                 self.fail(f"diffusion.experiments.{name}.linkage", f"linkage applies to merge_fn atc only (this one is {merge})")
+            cap = 1 - 1 / (spec.get("sx", 2) * spec.get("sy", 2))  # ToMe-SD keeps one destination per cell
+            if merge == "tome" and spec.get("ratio", 0.5) > cap:
+                self.fail(f"diffusion.experiments.{name}.ratio", f"ToMe-SD removes at most 1 - 1/(sx*sy) = {cap:.4g} "
+                          "of the tokens (tomesd would cap it silently)")
+            if diff.get("model", "sd15") == "pixart" and spec.get("max_downsample", 1) != 1:
+                self.fail(f"diffusion.experiments.{name}.max_downsample",
+                          "applies to UNets: every PixArt block runs on the patch grid (leave it unset)")
+        self.diffusion_model(diff)
+
+    def diffusion_model(self, diff: dict) -> None:
+        """A local pipeline folder must hold a pipeline class of diffusion.model."""
+        classes = {"sd15": ("StableDiffusionPipeline",), "sdxl": ("StableDiffusionXLPipeline",),
+                   "pixart": ("PixArtAlphaPipeline", "PixArtSigmaPipeline")}[diff.get("model", "sd15")]
+        source = str(diff.get("pipeline", "tiny"))
+        index = self.path(source) / "model_index.json"
+        if source != "tiny" and index.is_file():
+            held = json.loads(index.read_text()).get("_class_name")
+            if held not in classes:
+                self.fail("diffusion.model", f"{diff.get('model', 'sd15')} loads {' or '.join(classes)}, "
+                          f"but the pipeline folder {source} holds a {held}")
 
     def run(self) -> list[tuple[str, str]]:
         sections = ("datasets", "backbones", "methods", "experiments", "recipes", "ots", "mae", "benchmark",
