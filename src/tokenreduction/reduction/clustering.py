@@ -30,32 +30,35 @@ merges in batched tensor code. The merges are inherently sequential; one
 compiled pass per image beats the batched tensor rounds below on the CPU.
 
 ``"rnn"`` (the default on other devices): rounds of reciprocal nearest
-neighbours in tensor code, all images at once. Every active cluster keeps
-its nearest active neighbour and that distance, (B, N) each. Single,
-complete and average linkage are *reducible*: merging two clusters never
-brings the merged cluster closer to a third one than the nearer of the two
-was, ``d(r, i u j) >= min(d(r, i), d(r, j))``. Hence a pair of clusters that
-are each other's nearest neighbour is merged, at exactly their distance, in
-the dendrogram that the greedy "merge the closest pair" scheme builds,
-whatever else is merged first; so each round merges *every* reciprocal pair
-of every image at once (a handful of rounds instead of N - K sequential
-steps). A merge of j into i (i < j) writes row and column i by the
-Lance-Williams formula of the linkage (single: min, complete: max, average:
-size-weighted mean; where two pairs of one round meet, both sides are
-combined); absorbed rows and columns are masked on every read. Only rows
-whose nearest neighbour was merged need a new one: under single linkage
-their distance is unchanged and they point to the merged cluster; under
-complete and average linkage they are searched again, gathered over the
-batch, O(R x N) for R rows. Merges are recorded with their height and round;
-later rounds never merge below the smallest current neighbour distance L, so
-an image is finished once N - K recorded merges lie strictly below L, and
-the partition is the one of its N - K lowest merges by (height, round).
+neighbours in float64 tensor code, all images at once, on the distances'
+device. Single, complete and average linkage are *reducible*: merging two
+clusters never brings the merged cluster closer to a third one than the
+nearer of the two was, ``d(r, i u j) >= min(d(r, i), d(r, j))``. Hence a
+pair of clusters that are each other's nearest neighbour is merged, at
+exactly their distance, in the dendrogram that the greedy "merge the
+closest pair" scheme builds, whatever else is merged first; so each round
+merges *every* reciprocal pair of every image at once (a handful of rounds
+instead of N - K sequential steps). A round is dense, O(B N^2) on the
+device: nearest neighbours searched afresh (the first index among equal
+distances, so a reciprocal pair always exists), the rows and then the
+columns of each pair combined by the Lance-Williams formula of the linkage
+(where two pairs of a round meet, the column step combines the row step's
+results), absorbed rows and columns set to +inf. Merges are recorded with
+their height and round; later rounds never merge below the smallest
+current neighbour distance L, so an image is finished once N - K recorded
+merges lie strictly below L, and the partition is the one of its N - K
+lowest merges by (height, round). Float64 heights computed in another order
+than SciPy's chain differ from SciPy's by a few ulps, so an image whose
+merges are not all clear of their clusters' other neighbours, or whose cut
+is not clear of the next merge, by ``RNN_TIE_MARGIN`` (1e-9) of its largest
+distance, is clustered by the exact path on the CPU instead: every image
+gets SciPy's partition. No host synchronisation inside a round: at most
+``rnn_sync_bound(N)`` = bit_length(N - 1) + 5 per call (13 at N = 196).
 
-Exactness: with distinct merge heights every back end gives SciPy's
-partition (the "scipy" back end *is* SciPy's dendrogram, "native" the same
-computation). With tied heights the order among equal merges is SciPy's for
-"scipy" and "native" and (height, round, index) for "rnn"; either way it is
-a cut of a valid dendrogram into exactly K clusters.
+Exactness: every back end gives SciPy's partition, ties included (the
+"scipy" back end *is* SciPy's dendrogram, "native" the same computation,
+"rnn" decides only images clear of ties by the margin and hands the others
+to one of these two).
 Labels name each cluster by its smallest member.
 
 Shapes: B images, N points (tokens).
@@ -88,8 +91,8 @@ def agglomerative_labels(
 
     distance:     (B, N, N) symmetric pairwise distances (the diagonal is
                   ignored; "native" and "scipy" read the upper triangle),
-                  finite; any float dtype. "native" and "scipy" compute in
-                  float64; "rnn" in float32 (float64 stays float64).
+                  finite; any float dtype. Every back end computes in
+                  float64.
     num_clusters: K in [1, N]; K >= N leaves every point on its own.
     linkage:      "single", "complete" or "average".
     backend:      "native" (compiled kernel, CPU), "scipy" (per-image
@@ -100,7 +103,7 @@ def agglomerative_labels(
     cluster, named by the smallest point index in that cluster (so
     ``labels[b, n] <= n``). Exactly K distinct labels per image: the
     partition of SciPy's ``linkage`` cut at K clusters (see the module
-    docstring for ties). The labels carry no gradient.
+    docstring). The labels carry no gradient.
     """
     check_linkage(linkage)
     if backend not in BACKENDS:
@@ -129,10 +132,13 @@ def cosine_agglomerative_labels(metric: torch.Tensor, num_clusters: int, linkage
     computed in torch. Returns (B, N) long labels (smallest member names a
     cluster).
 
-    Images of the batch that equal an earlier one exactly are clustered once
-    and share its labels (the same input gives the same partition): with
-    classifier-free guidance the two halves of a Stable Diffusion batch are
-    the same latent, and so are their first merging block's hidden states."""
+    On the CPU, images of the batch that equal an earlier one exactly are
+    clustered once and share its labels (the same input gives the same
+    partition): with classifier-free guidance the two halves of a Stable
+    Diffusion batch are the same latent, and so are their first merging
+    block's hidden states. On other devices every image is clustered (the
+    rounds run all images at once; comparing them would read values back to
+    the host)."""
     check_linkage(linkage)
     if metric.dim() != 3:
         raise ValueError(f"metric must have shape (B, N, C), got {tuple(metric.shape)}")
@@ -140,7 +146,7 @@ def cosine_agglomerative_labels(metric: torch.Tensor, num_clusters: int, linkage
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
     with torch.no_grad():
         metric = metric.detach()
-        first = first_occurrences(metric)
+        first = first_occurrences(metric) if metric.device.type == "cpu" else None
         if first is None:
             return _cosine_labels(metric, int(num_clusters), linkage)
         unique, representative = first
@@ -268,11 +274,7 @@ def _labels_op(distance: torch.Tensor, num_clusters: int, linkage: str, backend:
         return _native.run(distance.detach(), need, linkage)
     if backend == "scipy":
         return _scipy_labels(distance.detach(), need, linkage).to(device)
-    dtype = torch.float64 if distance.dtype == torch.float64 else torch.float32
-    D = distance.detach().to(dtype=dtype, copy=True).contiguous()
-    D.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    into, height, rounds = _rnn_merges(D, need, linkage)
-    return _cut(into, height, rounds, need)
+    return _rnn_labels(distance, need, linkage)
 
 
 @_labels_op.register_fake
@@ -352,149 +354,173 @@ def labels_from_merges(merges: torch.Tensor, num_points: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------ tensor back end (RNN rounds)
 
+#: an image whose merge decisions or cut lie within this fraction of its
+#: largest |distance| of another choice goes to the exact path (SciPy's
+#: algorithm on the CPU): float64 Lance-Williams heights computed in another
+#: order differ from SciPy's by far less (a few ulps per merge level)
+RNN_TIE_MARGIN = 1e-9
 
-def _rnn_merges(D: torch.Tensor, need: int, linkage: str):
-    """Merge reciprocal nearest neighbours in rounds until every image has
-    `need` merges below every later one. D (B, N, N) with inf on the diagonal
-    (scratch, overwritten). Returns, per absorbed point j, (B, N) each: the
-    point it was merged into (i < j; j itself when never absorbed), the
-    merge height (inf when none) and the round.
+_rnn_counts = {"images": 0, "exact": 0}
 
-    Storage: row and column i of a merged cluster are written; the row and
-    column of an absorbed j are not, instead ``dead`` (B, N) (0, or inf for
-    absorbed points) is added to every row that is read."""
+
+def rnn_stats() -> dict:
+    """Counts since the last call (which resets them) of the "rnn" back end:
+    ``images`` clustered, ``exact`` of them handed to the exact path (a
+    near-tie within :data:`RNN_TIE_MARGIN`)."""
+    out = dict(_rnn_counts)
+    _rnn_counts.update(images=0, exact=0)
+    return out
+
+
+def rnn_sync_bound(num_points: int) -> int:
+    """Host synchronisations of one :func:`_rnn_labels` call on N points,
+    at most ``L + 5`` with L the bit length of N - 1: one per check of
+    whether every image is done, made after rounds 1, 2, 4, 8, ... (a round
+    merges at least one pair of every unfinished image, so R <= N - 1
+    rounds and at most ceil(log2 R) + 1 <= L + 1 checks); one read-back of
+    which images are near ties or not finite; three more when some image
+    goes to the exact path (its index to the device, its distances to the
+    host, its labels back)."""
+    return max(int(num_points) - 1, 1).bit_length() + 5
+
+
+def _rnn_labels(distance: torch.Tensor, need: int, linkage: str) -> torch.Tensor:
+    """(B, N, N) distances on any device -> (B, N) labels of SciPy's
+    partition (the first `need` merges of its dendrogram), by rounds of
+    reciprocal nearest neighbours in float64 tensor code on the distances'
+    device, all images at once (see the module docstring).
+
+    SciPy's partition, not only a valid one: the distances are read from the
+    upper triangle as SciPy reads them, the Lance-Williams updates run in
+    float64 as SciPy's; where two merges of a round meet, or merges run in
+    another order than SciPy's chain, heights may differ from SciPy's by a
+    few ulps. So an image is clustered here only when every merge is clear
+    of the other neighbours of its two clusters, and the cut clear of the
+    next merge, by :data:`RNN_TIE_MARGIN` times its largest |distance|: then
+    both computations make the choices of exact arithmetic. Any other image
+    (ties, duplicated tokens, near-ties) is clustered by the exact path
+    (the compiled kernel, else SciPy) on the CPU.
+
+    Host synchronisations: at most :func:`rnn_sync_bound` (N) per call
+    (13 at N = 196, 17 at N = 4096), none of them inside a round. Raises ValueError naming an image with inf or nan
+    distances (in the upper triangle)."""
+    B, N, _ = distance.shape
+    device = distance.device
+    upper = torch.ones(N, N, dtype=torch.bool, device=device).triu_(1)
+    D = distance.detach().to(torch.float64)
+    D = torch.where(upper, D, D.transpose(1, 2))  # SciPy reads the upper triangle
+    D.diagonal(dim1=1, dim2=2).fill_(0.0)  # ignored
+    finite = torch.isfinite(D).flatten(1).all(dim=1)  # (B,)
+    tol = RNN_TIE_MARGIN * torch.where(torch.isfinite(D), D.abs(), 0.0).flatten(1).amax(dim=1)
+    D.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    into, height, rounds, flagged, low = _rnn_merges(D, need, linkage, tol, finite)
+    labels = _cut(into, height, rounds, need)
+    # the cut: the need-th lowest merge clear of the next one (recorded, or later: at least `low`)
+    ordered = height.sort(dim=1).values
+    flagged |= torch.minimum(ordered[:, need], low) - ordered[:, need - 1] <= tol
+    exact, not_finite = torch.stack([flagged & finite, ~finite]).tolist()  # one read-back after the rounds
+    _rnn_counts["images"] += B
+    if any(not_finite):
+        raise ValueError(f"distance must be finite: image {not_finite.index(True)} has inf or nan entries")
+    if any(exact):
+        chosen = [b for b, flag in enumerate(exact) if flag]
+        _rnn_counts["exact"] += len(chosen)
+        index = torch.tensor(chosen, device=device)
+        host = distance.detach()[index].cpu()
+        exact_labels = (_native.run(host, need, linkage) if _native.library() is not None
+                        else _scipy_labels(host, need, linkage))
+        labels[index] = exact_labels.to(device)
+    return labels
+
+
+def _rnn_merges(D: torch.Tensor, need: int, linkage: str, tol: torch.Tensor, active: torch.Tensor):
+    """Merge every reciprocal nearest-neighbour pair of every unfinished
+    image, round after round, until each has `need` merges below every later
+    one. D (B, N, N) float64, symmetric, inf on the diagonal (scratch,
+    overwritten); tol (B,) the near-tie margin; active (B,) the images to
+    cluster. Dense rounds, O(B N^2) each, with no host read-back inside: the
+    nearest neighbours are searched afresh over all rows (the first index
+    among equal distances, so every round has a reciprocal pair).
+
+    Returns, per point j, (B, N) each: the point it was merged into (i < j;
+    j when never absorbed), the merge height (inf when none) and the round;
+    flagged (B,) images with a merge within tol of another choice; and low
+    (B,) the smallest distance left between active clusters."""
     B, N, _ = D.shape
-    device, dtype = D.device, D.dtype
+    device = D.device
     inf = float("inf")
-    flat = D.view(B * N, N)  # row r of image b is flat row b * N + r
-    columns = D.transpose(1, 2)  # columns[b, i] is column i of image b
     ar = torch.arange(N, device=device)
-    ar_b = ar.expand(B, N)
-    into = ar_b.contiguous()
-    height = torch.full((B, N), inf, dtype=dtype, device=device)
+    into = ar.expand(B, N).clone()
+    height = torch.full((B, N), inf, dtype=D.dtype, device=device)
     rounds = torch.zeros(B, N, dtype=torch.long, device=device)
-    dead = torch.zeros(B, N, dtype=dtype, device=device)
-    size = torch.ones(B * N, dtype=dtype, device=device) if linkage == "average" else None
-    nn_dist, nn_idx = D.min(dim=2)  # (B, N); an absorbed row has inf and points to itself
-    nn_dist_f, nn_idx_f = nn_dist.view(-1), nn_idx.view(-1)
-    step = 0
+    flagged = torch.zeros(B, dtype=torch.bool, device=device)
+    size = torch.ones(B, N, dtype=D.dtype, device=device)
+    step, check_at = 0, 1
     while True:
-        low = nn_dist.amin(dim=1, keepdim=True)  # no later merge is lower than this
-        todo = (height < low).sum(dim=1) < need  # (B,) images still merging
-        if not bool(todo.any()):
-            break
-        pairs = _reciprocal(nn_dist, nn_idx, ar) & todo[:, None]
-        stuck = todo & ~pairs.any(dim=1)
-        if bool(stuck.any()):
-            # incremental neighbours may break ties inconsistently (a cycle of
-            # equal distances without a reciprocal pair): search those images
-            # afresh, first index first, which always yields a pair
-            fresh_dist, fresh_idx = (D[stuck] + dead[stuck][:, None, :]).min(dim=2)
-            nn_dist[stuck] = fresh_dist + dead[stuck]
-            nn_idx[stuck] = torch.where(dead[stuck] == 0, fresh_idx, ar)
-            pairs = _reciprocal(nn_dist, nn_idx, ar) & todo[:, None]
-            if bool((todo & ~pairs.any(dim=1)).any()):
-                bad = (todo & ~pairs.any(dim=1)).nonzero()[0].item()
-                raise ValueError(f"distance must be finite: image {bad} has no finite pair left to merge")
-        fi = pairs.view(-1).nonzero().squeeze(1)  # flat row b * N + i of each pair's smaller index
-        bi = fi // N
-        i = fi - bi * N
-        j = nn_idx_f[fi]
-        fj = bi * N + j
-        height.view(-1)[fj] = nn_dist_f[fi]
-        into.view(-1)[fj] = i
-        rounds.view(-1)[fj] = step
-        dead.view(-1)[fj] = inf
-        ri, rj = flat.index_select(0, fi), flat.index_select(0, fj)  # (P, N) rows i and j
-        if linkage == "single":
-            new = torch.minimum(ri, rj)
-        elif linkage == "complete":
-            new = torch.maximum(ri, rj)
-        else:
-            si, sj = size[fi], size[fj]
-            new = (ri * si[:, None] + rj * sj[:, None]) / (si + sj)[:, None]  # SciPy's form; inf stays inf
-        new += dead.index_select(0, bi)  # absorbed columns, of earlier rounds and this one
-        # where two pairs p, q of one image meet: combine column i_q with j_q too
-        p_idx, q_idx = _same_image_pairs(bi, B)
-        at_i = p_idx * N + i[q_idx]
-        at_j = p_idx * N + j[q_idx]
-        cells = new.view(-1)
-        a = cells[at_i]
-        if linkage == "single":
-            rows_j = torch.minimum(ri.view(-1)[at_j], rj.view(-1)[at_j])
-            cells[at_i] = torch.minimum(a, rows_j)
-        elif linkage == "complete":
-            rows_j = torch.maximum(ri.view(-1)[at_j], rj.view(-1)[at_j])
-            cells[at_i] = torch.maximum(a, rows_j)
-        else:
-            sp_i, sp_j = si[p_idx], sj[p_idx]
-            rows_j = (ri.view(-1)[at_j] * sp_i + rj.view(-1)[at_j] * sp_j) / (sp_i + sp_j)
-            sq_i, sq_j = si[q_idx], sj[q_idx]
-            cells[at_i] = (a * sq_i + rows_j * sq_j) / (sq_i + sq_j)
-            size[fi] = si + sj
-        new[torch.arange(fi.numel(), device=device), i] = inf  # diagonal
-        flat.index_copy_(0, fi, new)
-        columns[bi, i] = new  # column i (column j is dead)
-        # nearest neighbours: only rows that pointed into a merged pair change
-        changed = torch.zeros(B * N, dtype=torch.bool, device=device)
-        changed[fi] = True
-        changed[fj] = True
-        stale = changed.view(B, N).gather(1, nn_idx).view(-1)
-        nn_dist_f[fj] = inf
-        nn_idx_f[fj] = j
-        stale[fj] = False
-        if linkage == "single":
-            # min(d(r, i), d(r, j)) is r's old distance: r now points to i
-            target = ar_b.contiguous()
-            target.view(-1)[fj] = i
-            nn_idx = target.gather(1, nn_idx)
-            nn_idx_f = nn_idx.view(-1)
-            best, arg = new.min(dim=1)
-            nn_dist_f[fi], nn_idx_f[fi] = best, arg
-        else:
-            # the distance to the merged cluster can only grow: search those
-            # rows and the merged rows again, gathered over the batch
-            stale[fi] = True
-            flagged = stale.nonzero().squeeze(1)
-            rows = flat.index_select(0, flagged) + dead.index_select(0, flagged // N)
-            best, arg = rows.min(dim=1)
-            nn_dist_f[flagged] = best
-            nn_idx_f[flagged] = arg
+        nn_dist, nn_idx = D.min(dim=2)  # absorbed rows: inf
+        low = nn_dist.amin(dim=1)  # no later merge is lower than this
+        todo = active & ((height < low[:, None]).sum(dim=1) < need)
+        if step == check_at:
+            if not bool(todo.any()):  # host sync: after rounds 1, 2, 4, 8, ...
+                return into, height, rounds, flagged, low
+            check_at *= 2
+        if step >= N:
+            raise RuntimeError("rnn clustering did not finish in N rounds")  # cannot happen for finite input
+        mutual = (nn_idx.gather(1, nn_idx) == ar) & torch.isfinite(nn_dist) & todo[:, None]
+        low_side = mutual & (ar < nn_idx)  # i of a pair (i, j), i < j: the merged cluster keeps i
+        high_side = mutual & (nn_idx < ar)  # j: absorbed
+        # a merge is made only when its two clusters have no other neighbour within tol
+        rivals = (D <= (nn_dist + tol[:, None])[..., None]).sum(dim=2)
+        flagged |= (mutual & (rivals > 1)).any(dim=1)
+        height = torch.where(high_side, nn_dist, height)
+        into = torch.where(high_side, nn_idx, into)
+        rounds = torch.where(high_side, torch.full_like(rounds, step), rounds)
+        partner = torch.where(mutual, nn_idx, ar)  # (B, N): the other cluster of a pair, else itself
+        D = _lance_williams(D, partner, mutual, size, linkage)
+        if linkage == "average":
+            size = torch.where(mutual, size + size.gather(1, partner), size)
+        dead = high_side.unsqueeze(1) | high_side.unsqueeze(2)
+        D = D.masked_fill(dead, inf)
+        D.diagonal(dim1=1, dim2=2).fill_(inf)
         step += 1
-    return into, height, rounds
 
 
-def _same_image_pairs(bi: torch.Tensor, B: int):
-    """For pairs sorted by image bi (P,): every (p, q) of pairs in one image,
-    as two flat index tensors (sum over images of count^2,)."""
-    counts = torch.bincount(bi, minlength=B)
-    start = counts.cumsum(0) - counts  # first pair of each image
-    per_p = counts[bi]
-    p_idx = torch.repeat_interleave(torch.arange(bi.numel(), device=bi.device), per_p)
-    offset = per_p.cumsum(0) - per_p  # first slot of each p
-    q_idx = start[bi][p_idx] + torch.arange(p_idx.numel(), device=bi.device) - offset[p_idx]
-    return p_idx, q_idx
+def _lance_williams(D: torch.Tensor, partner: torch.Tensor, mutual: torch.Tensor, size: torch.Tensor,
+                    linkage: str) -> torch.Tensor:
+    """One round's merges at once: for every pair (i, j) the rows and then
+    the columns of i and j become the merged cluster's distances (single:
+    min, complete: max, average: ``(n_i d_i + n_j d_j) / (n_i + n_j)``, in
+    SciPy's form); where two pairs meet, the column step combines the row
+    step's results. Rows and columns of unmerged clusters are kept as they
+    are. D (B, N, N), partner (B, N), mutual (B, N) bool, size (B, N)."""
+    B, N, _ = D.shape
 
+    def combine(a, b, wa, wb):
+        if linkage == "single":
+            return torch.minimum(a, b)
+        if linkage == "complete":
+            return torch.maximum(a, b)
+        return (a * wa + b * wb) / (wa + wb)
 
-def _reciprocal(nn_dist: torch.Tensor, nn_idx: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
-    """(B, N) mask of the rows i that are the smaller index of a reciprocal
-    nearest-neighbour pair (i, nn(i)) at finite distance."""
-    return (nn_idx.gather(1, nn_idx) == ar) & (ar < nn_idx) & (nn_dist < float("inf"))
+    other_row = D.gather(1, partner.unsqueeze(2).expand(B, N, N))
+    s, s_partner = size.unsqueeze(2), size.gather(1, partner).unsqueeze(2)
+    D = torch.where(mutual.unsqueeze(2), combine(D, other_row, s, s_partner), D)
+    other_col = D.gather(2, partner.unsqueeze(1).expand(B, N, N))
+    s, s_partner = size.unsqueeze(1), size.gather(1, partner).unsqueeze(1)
+    return torch.where(mutual.unsqueeze(1), combine(D, other_col, s, s_partner), D)
 
 
 def _cut(into: torch.Tensor, height: torch.Tensor, rounds: torch.Tensor, need: int) -> torch.Tensor:
     """Labels (B, N) of the partition made by the `need` lowest merges,
-    ordered by (height, round), of each image."""
+    ordered by (height, round), of each image (no host read-back)."""
     B, N = into.shape
     by_round = rounds.argsort(dim=1, stable=True)
     order = by_round.gather(1, height.gather(1, by_round).argsort(dim=1, stable=True))
     keep = torch.zeros(B, N, dtype=torch.bool, device=into.device)
     keep.scatter_(1, order[:, :need], True)
     labels = torch.where(keep, into, torch.arange(N, device=into.device).expand(B, N))
-    # every kept merge points j to i < j: follow the pointers to the root,
-    # the smallest index of the cluster
-    while True:
-        nxt = labels.gather(1, labels)
-        if torch.equal(nxt, labels):
-            return labels
-        labels = nxt
+    # every kept merge points j to i < j: pointer jumping reaches the root,
+    # the smallest index of the cluster, within ceil(log2 N) steps
+    for _ in range(max(N - 1, 1).bit_length()):
+        labels = labels.gather(1, labels)
+    return labels
