@@ -1,7 +1,7 @@
 """How long Snakemake takes to build a study's DAG (a dry run), per config.
 
     python benchmarks/dag_build.py [--config config/which-tokens.yaml ...] [--repeats 3]
-                                   [--compare OTHER_CHECKOUT] [--out results/benchmarks/dag_build.csv]
+                                   [--compare OTHER_CHECKOUT] [--profile slurm] [--out results/benchmarks/dag_build.csv]
 
 Dataset roots are pointed at empty temporary folders (the dry run only checks
 that they exist). For each config (and the demo's, for scale) it prints the
@@ -74,9 +74,13 @@ def startup() -> Timing:
     return timing
 
 
-def dry_run(config_path: Path | None, workdir: Path, repo: Path = REPO) -> tuple[Timing, int]:
-    """``snakemake -n`` of ``repo``'s workflow with a config: its timing and job count."""
+def dry_run(config_path: Path | None, workdir: Path, repo: Path = REPO,
+            profile: str | None = None) -> tuple[Timing, int]:
+    """``snakemake -n`` of ``repo``'s workflow with a config (and a profile):
+    its timing and job count."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "-n", "--quiet", "rules"]
+    if profile is not None:
+        cmd += ["--profile", profile]
     if config_path is not None:
         cmd += ["--configfile", str(config_path)]
     timing, proc = timed(cmd)
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare", type=Path, default=None, metavar="DIR",
                         help="another checkout of this repository: its dry runs alternate with this one's")
+    parser.add_argument("--profile", default=None,
+                        help="a Snakemake profile for the dry runs, e.g. slurm (its groups, arrays and the Slurm plan)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/dag_build.csv"))
     args = parser.parse_args()
     if args.repeats < 1:
@@ -135,12 +141,14 @@ def main() -> None:
                 starts.append(startup())
                 for tree, root in trees.items():
                     workdir = tmp / tree / ("demo" if path is None else path.stem)
-                    runs[tree].append(dry_run(path, workdir, root))
+                    runs[tree].append(dry_run(path, workdir, root, args.profile))
             for tree in trees:
                 rows.append((tree, label, runs[tree][0][1], fastest([t for t, _ in runs[tree]])))
     start = fastest(starts)
     print(f"load average before: {load_before}, after: {load()}  ({os.cpu_count()} CPUs)")
     print(f"snakemake --version (start-up): wall {start.wall:.2f} s, cpu {start.cpu:.2f} s")
+    if args.profile:
+        print(f"dry runs with --profile {args.profile}")
     if args.compare is not None:
         print(f"this: {REPO}\ncompare: {args.compare.resolve()}")
     print(f"{'tree':8s} {'config':32s} {'jobs':>6s} {'wall (s)':>9s} {'cpu (s)':>8s} {'build wall':>11s} {'build cpu':>10s}")

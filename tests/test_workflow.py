@@ -405,3 +405,41 @@ def test_demo_subset_runs_in_a_checkout_whose_path_has_a_space(tmp_path):
     if len(targets) > 1:
         det = pd.read_csv(work / "results" / "detection" / "summary.csv")
         assert len(det) == 1
+
+
+def test_stage_times_from_what_each_job_records(tmp_path):
+    """Job seconds from each job's own benchmark file (end: the file's mtime,
+    start: end minus its recorded seconds), on a laptop or in a Slurm
+    allocation alike; rules without one (run in the Snakemake process) from
+    the metadata. Under Slurm the metadata's start times are not the jobs'
+    (issue 29: -0.0 s per stage)."""
+    import os
+    import re
+
+    rt = _runtime()
+    bench = tmp_path / "results" / "benchmarks"
+    patterns = [("finetune", re.compile(str(bench / "finetune") + r"/(?P<run>.+)\.tsv$")),
+                ("prepare_dataset", re.compile(str(bench / "prepare_dataset") + r"/(?P<dataset>.+)\.tsv$"))]
+
+    def write(rel, seconds, mtime):
+        path = bench / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("s\th:m:s\tmax_rss\n" + "".join(f"{s}\t0:00:01\t1.0\n" for s in seconds))
+        os.utime(path, (mtime, mtime))
+
+    write("prepare_dataset/digits.tsv", [40.0], 1000.0)
+    write("finetune/a/b.tsv", [100.0], 1200.0)
+    write("finetune/a/c.tsv", [30.0, 20.0], 1250.0)  # two repeats: 50 s
+    write("finetune/old.tsv", [5.0], 10.0)  # before this run
+    write("other/x.tsv", [5.0], 1300.0)  # no rule's pattern
+    meta = tmp_path / "metadata"
+    meta.mkdir()
+    # metadata as Snakemake writes it for a Slurm job (start unknown: -0.0 s), and a local rule
+    (meta / "m1").write_text(json.dumps({"rule": "finetune", "starttime": 1200.1, "endtime": 1200.0, "job_hash": 9}))
+    (meta / "m2").write_text(json.dumps({"rule": "summarise", "starttime": 1260.0, "endtime": 1270.0, "job_hash": 8}))
+    records = rt.run_records(meta, bench, patterns, since=900.0)
+    rows = {r["stage"]: r for r in rt.stage_times(records)}
+    assert set(rows) == {"prepare_dataset", "finetune", "summarise"}
+    assert (rows["finetune"]["jobs"], rows["finetune"]["job_seconds"], rows["finetune"]["wall_seconds"]) == (2, 150.0, 150.0)
+    assert rows["prepare_dataset"]["job_seconds"] == 40.0 and rows["summarise"]["job_seconds"] == 10.0
+    assert all(r["job_seconds"] > 0 for r in rows.values())

@@ -114,6 +114,66 @@ def job_records(metadata_dir: Path, since: float = 0.0) -> list[dict]:
     return sorted(jobs.values(), key=lambda j: (j["start"], j["rule"]))
 
 
+def _benchmark_seconds(path: Path) -> float | None:
+    """The wall seconds a job recorded in its Snakemake benchmark file (the
+    ``s`` column, summed over repeats); None when unreadable."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(lines) < 2:
+        return None
+    header = lines[0].split("\t")
+    if "s" not in header:
+        return None
+    col = header.index("s")
+    total = 0.0
+    for line in lines[1:]:
+        cells = line.split("\t")
+        try:
+            total += float(cells[col])
+        except (IndexError, ValueError):
+            return None
+    return total
+
+
+def benchmark_records(root: Path, patterns: list[tuple[str, "re.Pattern"]], since: float = 0.0) -> list[dict]:
+    """One record per job that wrote its benchmark file under ``root`` at or
+    after ``since``: rule (the first of ``patterns``, (rule, regex of its
+    benchmark path), that matches the path), end (the file's mtime: the job
+    writes it as it ends), start (end minus the seconds it recorded). The job
+    itself records both, on a laptop and in a Slurm allocation alike."""
+    records = []
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    for path in root.rglob("*.tsv"):
+        try:
+            end = path.stat().st_mtime
+        except OSError:
+            continue
+        if end < since:
+            continue
+        rel = str(path)
+        rule = next((name for name, regex in patterns if regex.match(rel)), None)
+        seconds = _benchmark_seconds(path)
+        if rule is None or seconds is None:
+            continue
+        records.append({"rule": rule, "start": end - seconds, "end": end})
+    return sorted(records, key=lambda j: (j["start"], j["rule"]))
+
+
+def run_records(metadata_dir: Path, benchmarks_root: Path, patterns: list[tuple[str, "re.Pattern"]],
+                since: float = 0.0) -> list[dict]:
+    """The jobs of a run: from their benchmark files for the rules that have
+    one (every job rule: what the job records itself), from Snakemake's
+    metadata for the others (the rules run in the Snakemake process)."""
+    with_benchmark = {name for name, _ in patterns}
+    records = benchmark_records(benchmarks_root, patterns, since)
+    records += [r for r in job_records(metadata_dir, since) if r["rule"] not in with_benchmark]
+    return sorted(records, key=lambda j: (j["start"], j["rule"]))
+
+
 def stage_times(records: list[dict]) -> list[dict]:
     """Per rule: jobs, summed job time (s), and the wall-clock span from its
     first job's start to its last job's end (s), in order of first start."""

@@ -22,6 +22,8 @@ rule analysis_compare:
         f"{RESULTS}/analysis/{{dataset}}/compare_{{axis}}.csv",
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/compare_{{axis}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis_compare/{{dataset}}/compare_{{axis}}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -53,6 +55,8 @@ rule analysis_collate:
         ),
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/collate_{{axis}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis_collate/{{dataset}}/collate_{{axis}}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -86,6 +90,8 @@ rule analysis_correlate:
         ),
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/correlate_{{axis}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis_correlate/{{dataset}}/correlate_{{axis}}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -115,6 +121,8 @@ rule analysis_rho_heatmap:
         ),
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/rho_heatmap.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis_rho_heatmap/{{dataset}}/rho_heatmap.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -146,6 +154,8 @@ rule token_statistics:
         ),
     log:
         f"{RESULTS}/logs/analysis/{{dataset}}/token_stats.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/token_statistics/{{dataset}}/token_stats.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -177,6 +187,8 @@ rule compare_heatmaps:
         ),
     log:
         f"{RESULTS}/logs/analysis/heatmaps.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/compare_heatmaps/heatmaps.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 1

@@ -53,6 +53,8 @@ rule benchmark_flops:
         table=f"{RESULTS}/speed/flops/{{backbone}}.csv",
     log:
         f"{RESULTS}/logs/speed/flops_{{backbone}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/benchmark_flops/flops_{{backbone}}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 1

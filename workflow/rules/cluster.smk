@@ -19,6 +19,8 @@ rule gpu_smoke:
         report=f"{RESULTS}/cluster/gpu_smoke.txt",
     log:
         f"{RESULTS}/logs/gpu_smoke.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/gpu_smoke/gpu_smoke.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 1

@@ -9,6 +9,8 @@ rule prepare_dataset:
         manifest=f"{RESULTS}/data/{{dataset}}/manifest.json",
     log:
         f"{RESULTS}/logs/prepare_dataset/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/prepare_dataset/{{dataset}}.tsv"
     # the critical path first (data 40, pretrain 30, finetune 20, evaluate 10);
     # the other stages fill the free cores
     priority: 40

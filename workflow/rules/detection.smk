@@ -46,6 +46,8 @@ rule make_detection_demo_data:
         directory(DET_DEMO_DATA),
     log:
         f"{RESULTS}/logs/detection/make_demo_data.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/make_detection_demo_data/make_demo_data.tsv"
     conda:
         "../../envs/mmdet.yaml"
     threads: 1

@@ -68,7 +68,14 @@ onstart:
 
 
 onsuccess:
-    records = runtime.job_records(Path(".snakemake") / "metadata", since=_RUN_START)
+    # per job from its benchmark file (written by the job itself, locally
+    # and on a cluster alike), else (rules run in this process) the metadata
+    records = runtime.run_records(
+        Path(".snakemake") / "metadata",
+        Path(RESULTS) / "benchmarks",
+        [(r.name, r.benchmark.regex()) for r in workflow.rules if r.benchmark],
+        since=_RUN_START,
+    )
     if records:
         rows = runtime.stage_times(records)
         print(

@@ -31,6 +31,8 @@ rule pattern_grid:
         ),
     log:
         f"{RESULTS}/logs/patterns/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pattern_grid/{{dataset}}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 1
