@@ -377,7 +377,8 @@ def rnn_sync_bound(num_points: int) -> int:
     at most ``L + 5`` with L the bit length of N - 1: one per check of
     whether every image is done, made after rounds 1, 2, 4, 8, ... (a round
     merges at least one pair of every unfinished image, so R <= N - 1
-    rounds and at most ceil(log2 R) + 1 <= L + 1 checks); one read-back of
+    rounds and at most ceil(log2 R) + 1 <= L + 1 checks, the last one made
+    after round N at the latest); one read-back of
     which images are near ties or not finite; three more when some image
     goes to the exact path (its index to the device, its distances to the
     host, its labels back)."""
@@ -460,12 +461,12 @@ def _rnn_merges(D: torch.Tensor, need: int, linkage: str, tol: torch.Tensor, act
         nn_dist, nn_idx = D.min(dim=2)  # absorbed rows: inf
         low = nn_dist.amin(dim=1)  # no later merge is lower than this
         todo = active & ((height < low[:, None]).sum(dim=1) < need)
-        if step == check_at:
-            if not bool(todo.any()):  # host sync: after rounds 1, 2, 4, 8, ...
+        if step == check_at or step == N:
+            if not bool(todo.any()):  # host sync: after rounds 1, 2, 4, 8, ... (and N)
                 return into, height, rounds, flagged, low
+            if step == N:  # at most N - 1 rounds for finite distances
+                raise RuntimeError("rnn clustering did not finish in N - 1 rounds")
             check_at *= 2
-        if step >= N:
-            raise RuntimeError("rnn clustering did not finish in N rounds")  # cannot happen for finite input
         mutual = (nn_idx.gather(1, nn_idx) == ar) & torch.isfinite(nn_dist) & todo[:, None]
         low_side = mutual & (ar < nn_idx)  # i of a pair (i, j), i < j: the merged cluster keeps i
         high_side = mutual & (nn_idx < ar)  # j: absorbed
