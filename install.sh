@@ -16,6 +16,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install --quiet -e ".[workflow,diffusion,test]"
+# the library declares ranges (pyproject.toml); the workflow's environment pins
+# the diffusion stack it was run with, as envs/diffusion.yaml does
+.venv/bin/python -m pip install --quiet -e ".[workflow,diffusion,test]" \
+  "diffusers==0.42.1" "transformers==5.23.0" "tokenizers==0.23.3" "clean-fid==0.1.35"
 echo "installed: $(.venv/bin/python -c 'import torch, timm, snakemake; print("torch", torch.__version__, "timm", timm.__version__, "snakemake", snakemake.__version__)')"
 echo "install took $(( $(date +%s) - start )) s"

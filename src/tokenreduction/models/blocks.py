@@ -16,9 +16,14 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
+from .._compat import require_timm
 from ..reduction.base import BlockFeatures, TokenReducer
 from .budget import StageBudget
 from .context import ReductionContext
+
+# every timm has a Block to import; an older timm than the package supports
+# fails at the first forward, so it gets one clear error here instead
+require_timm()
 
 
 def _policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
