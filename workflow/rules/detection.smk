@@ -23,19 +23,24 @@ if DET_ENV_STAMP and DET_RUNS:
         log:
             f"{RESULTS}/logs/detection/env.log",
         priority: 50
-        localrule: True
+        # on a cluster, built in a job on a GPU node when the detection jobs
+        # use GPUs (mmcv's CUDA ops compile there), else in this process
+        localrule: det_gpus() == 0
         conda:
             # for the record: under --sdm conda this rule is not defined, the
             # detection jobs get envs/mmdet.yaml instead
             "../../envs/mmdet.yaml"
-        threads: 1
+        threads: 1 if det_gpus() == 0 else 8
         resources:
-            mem_mb=4000,
-            runtime=60,
+            mem_mb=4000 if det_gpus() == 0 else 16000,
+            runtime=60 if det_gpus() == 0 else 120,
+            gpu=1 if det_gpus() > 0 else 0,
         params:
             venv=lambda w, output: str(Path(output[0]).parent),
+            require_cuda=1 if det_gpus() > 0 else 0,
         shell:
-            "MAX_JOBS=${{MAX_JOBS:-2}} bash {input.script:q} {params.venv:q} > {log:q} 2>&1"
+            "TOKENREDUCTION_DETECTION_REQUIRE_CUDA={params.require_cuda} MAX_JOBS=${{MAX_JOBS:-{threads}}}"
+            " bash {input.script:q} {params.venv:q} > {log:q} 2>&1"
 
 
 rule make_detection_demo_data:

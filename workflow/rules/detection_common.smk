@@ -144,6 +144,12 @@ def _det_gpus():
     return int(DET.get("gpus_per_train_job", 0))
 
 
+def det_gpus():
+    """GPUs of any detection job (train or eval): > 0 means the detection
+    environment must have mmcv's CUDA ops (envs/mmcv_build.py check)."""
+    return max(_det_gpus(), int(DET.get("gpus_per_eval_job", 0)))
+
+
 def det_launch(wildcards):
     """Several GPUs: torch's launcher, one process per GPU."""
     gpus = _det_gpus()
