@@ -188,9 +188,9 @@ def stage_times(records: list[dict]) -> list[dict]:
             {
                 "stage": rule,
                 "jobs": len(jobs),
-                "job_seconds": round(sum(j["end"] - j["start"] for j in jobs), 1),
+                "job_seconds": round(sum(j["end"] - j["start"] for j in jobs), 3),
                 "first_start": first,
-                "wall_seconds": round(last - first, 1),
+                "wall_seconds": round(last - first, 3),
             }
         )
     return sorted(rows, key=lambda r: r["first_start"])
