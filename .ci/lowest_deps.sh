@@ -7,9 +7,10 @@
 # declares a lower bound (`name>=X`), exactly version X; requirements without a
 # lower bound get what pip resolves. The project is installed there (editable,
 # no dependencies of its own), and the library's fast tests run in it: methods,
-# API, conformance, compile, dependency ranges and the diffusion tests that are
-# not marked slow. It prints the versions it tested and exits with pytest's
-# status.
+# API, conformance, compile, dependency ranges, the diffusion tests that are
+# not marked slow, CLCA, and the analysis and pattern-figure tests (pandas,
+# SciPy, scikit-learn, matplotlib). It prints the versions it tested and exits with
+# pytest's status.
 #
 # torch: PyPI ships Linux torch only as CUDA builds, which also run on a CPU;
 # CPU-only builds are on download.pytorch.org, which this CI cannot reach.
@@ -69,7 +70,8 @@ EOF
 set +e
 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_methods_a.py tests/test_methods_common.py tests/test_api.py tests/test_conformance.py \
-  tests/test_compile.py tests/test_dependency_ranges.py tests/test_diffusion.py
+  tests/test_compile.py tests/test_dependency_ranges.py tests/test_diffusion.py \
+  tests/test_clca.py tests/test_analysis_metrics.py tests/test_analysis_conventions.py tests/test_visualize.py
 status=$?
 set -e
 stamp "lowest-deps tests done, pytest exit $status"

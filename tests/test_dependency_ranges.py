@@ -8,11 +8,13 @@ fail at import with one error naming both versions, not at the first forward
 """
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -142,3 +144,37 @@ def test_install_sh_and_the_diffusion_environment_pin_the_same_diffusion_stack()
     install, env = _pins((ROOT / "install.sh").read_text()), _pins((ROOT / "envs/diffusion.yaml").read_text())
     for name in ("torch", "torchvision", "diffusers", "transformers", "tokenizers", "clean-fid"):
         assert install[name] == env[name], name
+
+
+# ---------------------------------------------------------------- timm's Mixup: multi_label from 1.0.31 on
+MIXUP_CFG = SimpleNamespace(mixup=0.8, cutmix=1.0, batch_size=4, smoothing=0.1)
+
+
+class MixupBefore1031:
+    """timm's Mixup signature before 1.0.31 (no multi_label)."""
+
+    def __init__(self, mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=1000):
+        self.num_classes = num_classes
+
+
+def test_multilabel_mixup_on_an_older_timm_names_the_version(monkeypatch):
+    import timm
+    import timm.data
+
+    from tokenreduction.train.recipe import build_mixup
+
+    monkeypatch.setattr(timm.data, "Mixup", MixupBefore1031)
+    with pytest.raises(RuntimeError, match=rf"needs timm>=1\.0\.31 .*timm {re.escape(timm.__version__)} is installed"):
+        build_mixup(MIXUP_CFG, 3, multilabel=True)
+    single = build_mixup(MIXUP_CFG, 3, multilabel=False)  # single-label mixing needs no new keyword
+    assert isinstance(single, MixupBefore1031) and single.num_classes == 3
+
+
+def test_mixup_mixes_multilabel_targets_where_timm_can():
+    from timm.data import Mixup
+
+    from tokenreduction.train.recipe import build_mixup
+
+    assert not getattr(build_mixup(MIXUP_CFG, 3, multilabel=False), "multi_label", False)
+    if "multi_label" in inspect.signature(Mixup).parameters:
+        assert build_mixup(MIXUP_CFG, 3, multilabel=True).multi_label

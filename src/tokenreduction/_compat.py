@@ -1,12 +1,14 @@
-"""The oldest timm this package runs on, checked before its internals are read.
+"""The timm releases this package runs on: the oldest one, checked before its
+internals are read, and what differs between them.
 
 The model patch reads timm's ``Block`` and ``Attention`` attributes
-(:mod:`tokenreduction.models.blocks`, :mod:`tokenreduction.models.vit`), which
-changed across timm releases. ``MIN_TIMM`` is the oldest release the library's
-fast tests pass on (``.ci/lowest_deps.sh``); ``pyproject.toml`` declares the
-same bound (``tests/test_dependency_ranges.py`` checks they agree). The check
-reads the installed version from the package metadata, without importing
-timm, so importing this module stays cheap.
+(:mod:`tokenreduction.models.blocks`, :mod:`tokenreduction.models.vit`,
+:mod:`tokenreduction.clca.baselines`), which changed across timm releases.
+``MIN_TIMM`` is the oldest release the library's fast tests pass on
+(``.ci/lowest_deps.sh``); ``pyproject.toml`` declares the same bound
+(``tests/test_dependency_ranges.py`` checks they agree). The check reads the
+installed version from the package metadata, without importing timm, and this
+module imports neither torch nor timm, so importing it stays cheap.
 """
 from __future__ import annotations
 
@@ -44,3 +46,16 @@ def require_timm(installed: str | None = None) -> None:
             f"tokenreduction needs timm>={MIN_TIMM}, but timm {installed} is installed "
             f"(its ViT internals differ): pip install 'timm>={MIN_TIMM}'"
         )
+
+
+def merge_heads(attn, out):
+    """Per-head attention output (B, H, T, head_dim) -> (B, T, H * head_dim),
+    through the Attention's scale norm where it has one.
+
+    timm's Attention has a ``norm`` (scale_norm; Identity unless enabled) only
+    from 1.0.16 and an ``attn_dim`` only from 1.0.23: this reads neither from
+    the shapes, so every supported release gives the same result."""
+    B, H, T, head_dim = out.shape
+    out = out.transpose(1, 2).reshape(B, T, H * head_dim)
+    norm = getattr(attn, "norm", None)
+    return out if norm is None else norm(out)

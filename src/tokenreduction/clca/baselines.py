@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.blocks import merge_heads
 from ..models.context import ReductionContext
 from .cache import masked_mean
 
@@ -367,7 +368,7 @@ def query_block_forward(block: nn.Module, x: torch.Tensor, bias: Optional[torch.
     if bias is not None:
         bias = torch.cat([bias, bias.new_zeros(B, 1, 1, Q)], dim=-1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    out = attn.proj(attn.norm(out.transpose(1, 2).reshape(B, Q, attn.attn_dim)))
+    out = attn.proj(merge_heads(attn, out))  # (B, Q, C); timm's attn_dim and norm are not in every release
     z = queries + block.ls1(out)
     return z + block.ls2(block.mlp(block.norm2(z)))
 

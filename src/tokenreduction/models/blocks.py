@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from .._compat import require_timm
+from .._compat import merge_heads, require_timm
 from ..reduction.base import BlockFeatures, TokenReducer
 from .budget import StageBudget
 from .context import ReductionContext
@@ -129,12 +129,7 @@ class TokenBlock(Block):
             feats.metric = k[:, :, p:].mean(dim=1)
         if "value" in need:
             feats.value = v[:, :, p:]
-        # (B, H, T, head_dim) -> (B, T, H * head_dim). timm's Attention has an
-        # ``attn_dim`` only from 1.0.23 and a ``norm`` (scale_norm) only from
-        # 1.0.16: read what every 1.0.x has
-        out = out.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim)
-        if getattr(attn, "norm", None) is not None:
-            out = attn.norm(out)
+        out = merge_heads(attn, out)  # (B, T, C), as every supported timm's Attention gives it
         if gate is not None:
             out = out * gate
         out = attn.proj_drop(attn.proj(out))

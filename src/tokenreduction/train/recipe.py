@@ -8,6 +8,7 @@ learned method never touches the trainer.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -111,12 +112,22 @@ def build_mixup(cfg: TrainConfig, num_classes: int, multilabel: bool) -> Optiona
 
     if cfg.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
+    # timm's Mixup mixes dense multi-label targets (multi_label=True) from 1.0.31 on;
+    # single-label mixing is the same in every timm the package supports
+    options = {"multi_label": True} if multilabel else {}
+    if multilabel and "multi_label" not in inspect.signature(Mixup).parameters:
+        import timm
+
+        raise RuntimeError(
+            f"mixup/cutmix on multi-label data needs timm>=1.0.31 (Mixup's multi_label), but timm "
+            f"{timm.__version__} is installed: pip install 'timm>=1.0.31', or set mixup and cutmix to 0"
+        )
     return Mixup(
         mixup_alpha=cfg.mixup,
         cutmix_alpha=cfg.cutmix,
         label_smoothing=cfg.smoothing,
         num_classes=num_classes,
-        multi_label=multilabel,
+        **options,
     )
 
 
