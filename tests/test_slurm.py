@@ -110,13 +110,52 @@ def run_slurm(args: list[str], workdir: Path, config_home: Path, limit: int = 42
     return out
 
 
-def submissions(output: str) -> list[tuple[str, str]]:
-    """(Slurm job id, rule) of every job the executor submitted with sbatch."""
-    found = []
-    for jobid, log in SUBMITTED.findall(output):
-        m = re.search(r"rule_(\w+)", log)
-        found.append((jobid, m.group(1) if m else "?"))
+ARRAY_SUBMITTED = re.compile(
+    r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)\. The individual task IDs are (\d+)-(\d+)\."
+)
+
+
+def snakemake_jobs(output: str) -> dict[str, tuple[str, str]]:
+    """Snakemake job id -> (rule, wildcards line), from the job blocks Snakemake prints."""
+    found: dict[str, tuple[str, str]] = {}
+    rule, jobid = None, None
+    for line in output.splitlines():
+        text = line.strip()
+        m = re.match(r"^(?:local)?rule (\w+):", text)
+        if m:
+            rule, jobid = m.group(1), None
+        m = re.match(r"^jobid: (\d+)$", text)
+        if m and rule:
+            jobid = m.group(1)
+            found[jobid] = (rule, "")
+        if text.startswith("wildcards:") and jobid:
+            found[jobid] = (rule, text[len("wildcards:"):].strip() + ",")
     return found
+
+
+def snakemake_job_rules(output: str) -> dict[str, str]:
+    return {jobid: rule for jobid, (rule, _) in snakemake_jobs(output).items()}
+
+
+def submissions(output: str) -> list[tuple[str, str]]:
+    """(Slurm job id, rule) of every job the executor submitted with sbatch,
+    in order; an array's tasks as <array id>_<task>."""
+    found = []
+    for m in SUBMITTED.finditer(output):
+        r = re.search(r"rule_(\w+)", m.group(2))
+        found.append((m.start(), m.group(1), r.group(1) if r else "?"))
+    rules = snakemake_job_rules(output)
+    for m in ARRAY_SUBMITTED.finditer(output):
+        ids, array_id, first = m.group(1).split(","), m.group(2), int(m.group(3))
+        for k, snakemake_id in enumerate(ids):
+            found.append((m.start(), f"{array_id}_{first + k}", rules.get(snakemake_id, "?")))
+    return [(jobid, rule) for _, jobid, rule in sorted(found, key=lambda f: f[0])]
+
+
+def arrays(output: str) -> list[list[str]]:
+    """The Slurm ids of each array's tasks."""
+    return [[f"{m.group(2)}_{k}" for k in range(int(m.group(3)), int(m.group(4)) + 1)]
+            for m in ARRAY_SUBMITTED.finditer(output)]
 
 
 def slurm_jobs(ids: list[str]) -> dict[str, dict[str, str]]:
@@ -267,8 +306,10 @@ def test_demo_on_slurm_reruns_nothing_reruns_only_what_changed_and_resumes(tmp_p
     assert json.loads((evit_run / "train_metrics.json").read_text())["world_size"] == 2
 
     print(f"{time.time() - t0:.0f} s: scancel and resume", flush=True)
-    # ---- 4. a training job killed with scancel resumes on the retry
-    # a longer recipe for digits only: the pretraining spec stays the same
+    # ---- 4. arrays: both fine-tunes rerun (a longer recipe for digits only:
+    # the pretraining spec stays the same) as ONE array of two tasks; one task
+    # killed with scancel is retried alone (attempt 2: its runtime doubled)
+    # and resumes from its checkpoint; the run finishes
     longer = copy.deepcopy(changed)
     longer["datasets"]["digits"]["recipe"] = {"epochs": 2, "max_steps": None, "log_every": 5, "batch_size": 16}
     longer["resources"]["gpus_per_train_job"] = 1
@@ -276,44 +317,64 @@ def test_demo_on_slurm_reruns_nothing_reruns_only_what_changed_and_resumes(tmp_p
     run = FINETUNE_RUN.format(method="evit")
     target = results / "finetune" / run / "final.pth"
     train_log = results / "logs" / "finetune" / f"{run}.log"
-    cmd = snakemake_cmd([str(target), *SLURM_ARGS, "--configfile", str(path3)], tmp_path, 420)
+    cmd = snakemake_cmd([summary_target(tmp_path), *SLURM_ARGS, "--configfile", str(path3)], tmp_path, 480)
     log_path = tmp_path / "resume.out"
     train_log.unlink()  # step 3's log of the same run already has progress lines: wait for this run's own
     with open(log_path, "w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=snakemake_env(config_home))
         try:
-            first = _wait_for_training(log_path, train_log, proc)
-            subprocess.run(["scancel", first], check=True, timeout=30)
-            rc = proc.wait(timeout=400)
+            killed = _wait_for_training(log_path, train_log, proc, method="evit")
+            subprocess.run(["scancel", killed], check=True, timeout=30)
+            rc = proc.wait(timeout=460)
         finally:
             if proc.poll() is None:
                 proc.kill()
     out = log_path.read_text()
     assert rc == 0, out[-6000:]
     subs = submissions(out)
-    assert [rule for _, rule in subs] == ["finetune", "finetune"], out[-4000:]
-    states = slurm_jobs([i for i, _ in subs])
-    assert states[subs[0][0]]["state"] == "CANCELLED" and states[subs[1][0]]["state"] == "COMPLETED", states
-    # the retry is attempt 2: its runtime request doubled
-    limits = [minutes(job_field(jobid, "TimeLimit")) for jobid, _ in subs]
-    assert limits[1] == 2 * limits[0] > 0, limits
+    finetunes = [jobid for jobid, rule in subs if rule == "finetune"]
+    tasks = arrays(out)[0]
+    assert finetunes[:2] == tasks and len(tasks) == 2, out[-4000:]  # the two fine-tunes: one array
+    assert killed in tasks and len(finetunes) == 3 and "_" not in finetunes[2], finetunes  # the retry: alone
+    retry = finetunes[2]
+    states = slurm_jobs(finetunes)
+    other = next(t for t in tasks if t != killed)
+    assert states[killed]["state"] == "CANCELLED", states
+    assert states[other]["state"] == "COMPLETED" and states[retry]["state"] == "COMPLETED", states
+    # every task of the array asks for the same time; the retry is attempt 2: doubled
+    limits = {jobid: minutes(job_field(jobid, "TimeLimit")) for jobid in finetunes}
+    assert limits[tasks[0]] == limits[tasks[1]] > 0 and limits[retry] == 2 * limits[killed], limits
     log = train_log.read_text()
     m = re.search(r"resumed from \S+: epoch (\d+), batch (\d+), step (\d+)", log)
     assert m and int(m.group(3)) > 0, log[-3000:]
     metrics = json.loads((results / "finetune" / run / "train_metrics.json").read_text())
     assert metrics["epochs_completed"] == 2 and metrics["steps"] > int(m.group(3))
     assert target.stat().st_size > 0
+    # the stage table from what the jobs recorded: positive job seconds for every stage that ran
+    stages = (results / "logs" / "stage_times.tsv").read_text().splitlines()[1:]
+    ran = {line.split("\t")[0]: float(line.split("\t")[2]) for line in stages}
+    assert {"finetune", "evaluate", "summarise"} <= set(ran) and all(v > 0 for v in ran.values()), ran
     print(f"slurm test took {time.time() - t0:.0f} s")
 
 
-def _wait_for_training(out_path: Path, train_log: Path, proc: subprocess.Popen, limit: float = 240) -> str:
-    """The Slurm id of the finetune job once its trainer logged a few steps."""
+def _wait_for_training(out_path: Path, train_log: Path, proc: subprocess.Popen, method: str,
+                       limit: float = 240) -> str:
+    """The Slurm id (an array task's <id>_<n>) of `method`'s finetune job once
+    its trainer logged a few steps."""
     deadline = time.time() + limit
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError("snakemake ended before the job could be killed:\n" + out_path.read_text()[-4000:])
-        subs = submissions(out_path.read_text())
-        if subs and train_log.exists() and re.search(r"train step (\d*[1-9]\d*)\b[^\n]*, loss ", train_log.read_text()):
-            return subs[0][0]
+        out = out_path.read_text()
+        if train_log.exists() and re.search(r"train step (\d*[1-9]\d*)\b[^\n]*, loss ", train_log.read_text()):
+            jobs = snakemake_jobs(out)
+            ids = [i for i, (rule, wildcards) in jobs.items() if rule == "finetune" and f"method={method}," in wildcards]
+            for m in ARRAY_SUBMITTED.finditer(out):
+                for k, snakemake_id in enumerate(m.group(1).split(",")):
+                    if snakemake_id in ids:
+                        return f"{m.group(2)}_{int(m.group(3)) + k}"
+            for m in SUBMITTED.finditer(out):
+                if re.match(rf"Job ({'|'.join(ids) or '-'}) has", m.group(0)):
+                    return m.group(1)
         time.sleep(0.5)
     raise AssertionError("training never started:\n" + out_path.read_text()[-4000:])

@@ -32,7 +32,8 @@ rule pretrain:
     shell:
         "set --; if [ {resources.gpu} -gt 1 ]; then"
         " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"
-        " OMP_NUM_THREADS=$(( {threads} / ({resources.gpu} > 1 ? {resources.gpu} : 1) ))"
+        " procs=$(( {resources.gpu} > 1 ? {resources.gpu} : 1 ));"
+        " OMP_NUM_THREADS=$(( ({threads} + procs - 1) / procs ))"
         ' "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
         " --device {params.device}"
         " --final {output.model:q} > {log:q} 2>&1"
@@ -69,7 +70,8 @@ rule finetune:
     shell:
         "set --; if [ {resources.gpu} -gt 1 ]; then"
         " set -- -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}; fi;"
-        " OMP_NUM_THREADS=$(( {threads} / ({resources.gpu} > 1 ? {resources.gpu} : 1) ))"
+        " procs=$(( {resources.gpu} > 1 ? {resources.gpu} : 1 ));"
+        " OMP_NUM_THREADS=$(( ({threads} + procs - 1) / procs ))"
         ' "$TOKENREDUCTION_PYTHON" "$@" {input.script:q} --spec {params.spec:q}'
         " --device {params.device}"
         " --final {output.model:q} {params.then_evaluate} > {log:q} 2>&1"
