@@ -238,6 +238,28 @@ def test_the_c_file_is_what_is_built_and_keys_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_tried", False)  # rebuilt (cached) for the tests after this one
 
 
+def test_single_linkage_on_float32_equals_float64_and_scipy():
+    """Single linkage on float32 input runs on a float32 work matrix (it only
+    compares): the labels of the float64 path on the same values, and
+    SciPy's, with many ties (a coarse grid, duplicated tokens) and without;
+    a nan is still found and named."""
+    g = torch.Generator().manual_seed(11)
+    grid = (torch.rand(5, 60, 60, generator=g) * 6).round() / 4
+    grid = (grid + grid.transpose(1, 2)) / 2
+    tokens = torch.randn(5, 20, 6, generator=g)[:, torch.randint(0, 20, (60,), generator=g)]
+    for d in (grid, cosine_distance(tokens), cosine_distance(torch.randn(5, 60, 6, generator=g))):
+        for k in (1, 7, 30, 59):
+            got = agglomerative_labels(d, k, "single", backend="native")
+            assert torch.equal(got, agglomerative_labels(d.double(), k, "single", backend="native"))
+            reference = (agglomerative_labels(d, k, "single", backend="scipy") if bool((d < 0).any())
+                         else _scipy_first_merges(d, k, "single"))  # linkage refuses negative distances
+            np.testing.assert_array_equal(got.numpy(), reference.numpy())
+    bad = grid.clone()
+    bad[3, 10, 40] = float("nan")
+    with pytest.raises(ValueError, match="image 3"):
+        agglomerative_labels(bad, 7, "single", backend="native")
+
+
 def test_native_rejects_gpu_tensors_by_name():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

@@ -235,6 +235,39 @@ static int fill_work(const void *src, int kind, int64_t n, int64_t ld, double *W
     return 0;
 }
 
+/* Single linkage only compares distances, and float32 -> float64 is exact
+   and keeps their order: on float32 inputs its tree is built on a float32
+   work matrix (half the bytes to fill) with the same merges and the same
+   heights as on the float64 one. Upper triangle of one image -> symmetric
+   float32 W (row stride ld), +inf on the diagonal; returns 1 when an entry
+   is inf or nan. */
+static int fill_work_f32(const float *src, int kind, int64_t n, int64_t ld, float *W) {
+    int bad = 0;
+    for (int64_t ib = 0; ib < n; ib += BLOCK) {
+        int64_t ie = ib + BLOCK < n ? ib + BLOCK : n;
+        for (int64_t i = ib; i < ie; i++) {
+            const float *r = src + i * n;
+            float *w = W + i * ld;
+            for (int64_t j = i + 1; j < n; j++) {
+                float f = r[j];
+                if (kind == COSSIM_F32) { f = 1.0f - f; f = f < 0.0f ? 0.0f : f; }
+                bad |= !(f - f == 0.0f);
+                w[j] = f;
+            }
+            w[i] = INFINITY;
+        }
+        for (int64_t jb = ib; jb < n; jb += BLOCK) {  /* mirror, tile by tile */
+            int64_t je = jb + BLOCK < n ? jb + BLOCK : n;
+            for (int64_t i = ib; i < ie; i++) {
+                int64_t j0 = jb > i + 1 ? jb : i + 1;
+                const float *w = W + i * ld;
+                for (int64_t j = j0; j < je; j++) W[j * ld + i] = w[j];
+            }
+        }
+    }
+    return bad;
+}
+
 /* ---------------------------------------------------------------- linkages */
 
 /* Prim's MST from point 0, as SciPy's mst_single_linkage; returns the
@@ -257,6 +290,43 @@ static int64_t mst(int64_t n, int64_t ld, const double *W, double *best, double 
         double cur;
         int y = (int)first_min(best, pen, n, &cur);
         mx[k] = x; my[k] = y; mh[k] = best[y];
+        x = y;
+    }
+    return n - 1;
+}
+
+/* mst() on the float32 work matrix of fill_work_f32: the same loop, the
+   smallest of best[] over points outside the tree by four running minima,
+   then its first position in index order (SciPy's choice) */
+static int64_t mst_f32(int64_t n, int64_t ld, const float *W, float *best, float *pen, int *mx, int *my,
+                       double *mh) {
+    for (int64_t i = 0; i < n; i++) { best[i] = INFINITY; pen[i] = 0.0f; }
+    int x = 0;
+    for (int64_t k = 0; k < n - 1; k++) {
+        const float *row = W + (int64_t)x * ld;
+        pen[x] = INFINITY;
+        float m0 = INFINITY, m1 = INFINITY, m2 = INFINITY, m3 = INFINITY;
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            for (int u = 0; u < 4; u++) {
+                float d = row[i + u];
+                best[i + u] = d < best[i + u] ? d : best[i + u];
+            }
+            float v0 = best[i] + pen[i], v1 = best[i + 1] + pen[i + 1];
+            float v2 = best[i + 2] + pen[i + 2], v3 = best[i + 3] + pen[i + 3];
+            m0 = v0 < m0 ? v0 : m0; m1 = v1 < m1 ? v1 : m1;
+            m2 = v2 < m2 ? v2 : m2; m3 = v3 < m3 ? v3 : m3;
+        }
+        for (; i < n; i++) {
+            float d = row[i];
+            best[i] = d < best[i] ? d : best[i];
+            float v = best[i] + pen[i];
+            m0 = v < m0 ? v : m0;
+        }
+        m0 = m1 < m0 ? m1 : m0; m2 = m3 < m2 ? m3 : m2; m0 = m2 < m0 ? m2 : m0;
+        int y = 0;
+        while (!(best[y] + pen[y] == m0)) y++;
+        mx[k] = x; my[k] = y; mh[k] = (double)best[y];
         x = y;
     }
     return n - 1;
@@ -923,6 +993,12 @@ int tr_agglomerative_labels(const void *dist, int kind, int64_t B, int64_t n, in
             __atomic_fetch_add(&sparse_fallbacks, 1, __ATOMIC_RELAXED);
         }
         if (!W && !(W = work_matrix((size_t)(n * ld) * sizeof(double)))) { status = 1; break; }
+        if (method == SINGLE && kind != DIST_F64) {
+            if (fill_work_f32((const float *)src, kind, n, ld, (float *)W)) { *bad = b; status = 2; break; }
+            int64_t m = mst_f32(n, ld, (const float *)W, (float *)heap, (float *)pen, mx, my, mh);
+            cut(n, m, need, mx, my, mh, idx, tmp, parent, labels + b * n);
+            continue;
+        }
         if (fill_work(src, kind, n, ld, W, best)) { *bad = b; status = 2; break; }
         int64_t m = method == SINGLE ? mst(n, ld, W, heap, pen, mx, my, mh)
                                      : nn_chain(n, ld, method, need, W, pen, act, size, chain, best, stale, heap,

@@ -59,6 +59,9 @@ and the same tie-breaking*, so it yields SciPy's partition exactly, but:
   a UNet's hidden states at a 64 x 64 latent the graph has 5-10 pairs per
   token and the sparse path is about 5x faster than the dense chain
   (``benchmarks/speed_table.py``, section atc_large);
+* single linkage only compares distances, and float32 -> float64 is exact
+  and keeps their order: on float32 input its tree runs on a float32 work
+  matrix (half the bytes to fill), with the same merges and heights;
 * ctypes releases the GIL during the call, so the images of a batch are
   spread over threads (:func:`run`).
 
