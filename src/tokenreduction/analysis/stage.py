@@ -57,6 +57,27 @@ def _load(eval_dir: Path, run: str, name: str) -> dict:
     return load_npz(path)
 
 
+def pair_order(todo: pd.DataFrame, axis: str) -> list[int]:
+    """The order in which compare_runs visits the rows of ``pairs(...)``: the
+    pairs of one group of the axis together (rates: method and capacity;
+    capacity: method and keep rate; models: capacity and keep rate, the
+    baseline's pairs with those of ``baseline_rate``), so that a run's files
+    are loaded once and dropped after its group, and a job holds one group's
+    runs rather than every run of the dataset. Stable: within a group, the
+    order of ``todo``."""
+    if todo.empty:
+        return []
+    if axis == "rates":
+        keys = [todo["method_a"].astype(str), todo["capacity_a"].astype(str)]
+    elif axis == "capacity":
+        keys = [todo["method_a"].astype(str), todo["keep_rate_a"].astype(float)]
+    else:
+        keys = [todo["capacity_a"].astype(str),
+                np.minimum(todo["keep_rate_a"].astype(float), todo["keep_rate_b"].astype(float))]
+    frame = pd.DataFrame({f"k{i}": key.to_numpy() for i, key in enumerate(keys)})
+    return frame.sort_values(list(frame.columns), kind="stable").index.tolist()
+
+
 def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathLike, out_csv: PathLike,
                  progress: Callable = lambda it, **kw: it, pwcca: str = "study",
                  baseline_rate: Optional[float] = BASELINE_PAIR_RATE,
@@ -76,7 +97,11 @@ def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathL
     eval_dir = Path(eval_dir)
     runs = runs_table(pd.read_csv(summary_csv), dataset)
     todo = pairs(runs, axis, match=("seed",), baseline_rate=baseline_rate)
-    frames = []
+    order = pair_order(todo, axis)
+    last_use = {}
+    for step, index in enumerate(order):
+        last_use[todo.at[index, "run_a"]] = last_use[todo.at[index, "run_b"]] = step
+    frames: dict[int, list] = {}
     degenerate: list = []
     cache: dict = {}
 
@@ -85,7 +110,9 @@ def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathL
             cache[(run, name)] = _load(eval_dir, run, name)
         return cache[(run, name)]
 
-    for pair in progress(todo.to_dict("records"), desc=f"compare {dataset} {axis}"):
+    records = todo.to_dict("records")
+    for step, index in enumerate(progress(order, desc=f"compare {dataset} {axis}")):
+        pair = records[index]
         a, b = pair["run_a"], pair["run_b"]
         pat = compare_patterns(get(a, "patterns.npz"), get(b, "patterns.npz"), names=(a, b), hc_true=hc_true)
         with warnings.catch_warnings(record=True) as caught:
@@ -93,20 +120,25 @@ def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathL
             feat = compare_features(get(a, "cls_features.npz"), get(b, "cls_features.npz"), names=(a, b), pwcca=pwcca)
         for w in caught:
             if issubclass(w.category, DegenerateCCAWarning):
-                degenerate.append(f"{a} vs {b}: {w.message}")
+                degenerate.append((index, f"{a} vs {b}: {w.message}"))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        for table, source in ((pat, "pattern"), (feat, "feature")):
-            if len(table):
-                frames.append(table.assign(axis=axis, run_a=a, run_b=b, source=source))
+        frames[index] = [table.assign(axis=axis, run_a=a, run_b=b, source=source)
+                         for table, source in ((pat, "pattern"), (feat, "feature")) if len(table)]
+        # a run no later pair reads leaves the cache (the job holds a group's runs, not the dataset's)
+        for run in {a, b}:
+            if last_use[run] == step:
+                cache.pop((run, "patterns.npz"), None)
+                cache.pop((run, "cls_features.npz"), None)
     columns = ["axis", "run_a", "run_b", "source", "block", "n_images", *PATTERN_MEASURES, *FEATURE_MEASURES]
-    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    ordered = [frame for index in sorted(frames) for frame in frames[index]]
+    out = pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame(columns=columns)
     out = out.reindex(columns=[c for c in columns if c in out.columns] + [c for c in out.columns if c not in columns])
     if degenerate:
         log.warning(
             "degenerate CCA in %d feature comparisons (PWCCA, MeanCCA, MeanSqCCA are NaN there): "
             "evaluate more images than the two widths together (evaluate.num_pattern_images). First: %s",
-            len(degenerate), degenerate[0],
+            len(degenerate), min(degenerate)[1],
         )
     with atomic_path(out_csv) as tmp:
         out.to_csv(tmp, index=False)
