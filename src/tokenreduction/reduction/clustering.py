@@ -378,10 +378,9 @@ def rnn_sync_bound(num_points: int) -> int:
     whether every image is done, made after rounds 1, 2, 4, 8, ... (a round
     merges at least one pair of every unfinished image, so R <= N - 1
     rounds and at most ceil(log2 R) + 1 <= L + 1 checks, the last one made
-    after round N at the latest); one read-back of
-    which images are near ties or not finite; three more when some image
-    goes to the exact path (its index to the device, its distances to the
-    host, its labels back)."""
+    after round N at the latest); one read-back of which images are near
+    ties or not finite; three more when some image goes to the exact path
+    (its index to the device, its distances to the host, its labels back)."""
     return max(int(num_points) - 1, 1).bit_length() + 5
 
 
@@ -403,10 +402,17 @@ def _rnn_labels(distance: torch.Tensor, need: int, linkage: str) -> torch.Tensor
     (the compiled kernel, else SciPy) on the CPU.
 
     Host synchronisations: at most :func:`rnn_sync_bound` (N) per call
-    (13 at N = 196, 17 at N = 4096), none of them inside a round. Raises ValueError naming an image with inf or nan
-    distances (in the upper triangle)."""
+    (13 at N = 196, 17 at N = 4096), none of them inside a round. Raises
+    ValueError naming an image with inf or nan distances (in the upper
+    triangle). On MPS, which has no float64, every image takes the exact
+    path on the CPU."""
     B, N, _ = distance.shape
     device = distance.device
+    if device.type == "mps":
+        host = distance.detach().cpu()
+        exact_labels = (_native.run(host, need, linkage) if _native.library() is not None
+                        else _scipy_labels(host, need, linkage))
+        return exact_labels.to(device)
     upper = torch.ones(N, N, dtype=torch.bool, device=device).triu_(1)
     D = distance.detach().to(torch.float64)
     D = torch.where(upper, D, D.transpose(1, 2))  # SciPy reads the upper triangle
