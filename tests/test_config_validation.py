@@ -206,42 +206,160 @@ def test_r_at_the_limit_passes_and_one_more_fails():
             create_model("vit_tiny_patch16_224", method=method, r=6, **kwargs)
 
 
+def _init_parameters(cls) -> dict:
+    """Keyword parameters of cls's constructor, following **kwargs up the MRO
+    (name -> inspect.Parameter), without self and dim."""
+    import inspect
+
+    params = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__)
+        for p, v in sig.parameters.items():
+            if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY) and p not in params:
+                params[p] = v
+        if not any(v.kind is v.VAR_KEYWORD for v in sig.parameters.values()):
+            break
+    params.pop("self", None)
+    params.pop("dim", None)
+    return params
+
+
 def test_method_options_match_the_reducer_classes():
-    """The options read from the sources are the constructors' keyword
-    arguments, and the builder-set ones are those of fixed-output methods."""
+    """Every registered reducer's constructor signature is its declaration:
+    the same option names and defaults, required where the declaration says,
+    the same class flags, and the class checks with that very declaration."""
     import inspect
 
     from tokenreduction.reduction import get_method, list_methods
+    from tokenreduction.reduction.options import METHODS
 
     catalog = cv.method_catalog()
-    assert sorted(catalog) == list_methods()
+    assert sorted(catalog) == sorted(METHODS) == list_methods()
     for name in list_methods():
         cls = get_method(name)
-        params = set()
-        for klass in cls.__mro__:
-            if "__init__" not in vars(klass):
-                continue
-            sig = inspect.signature(klass.__init__)
-            params |= {p for p, v in sig.parameters.items() if v.kind is v.POSITIONAL_OR_KEYWORD or v.kind is v.KEYWORD_ONLY}
-            if not any(v.kind is v.VAR_KEYWORD for v in sig.parameters.values()):
-                break
-        params -= {"self", "dim"}
-        assert set(catalog[name].options) == params, name
-        assert bool(catalog[name].builder_options) == bool(cls.fixed_output or getattr(cls, "needs_grid", False)), name
+        declared = catalog[name]
+        assert cls.option_spec is METHODS[name], name
+        params = _init_parameters(cls)
+        assert set(declared.options) == set(params), name
+        for opt, param in params.items():
+            option = declared.options[opt]
+            if param.default is inspect.Parameter.empty:
+                assert option.required, (name, opt)
+            else:
+                assert option.default == param.default, (name, opt)
+        assert declared.needs_class_token == cls.needs_class_token, name
+        assert declared.fixed_output == cls.fixed_output, name
+        assert declared.needs_grid == getattr(cls, "needs_grid", False), name
+        builder = set()
+        if cls.fixed_output:
+            builder |= {"num_out", "num_in"}
+        if getattr(cls, "needs_grid", False):
+            builder.add("grid_size")
+        assert set(declared.builder_options) == builder, name
 
 
-def test_constructor_checks_agree_with_the_classes():
-    """A value the DAG-build check rejects is one the real constructor rejects."""
+def test_choice_lists_are_the_libraries():
+    """The declared choices are the tuples the method code uses."""
+    from tokenreduction.reduction import ats, clustering, heuristic, kmedoids
+    from tokenreduction.reduction.options import METHODS
+
+    assert METHODS["atc"].options["linkage"].choices == clustering.LINKAGES
+    assert METHODS["ats"].options["quantile_rule"].choices == ats.QUANTILE_RULES
+    assert METHODS["heuristic"].options["pattern"].choices == heuristic.PATTERNS
+    assert METHODS["kmedoids"].options["init"].choices == kmedoids.INITS
+
+
+BAD_VALUES = [
+    ("atc", {"linkage": "ward"}, "linkage"),
+    ("atc", {"linkage": 3}, "linkage"),
+    ("ats", {"quantile_rule": "median"}, "quantile_rule"),
+    ("heuristic", {"pattern": "l3"}, "pattern"),
+    ("heuristic", {"rule": "round"}, "rule"),
+    ("dpcknn", {"k_neighbors": 0}, "k_neighbors"),
+    ("dpcknn", {"k_neighbors": 2.5}, "k_neighbors"),
+    ("kmedoids", {"cluster_iters": -1}, "cluster_iters"),
+    ("kmedoids", {"init_index": -2}, "init_index"),
+    ("kmedoids", {"medoid_update": "pam"}, "medoid_update"),
+    ("evit", {"fuse_token": "yes"}, "fuse_token"),
+    ("sinkhorn", {"sinkhorn_eps": 0.0}, "sinkhorn_eps"),
+    ("sinkhorn", {"cluster_iters": 0}, "cluster_iters"),
+    ("patchmerger", {"scaled_attention": 1}, "scaled_attention"),
+]
+
+
+@pytest.mark.parametrize("name,options,key", BAD_VALUES, ids=[f"{n}-{k}-{list(o.values())[0]}" for n, o, k in BAD_VALUES])
+def test_a_bad_value_is_refused_by_the_constructor_and_the_validator_alike(name, options, key):
+    """One message from both: the DAG-build check (the validator's copy of the
+    declarations, loaded by path) and the real constructor."""
     from tokenreduction.reduction import get_method
 
-    cases = [("atc", {"linkage": "ward"}), ("heuristic", {"pattern": "l3"}), ("dpcknn", {"k_neighbors": 0}),
-             ("kmedoids", {"cluster_iters": -1}), ("sinkhorn", {"sinkhorn_eps": 0.0, "num_out": 4})]
-    for name, options in cases:
-        checked = {k: v for k, v in options.items() if k != "num_out"}
-        assert cv.method_catalog()[name].check_options(checked, dim=16), name
-        with pytest.raises(ValueError):
-            get_method(name)(dim=16, **options)
-    assert cv.method_catalog()["atc"].check_options({"linkage": "single"}, dim=16) == []
+    problems = cv.method_catalog()[name].problems(options, dim=16)
+    assert [k for k, _ in problems] == [key]
+    builder = {"num_out": 4} if get_method(name).fixed_output else {}
+    with pytest.raises(ValueError) as refused:
+        get_method(name)(dim=16, **options, **builder)
+    assert str(refused.value) == problems[0][1]
+    assert cv.method_catalog()[name].problems({}, dim=16) == []  # the defaults pass
+
+
+def test_width_dependent_checks_agree():
+    """sit's hidden units and DynamicViT's predictor width: refused at DAG build
+    for the model's embed_dim with the constructor's message."""
+    from tokenreduction.reduction import get_method
+
+    for name, options, dim in (("sit", {"hidden_ratio": 0.1}, 8), ("dynamicvit", {}, 3)):
+        (problem,) = cv.method_catalog()[name].problems(options, dim=dim)
+        builder = {"num_out": 4} if get_method(name).fixed_output else {}
+        with pytest.raises(ValueError) as refused:
+            get_method(name)(dim=dim, **options, **builder)
+        assert str(refused.value) == problem[1]
+        assert cv.method_catalog()[name].problems(options, dim=64) == []
+
+
+def test_declared_output_counts_are_the_reducers():
+    """The count the DAG-build simulation uses equals the built reducer's
+    output_count (every method but the heuristic, whose shells need the grid)."""
+    from tokenreduction.models.budget import StageBudget
+    from tokenreduction.reduction import get_method, list_methods
+
+    variants = {"evit": [{"fuse_token": True}, {"fuse_token": False}],
+                "ats": [{"quantile_rule": "reference"}, {"quantile_rule": "midpoint"}]}
+    checked = 0
+    for name in list_methods():
+        if name == "heuristic":
+            continue
+        cls = get_method(name)
+        for options in variants.get(name, [{}]):
+            for n in (1, 2, 7, 49, 196, 197):
+                for target in sorted({1, 2, n // 3 + 1, n - 1, n, n + 3} - {0}):
+                    sb = StageBudget(target=min(target, n), r=max(0, n - target))
+                    built = {"num_out": min(target, n), "num_in": n} if cls.fixed_output else {}
+                    reducer = cls(dim=16, **options, **built)
+                    assert cv.method_catalog()[name].output_count(options, n, sb) == reducer.output_count(n, sb), (
+                        name, options, n, target)
+                    checked += 1
+    assert checked > 300
+
+
+def test_ats_grid_length_is_torchs():
+    from tokenreduction.reduction.ats import ats_sample_steps
+
+    ats = cv.options_module()
+    assert [ats.ats_step_count(k) for k in range(1, 400)] == [ats_sample_steps(k).numel() for k in range(1, 400)]
+
+
+def test_declarations_load_without_torch():
+    """The validator reads the declarations by path, with no package import."""
+    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('o', sys.argv[1]);"
+            " m = importlib.util.module_from_spec(spec); sys.modules['o'] = m; spec.loader.exec_module(m);"
+            " assert 'torch' not in sys.modules and 'tokenreduction' not in sys.modules, sorted(sys.modules);"
+            " print(len(m.METHODS))")
+    path = Path(cv.__file__).parent / "reduction" / "options.py"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == len(cv.method_catalog())
 
 
 @pytest.mark.parametrize("name,kwargs", [

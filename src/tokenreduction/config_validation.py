@@ -7,14 +7,13 @@ everything the jobs would check, and names the key path of each problem
 
 One source of truth: nothing here repeats the library's option lists.
 
-* Reduction methods: the option names, types and defaults are read from the
-  constructor signatures of the registered reducer classes (following
-  ``**kwargs`` up to the base class), and the constructor's own checks (``if
-  k_neighbors < 1: raise ValueError(...)``, ``check_linkage(linkage)``) are
-  evaluated on the configured values, giving the library's own message.
+* Reduction methods: each method's declaration in
+  :mod:`tokenreduction.reduction.options` (option names, types, defaults,
+  allowed values and ranges, builder-set options, class flags), the same one
+  its constructor checks values with, so both refuse a value with one message.
 * Token budgets: :mod:`tokenreduction.models.budget` itself, and each method's
-  own ``output_count``, simulate every stage of every model of the study (r too
-  large at some block, keep-rate lists of the wrong length).
+  declared output count, simulate every stage of every model of the study (r
+  too large at some block, keep-rate lists of the wrong length).
 * Recipes: :class:`tokenreduction.train.config.TrainConfig` itself (allowed
   keys, field types from its annotations, ranges from its ``validate``).
 * CLCA options: the fields and ``validate`` of ``clca.model.CLCAConfig``.
@@ -43,11 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 PACKAGE = Path(__file__).resolve().parent
-REDUCTION = PACKAGE / "reduction"
 BASELINE_NAMES = ("none", "deit", "baseline")
-#: constructor arguments that the model builder sets itself
-#: (``tokenreduction.models.vit._sized``), by the class flag that asks for them
-BUILDER_OPTIONS = {"fixed_output": ("num_out", "num_in"), "needs_grid": ("grid_size",)}
 DEMO_KINDS = ("digits", "digits_multilabel", "digits_ufgir")
 #: fallback where data/transforms.py cannot be read (see :func:`dataset_kinds`)
 MULTILABEL_KINDS = ("coco", "nuswide", "digits_multilabel")
@@ -355,116 +350,6 @@ class Option:
         return self.default is _MISSING
 
 
-@dataclass
-class MethodInfo:
-    """What the config may say about a registered method, read from its class."""
-
-    name: str
-    cls: str
-    module: _Module
-    options: dict[str, Option]
-    builder_options: tuple[str, ...]
-    attrs: dict[str, Any]
-    chain: list[tuple[_Module, ast.ClassDef]]
-
-    def check_options(self, values: dict[str, Any], dim: Optional[int] = None) -> list[tuple[str, str]]:
-        """(option, message) for each unknown, mistyped or rejected option."""
-        problems = []
-        for key, value in values.items():
-            if key in self.builder_options:
-                problems.append((key, f"is set by the model builder for method {self.name!r}; remove it"))
-            elif key not in self.options:
-                known = ", ".join(sorted(self.options)) or "none"
-                close = _close(key, self.options)
-                problems.append((key, f"unknown option of method {self.name!r}{close}; its options: {known}"))
-            else:
-                why = type_problem(value, self.options[key].annotation)
-                if why:
-                    problems.append((key, why))
-        for opt in self.options.values():
-            if opt.required and opt.name not in values and opt.name not in self.builder_options:
-                problems.append((opt.name, f"method {self.name!r} needs option {opt.name!r}"))
-        if problems:
-            return problems
-        message = self.run_constructor_checks(values, dim)
-        if not message:
-            return []
-        for key in values:  # name the option whose value the check rejects
-            if self.run_constructor_checks({key: values[key]}, dim):
-                return [(key, message)]
-        return [("", message)]
-
-    def bound(self, values: dict[str, Any], dim: Optional[int] = None) -> dict[str, Any]:
-        names = {o.name: o.default for o in self.options.values() if not o.required}
-        names.update(values)
-        if dim is not None:
-            names["dim"] = dim
-        return names
-
-    def run_constructor_checks(self, values: dict[str, Any], dim: Optional[int] = None) -> Optional[str]:
-        """The checks of every ``__init__`` along the class chain, on `values`."""
-        names = self.bound(values, dim)
-        self_ns = types.SimpleNamespace(**names)
-        for mod, cls in self.chain:
-            init = _method(cls, "__init__")
-            if init is None:
-                continue
-            scope = {**_namespace(mod), **names, "self": self_ns}
-            problem = _run_checks(mod, init.body, scope)
-            if problem:
-                return problem
-        return None
-
-    def output_count(self, values: dict[str, Any], num_tokens: int, stage_budget: Any, fixed: Optional[int]) -> int:
-        """Tokens out of a stage, by the class's own ``output_count`` (run on
-        the option values); ``min(target, n)`` when it cannot run here."""
-        fake_self, fn = self._counter(json.dumps(values, sort_keys=True, default=str))
-        if fn is not None:
-            if fixed is not None:
-                fake_self = types.SimpleNamespace(**{**vars(fake_self), "num_out": fixed, "num_in": num_tokens})
-            try:
-                return int(fn(fake_self, num_tokens, stage_budget))
-            except Exception:
-                pass
-        return min(stage_budget.target, num_tokens)
-
-    def _counter(self, key: str) -> tuple[types.SimpleNamespace, Optional[Any]]:
-        """(stand-in for the constructed reducer, its output_count function),
-        cached per option values."""
-        cache = self.__dict__.setdefault("_counters", {})
-        if key not in cache:
-            names = self.bound(json.loads(key))
-            fake_self = types.SimpleNamespace(**names)
-            for mod, cls in reversed(self.chain):  # base first, as super().__init__ runs
-                init = _method(cls, "__init__")
-                if init is not None:
-                    _run_checks(mod, init.body, {**_namespace(mod), **names, "self": fake_self})
-            fn = None
-            for mod, cls in self.chain:  # leaf first: the override that applies
-                node = _method(cls, "output_count")
-                if node is not None:
-                    try:
-                        fn = _compile_function(mod, node)
-                    except Exception:
-                        fn = None
-                    break
-            cache[key] = (fake_self, fn)
-        return cache[key]
-
-
-def _compile_function(mod: _Module, fn: ast.FunctionDef) -> Any:
-    """Compile one pure function of the library's source (module constants
-    and safe builtins in scope)."""
-    node = ast.Module(body=[fn], type_ignores=[])
-    code = compile(ast.fix_missing_locations(node), str(mod.path), "exec", flags=_FUTURE_FLAGS, dont_inherit=True)
-    scope: dict[str, Any] = {"__builtins__": _SAFE_BUILTINS, **_namespace(mod)}
-    exec(code, scope)
-    return scope[fn.name]
-
-
-_FUTURE_FLAGS = __import__("__future__").annotations.compiler_flag
-
-
 def _method(cls: ast.ClassDef, name: str) -> Optional[ast.FunctionDef]:
     for node in cls.body:
         if isinstance(node, ast.FunctionDef) and node.name == name:
@@ -472,78 +357,16 @@ def _method(cls: ast.ClassDef, name: str) -> Optional[ast.FunctionDef]:
     return None
 
 
-def _class_chain(mod: _Module, cls: ast.ClassDef) -> list[tuple[_Module, ast.ClassDef]]:
-    """The class and its package base classes, leaf first (single inheritance)."""
-    chain = [(mod, cls)]
-    while True:
-        m, c = chain[-1]
-        base = next((b.id for b in c.bases if isinstance(b, ast.Name)), None)
-        found = _resolve(m, base, "class") if base else None
-        if found is None or len(chain) > 10:
-            return chain
-        chain.append(found)
+def options_module() -> types.ModuleType:
+    """reduction/options.py, loaded by path: every method's declared options,
+    class flags and output count (standard library only, as here)."""
+    return _load("reduction/options.py", "tokenreduction_config_options")
 
 
-def _class_attrs(chain: list[tuple[_Module, ast.ClassDef]]) -> dict[str, Any]:
-    attrs: dict[str, Any] = {}
-    for _, cls in reversed(chain):
-        for node in cls.body:
-            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                for t in targets:
-                    if isinstance(t, ast.Name):
-                        try:
-                            attrs[t.id] = ast.literal_eval(node.value)
-                        except (ValueError, TypeError, SyntaxError):
-                            pass
-    return attrs
-
-
-def _init_options(chain: list[tuple[_Module, ast.ClassDef]]) -> dict[str, Option]:
-    """Keyword options of the constructor, following ``**kwargs`` passed to
-    ``super().__init__`` up the chain."""
-    options: dict[str, Option] = {}
-    for _, cls in chain:
-        init = _method(cls, "__init__")
-        if init is None:
-            continue
-        args = init.args
-        positional = args.posonlyargs + args.args
-        defaults = [_MISSING] * (len(positional) - len(args.defaults)) + list(args.defaults)
-        pairs = list(zip(positional, defaults)) + list(zip(args.kwonlyargs, args.kw_defaults))
-        for arg, default in pairs:
-            if arg.arg in ("self", "dim") or arg.arg in options:
-                continue
-            value = _MISSING
-            if default is not _MISSING and default is not None:
-                try:
-                    value = ast.literal_eval(default)
-                except ValueError:
-                    value = None
-            options[arg.arg] = Option(arg.arg, arg.annotation, value)
-        if args.kwarg is None:
-            break
-    return options
-
-
-@lru_cache(maxsize=None)
-def method_catalog() -> dict[str, MethodInfo]:
-    """Every registered method (``@register("name")`` in reduction/*.py), read
-    from the source: options, builder-set options, class attributes."""
-    catalog = {}
-    for path in sorted(REDUCTION.glob("*.py")):
-        mod = _module(path)
-        for cls in mod.classes.values():
-            for deco in cls.decorator_list:
-                if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Name) and deco.func.id == "register"
-                        and deco.args and isinstance(deco.args[0], ast.Constant)):
-                    chain = _class_chain(mod, cls)
-                    attrs = _class_attrs(chain)
-                    builder = tuple(o for flag, opts in BUILDER_OPTIONS.items() if attrs.get(flag) for o in opts)
-                    catalog[deco.args[0].value] = MethodInfo(
-                        deco.args[0].value, cls.name, mod, _init_options(chain), builder, attrs, chain
-                    )
-    return catalog
+def method_catalog() -> dict[str, Any]:
+    """Method name -> its declaration (``reduction.options.MethodOptions``):
+    the same object each reducer's constructor checks its options with."""
+    return options_module().METHODS
 
 
 def _close(word: str, known: Iterable[str]) -> str:
@@ -1007,7 +830,7 @@ class _Checker:
                           f"unknown method {method!r}{_close(method, catalog)}; known methods: {', '.join(sorted(catalog))}")
                 continue
             options = {k: v for k, v in spec.items() if k not in ("method", "budget", "clca", "tuning", "tuning_kwargs")}
-            for key, message in catalog[method].check_options(options):
+            for key, message in catalog[method].problems(options):
                 self.fail(f"methods.{name}.{key}" if key else f"methods.{name}", message)
             if spec.get("clca"):
                 self.clca(f"methods.{name}.clca", spec["clca"], clca_fields, clca_cls)
@@ -1067,11 +890,11 @@ class _Checker:
         mi = method_catalog()[method]
         values = {k: v for k, v in spec.items() if k not in ("method", "budget", "clca", "tuning", "tuning_kwargs")}
         if info.embed_dim is not None:
-            message = mi.run_constructor_checks(values, int(info.embed_dim))
-            if message:
-                self.fail(f"methods.{method_name}", f"{message} ({what}, embed_dim {info.embed_dim})")
+            problems = mi.problems(values, int(info.embed_dim))
+            if problems:
+                self.fail(f"methods.{method_name}", f"{problems[0][1]} ({what}, embed_dim {info.embed_dim})")
                 return
-        if mi.attrs.get("needs_class_token") and not info.class_token:
+        if mi.needs_class_token and not info.class_token:
             self.fail(key, f"{what}: method {method!r} reads the CLS attention but the model has no class token")
             return
         bmod = budget_module()
@@ -1098,8 +921,7 @@ class _Checker:
                             f" tokens are left there ({info.num_patches} patches, {depth} blocks)"
                         )
                 sb = tb.stage(stage, loc, n)
-                fixed = min(sb.target, n) if mi.attrs.get("fixed_output") else None
-                n = mi.output_count(values, n, sb, fixed)
+                n = mi.output_count(values, n, sb)
                 if n < 1:
                     raise ValueError(f"no patch tokens are left after block {loc}")
         except ValueError as err:

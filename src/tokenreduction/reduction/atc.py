@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
-from .clustering import LINKAGES, agglomerative_labels, check_linkage
+from .clustering import LINKAGES, agglomerative_labels
 from .ops import labels_to_assignment
+from .options import METHODS
 from .registry import register
 
 
@@ -107,9 +108,12 @@ class ATC(TokenReducer):
     needs = frozenset({"metric"})
     uses_sizes = True
 
+    option_spec = METHODS["atc"]
+
     def __init__(self, dim: int, linkage: str = "average", **kwargs) -> None:
         super().__init__(dim, **kwargs)
-        self.linkage = check_linkage(linkage)
+        self.option_spec.check(linkage=linkage)
+        self.linkage = linkage
 
     def extra_repr(self) -> str:
         return f"linkage={self.linkage!r}"

@@ -32,9 +32,9 @@ import torch
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .ops import batch_gather
+from .options import METHODS, QUANTILE_RULES
 from .registry import register
 
-QUANTILE_RULES = ("reference", "midpoint")
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -122,11 +122,11 @@ class ATS(TokenReducer):
     position = "mid"
     needs = frozenset({"cls_attn", "value"})
     needs_class_token = True
+    option_spec = METHODS["ats"]
 
     def __init__(self, dim: int, quantile_rule: str = "reference", **kwargs) -> None:
         super().__init__(dim, **kwargs)
-        if quantile_rule not in QUANTILE_RULES:
-            raise ValueError(f"unknown ATS quantile_rule {quantile_rule!r}; use one of {', '.join(QUANTILE_RULES)}")
+        self.option_spec.check(quantile_rule=quantile_rule)
         self.quantile_rule = quantile_rule
 
     def output_count(self, num_tokens: int, budget) -> int:

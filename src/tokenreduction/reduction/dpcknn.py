@@ -31,6 +31,7 @@ from torch import nn
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .ops import pool_by_assignment, sum_by_assignment
+from .options import METHODS
 from .registry import register
 
 
@@ -75,13 +76,13 @@ def merge_by_log_weight(
 class DPCKNN(TokenReducer):
     kind = "merge"
     position = "pre"
+    option_spec = METHODS["dpcknn"]
 
     def __init__(
         self, dim: int, k_neighbors: int = 5, equal_weight: bool = False, size_weighted: bool = False, **kwargs
     ) -> None:
         super().__init__(dim, **kwargs)
-        if k_neighbors < 1:
-            raise ValueError(f"k_neighbors must be >= 1, got {k_neighbors}")
+        self.option_spec.check(k_neighbors=k_neighbors, equal_weight=equal_weight, size_weighted=size_weighted)
         self.k_neighbors = int(k_neighbors)
         self.size_weighted = bool(size_weighted)
         self.score = None if equal_weight else nn.Linear(dim, 1)

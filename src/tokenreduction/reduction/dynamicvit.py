@@ -35,6 +35,7 @@ from torch import nn
 
 from .base import BlockFeatures, MethodLoss, ReductionOutput, TokenReducer
 from .ops import keep_by_score
+from .options import METHODS
 from .registry import register
 
 POLICY_KEY = "dynamicvit_policy"
@@ -109,9 +110,11 @@ class DynamicViT(TokenReducer):
     kind = "prune"
     position = "pre"
     uses_teacher = True
+    option_spec = METHODS["dynamicvit"]
 
     def __init__(self, dim: int, **kwargs) -> None:
         super().__init__(dim, **kwargs)
+        self.option_spec.check(dim=dim)
         self.predictor = KeepPredictor(dim)
 
     @classmethod

@@ -13,6 +13,7 @@ import torch
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .ops import batch_gather, keep_by_score
+from .options import METHODS
 from .registry import register
 from .topk import cls_attention_score
 
@@ -31,9 +32,11 @@ class EViT(TokenReducer):
     position = "mid"
     needs = frozenset({"cls_attn"})
     needs_class_token = True
+    option_spec = METHODS["evit"]
 
     def __init__(self, dim: int, fuse_token: bool = True, **kwargs) -> None:
         super().__init__(dim, **kwargs)
+        self.option_spec.check(fuse_token=fuse_token)
         self.fuse_token = fuse_token
 
     def output_count(self, num_tokens: int, budget) -> int:

@@ -40,10 +40,10 @@ import torch
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .ops import batch_gather
+from .options import HEURISTIC_PATTERNS as PATTERNS
+from .options import HEURISTIC_RULES as RULES
+from .options import METHODS
 from .registry import register
-
-PATTERNS = ("l1", "l2", "linf")
-RULES = ("reference", "exact")
 
 
 def _check_pattern(pattern: str) -> None:
@@ -168,14 +168,13 @@ class Heuristic(TokenReducer):
     kind = "prune"
     position = "pre"
     needs_grid = True
+    option_spec = METHODS["heuristic"]
 
     def __init__(
         self, dim: int, pattern: str = "l2", grid_size: Optional[Sequence[int]] = None, rule: str = "reference", **kwargs
     ) -> None:
         super().__init__(dim, **kwargs)
-        _check_pattern(pattern)
-        if rule not in RULES:
-            raise ValueError(f"unknown heuristic rule {rule!r}; use one of {', '.join(RULES)}")
+        self.option_spec.check(pattern=pattern, grid_size=grid_size, rule=rule)
         self.pattern = pattern
         self.rule = rule
         self.grid_size = None if grid_size is None else (int(grid_size[0]), int(grid_size[1]))

@@ -42,10 +42,10 @@ import torch
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .ops import batch_gather, sum_by_assignment
+from .options import KMEDOIDS_INITS as INITS
+from .options import KMEDOIDS_UPDATES as UPDATES
+from .options import METHODS
 from .registry import register
-
-INITS = ("reference", "farthest")
-UPDATES = ("reference", "textbook")
 
 
 def _rows(dist: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -177,6 +177,7 @@ class KMedoids(TokenReducer):
     kind = "merge"
     position = "pre"
     needs = frozenset({"attn_received"})
+    option_spec = METHODS["kmedoids"]
 
     def __init__(
         self,
@@ -190,14 +191,8 @@ class KMedoids(TokenReducer):
         **kwargs,
     ) -> None:
         super().__init__(dim, **kwargs)
-        if cluster_iters < 0:
-            raise ValueError(f"cluster_iters must be >= 0, got {cluster_iters}")
-        if init not in INITS:
-            raise ValueError(f"unknown K-Medoids init {init!r}; use one of {', '.join(INITS)}")
-        if medoid_update not in UPDATES:
-            raise ValueError(f"unknown K-Medoids medoid_update {medoid_update!r}; use one of {', '.join(UPDATES)}")
-        if init_index is not None and int(init_index) < 0:
-            raise ValueError(f"init_index must be >= 0, got {init_index}")
+        self.option_spec.check(cluster_iters=cluster_iters, equal_weight=equal_weight, init=init,
+                               medoid_update=medoid_update, seed=seed, init_index=init_index)
         self.cluster_iters = int(cluster_iters)
         self.equal_weight = bool(equal_weight)
         self.init = init

@@ -24,6 +24,7 @@ from torch import nn
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .ops import soft_assignment_output
+from .options import METHODS
 from .registry import register
 
 
@@ -42,13 +43,13 @@ class PatchMerger(TokenReducer):
     kind = "soft"
     position = "pre"
     fixed_output = True
+    option_spec = METHODS["patchmerger"]
 
     def __init__(
         self, dim: int, num_out: int, num_in: Optional[int] = None, scaled_attention: bool = False, **kwargs
     ) -> None:
         super().__init__(dim, **kwargs)
-        if num_out < 1:
-            raise ValueError(f"patchmerger needs at least one output token, got num_out={num_out}")
+        self.option_spec.check(num_out=num_out, num_in=num_in, scaled_attention=scaled_attention)
         self.num_out = num_out
         self.num_in = num_in  # informational: K is fixed, N may vary with the image size
         self.scale = dim ** -0.5 if scaled_attention else 1.0

@@ -42,6 +42,7 @@ from torch import nn
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .ops import soft_assignment_output
+from .options import METHODS
 from .registry import register
 
 
@@ -87,6 +88,7 @@ class Sinkhorn(TokenReducer):
     kind = "soft"
     position = "pre"
     fixed_output = True
+    option_spec = METHODS["sinkhorn"]
 
     def __init__(
         self,
@@ -98,12 +100,7 @@ class Sinkhorn(TokenReducer):
         **kwargs,
     ) -> None:
         super().__init__(dim, **kwargs)
-        if num_out < 1:
-            raise ValueError(f"sinkhorn needs at least one centre, got num_out={num_out}")
-        if not sinkhorn_eps > 0:
-            raise ValueError(f"sinkhorn_eps must be > 0, got {sinkhorn_eps}")
-        if int(cluster_iters) != cluster_iters or cluster_iters < 1:
-            raise ValueError(f"cluster_iters must be a positive integer, got {cluster_iters}")
+        self.option_spec.check(num_out=num_out, num_in=num_in, sinkhorn_eps=sinkhorn_eps, cluster_iters=cluster_iters)
         self.num_out = num_out
         self.num_in = num_in  # informational: K is fixed, N may vary with the image size
         self.eps = float(sinkhorn_eps)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .ops import soft_assignment_output
+from .options import METHODS
 from .registry import register
 
 
@@ -46,14 +47,12 @@ class SiT(TokenReducer):
     kind = "soft"
     position = "pre"
     fixed_output = True
+    option_spec = METHODS["sit"]
 
     def __init__(self, dim: int, num_out: int, num_in: Optional[int] = None, hidden_ratio: float = 0.5, **kwargs) -> None:
         super().__init__(dim, **kwargs)
-        if num_out < 1:
-            raise ValueError(f"sit needs at least one output token, got num_out={num_out}")
+        self.option_spec.check(dim=dim, num_out=num_out, num_in=num_in, hidden_ratio=hidden_ratio)
         hidden = int(dim * hidden_ratio)
-        if hidden < 1:
-            raise ValueError(f"sit hidden_ratio={hidden_ratio} leaves no hidden units for dim {dim}")
         self.num_out = num_out
         self.num_in = num_in  # informational: K is fixed, N may vary with the image size
         self.mlp = nn.Sequential(

@@ -15,12 +15,14 @@ import torch
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .bipartite import bipartite_assignment, merge_tokens
+from .options import METHODS
 from .registry import register
 
 
 @register("tome")
 class ToMe(TokenReducer):
     kind = "merge"
+    option_spec = METHODS["tome"]
     position = "mid"
     needs = frozenset({"metric"})
     uses_sizes = True

@@ -13,6 +13,7 @@ import torch
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .bipartite import bipartite_assignment, merge_tokens
+from .options import METHODS
 from .registry import register
 
 
@@ -24,6 +25,7 @@ def class_importance_score(cls_attn: torch.Tensor, value: torch.Tensor) -> torch
 @register("tomecis")
 class ToMeCIS(TokenReducer):
     kind = "merge"
+    option_spec = METHODS["tomecis"]
     position = "mid"
     needs = frozenset({"metric", "cls_attn", "value"})
     needs_class_token = True

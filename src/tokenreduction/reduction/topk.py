@@ -11,6 +11,7 @@ import torch
 
 from .base import BlockFeatures, ReductionOutput, TokenReducer
 from .ops import keep_by_score
+from .options import METHODS
 from .registry import register
 
 
@@ -22,6 +23,7 @@ def cls_attention_score(cls_attn: torch.Tensor) -> torch.Tensor:
 @register("topk")
 class TopK(TokenReducer):
     kind = "prune"
+    option_spec = METHODS["topk"]
     position = "mid"
     needs = frozenset({"cls_attn"})
     needs_class_token = True
