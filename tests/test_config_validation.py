@@ -134,6 +134,14 @@ BROKEN = [
      "diffusion.experiments.tome-0.5.linkage"),
     ("diffusion-undefined-dataset", {"diffusion.dataset": "imagenet"}, "diffusion.dataset"),
     ("diffusion-class-names-file-missing", {"diffusion.class_names": "/nonexistent/names.txt"}, "diffusion.class_names"),
+    # once also checked by ots_common / benchmark_common / diffusion_common.smk (issue 27): the validator's alone now
+    ("ots-undefined-dataset", {"ots.dataset": "imagenet"}, "ots.dataset"),
+    ("ots-pretrain-not-by-the-dag", {"ots.backbones.tiny": {"pretrain": "nosuch"}}, "ots.backbones.tiny.pretrain"),
+    ("mae-multilabel-dataset", {"mae.dataset": "mosaic"}, "mae.dataset"),
+    ("mae-undefined-method", {"mae.methods": ["deit", "nosuch"]}, "mae.methods"),
+    ("benchmark-undefined-method", {"benchmark.methods": ["nosuch"]}, "benchmark.methods"),
+    ("benchmark-r-model-undefined-method", {"benchmark.r_models": [{"method": "nosuch", "r": 2}]},
+     "benchmark.r_models[0].method"),
 ]
 
 
@@ -416,6 +424,20 @@ def test_snakemake_dry_run_stops_with_the_key_and_no_traceback(tmp_path, changes
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert key in out and "invalid config" in out
+    assert "Traceback" not in out and 'File "' not in out, out
+
+
+def test_dry_run_refuses_what_the_common_smk_files_used_to_check(tmp_path):
+    """The checks removed from ots_common, benchmark_common and diffusion_common
+    (issue 27) still stop the DAG build, each key named, by the validator."""
+    changes = {"ots.backbones.tiny": {"pretrain": "nosuch"}, "mae.methods": ["deit", "nosuch"],
+               "benchmark.methods": ["nosuch"], "diffusion.dataset": "imagenet"}
+    proc = _dry_run(tmp_path, changes)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "invalid config (4 problems)" in out, out
+    for key in ("ots.backbones.tiny.pretrain", "mae.methods", "benchmark.methods", "diffusion.dataset"):
+        assert f"at {key}:" in out, (key, out)
     assert "Traceback" not in out and 'File "' not in out, out
 
 

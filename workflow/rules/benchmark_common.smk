@@ -38,28 +38,6 @@ def benchmark_backbones():
     return list(dict.fromkeys(names))
 
 
-def _check_benchmark_config():
-    for name in BENCH.get("backbones") or []:
-        if name not in config["backbones"]:
-            _fail(
-                "benchmark.backbones",
-                f"{name!r} is not defined under backbones: ({', '.join(config['backbones'])})",
-            )
-    for key, items in (
-        ("benchmark.methods", BENCH.get("methods") or []),
-        ("benchmark.r_models", [m["method"] for m in BENCH.get("r_models") or []]),
-    ):
-        for name in items:
-            if name not in config["methods"]:
-                _fail(
-                    key,
-                    f"{name!r} is not defined under methods: ({', '.join(config['methods'])})",
-                )
-
-
-_check_benchmark_config()
-
-
 def benchmark_gpus():
     """GPUs a benchmark job asks for (and measures): benchmark.gpus, else
     resources.gpus_per_eval_job."""

@@ -24,20 +24,7 @@ def diffusion_enabled():
 def _check_diffusion():
     if not diffusion_enabled():
         return
-    if DIFF["dataset"] not in config["datasets"]:
-        _fail(
-            "diffusion.dataset",
-            f"{DIFF['dataset']!r} is not defined under datasets: ({', '.join(config['datasets'])})",
-        )
-    for name, spec in DIFF["experiments"].items():
-        if (
-            spec.get("merge_fn", "none") != "none"
-            and not 0 <= float(spec.get("ratio", 0.5)) < 1
-        ):
-            _fail(
-                f"diffusion.experiments.{name}.ratio",
-                "must be in [0, 1) (the fraction removed)",
-            )
+    # diffusion.dataset and each experiment's ratio: checked by config_validation and the schema
     source = str(DIFF.get("pipeline", "tiny"))
     if source != "tiny" and not Path(source).exists():
         if (

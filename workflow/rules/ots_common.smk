@@ -1,56 +1,10 @@
-# Helpers of ots.smk: config checks, wildcards, the MAE run table, input
+# Helpers of ots.smk (its config is checked by config_validation): wildcards, the MAE run table, input
 # functions, job specs and resources.
 
 OTS = config.get("ots") or {}
 MAE = config.get("mae") or {}
 OTS_BACKBONES = list((OTS.get("backbones") or {}) if OTS else [])
 R_SCHEDULE_NAMES = ["constant", "decrease", "increase"]
-
-
-def _check_ots_config():
-    for section, spec in (("ots", OTS), ("mae", MAE)):
-        if not spec:
-            continue
-        dataset = spec["dataset"]
-        if dataset not in config["datasets"]:
-            _fail(
-                f"{section}.dataset",
-                f"{dataset!r} is not defined under datasets: ({', '.join(config['datasets'])})",
-            )
-        if config["datasets"][dataset]["kind"] in (
-            "coco",
-            "nuswide",
-            "digits_multilabel",
-        ):
-            _fail(
-                f"{section}.dataset",
-                f"{dataset!r} is multi-label; this stage reports top-1/top-5",
-            )
-        for m in spec["methods"]:
-            if m not in config["methods"]:
-                _fail(
-                    f"{section}.methods",
-                    f"{m!r} is not defined under methods: ({', '.join(config['methods'])})",
-                )
-    for name, spec in (OTS.get("backbones") or {}).items():
-        pre = spec.get("pretrain")
-        if (
-            pre is not None
-            and config["backbones"].get(pre, {}).get("init") != "pretrain"
-        ):
-            _fail(
-                f"ots.backbones.{name}.pretrain",
-                f"{pre!r} is not a backbone pretrained by the DAG (backbones.<name>.init: pretrain)",
-            )
-    for b in MAE.get("backbones", []):
-        if b not in config["backbones"]:
-            _fail(
-                "mae.backbones",
-                f"{b!r} is not defined under backbones: ({', '.join(config['backbones'])})",
-            )
-
-
-_check_ots_config()
 
 
 wildcard_constraints:
