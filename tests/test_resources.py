@@ -34,7 +34,7 @@ def test_time_limit_is_images_times_epochs_over_throughput_times_safety():
     assert est == pytest.approx(1_281_167 * 30 / 1000 / 60)
     assert 10 * 60 < est < 11 * 60
     assert res.time_limit_minutes(est, 1.5) == math.ceil(est * 1.5 + res.OVERHEAD_MINUTES)
-    assert res.time_limit_minutes(est, 1.5, attempt=2) == math.ceil((est * 1.5 + res.OVERHEAD_MINUTES) * 2)
+    assert res.time_limit_minutes(est, 1.5, attempt=2) == 2 * math.ceil(est * 1.5 + res.OVERHEAD_MINUTES)
     # four GPUs: faster, not four times; 448 px: four times the tokens, a quarter of the rate
     assert res.train_estimate_minutes(1000, 1, 1000.0, gpus=4) == pytest.approx(1000 / (1000 * 4 * 0.9) / 60)
     assert res.train_estimate_minutes(1000, 1, 1000.0, gpus=1, img_size=448) == pytest.approx(4 * 1000 / 1000 / 60)

@@ -99,8 +99,9 @@ def train_estimate_minutes(images: int, epochs: float, img_per_s: float, gpus: i
 
 
 def time_limit_minutes(estimate: float, safety: float, attempt: int = 1) -> int:
-    """A job's time limit: (estimate x safety + overhead) x attempt, whole minutes."""
-    return int(math.ceil((estimate * safety + OVERHEAD_MINUTES) * attempt))
+    """A job's time limit: estimate x safety + overhead in whole minutes
+    (rounded up), times the attempt (a retry asks for exactly twice as much)."""
+    return int(math.ceil(estimate * safety + OVERHEAD_MINUTES)) * int(attempt)
 
 
 def job_threads(num_workers: int, gpus: int, at_least: int = 1) -> int:
