@@ -16,26 +16,29 @@ One source of truth: nothing here repeats the library's option lists.
   too large at some block, keep-rate lists of the wrong length).
 * Recipes: :class:`tokenreduction.train.config.TrainConfig` itself (allowed
   keys, field types from its annotations, ranges from its ``validate``).
-* CLCA options: the fields and ``validate`` of ``clca.model.CLCAConfig``.
+* CLCA options: the fields, types and ``validate`` of ``clca.config.CLCAConfig``.
 * timm models: the architecture, its depth, patch size, image size and
   pretrained tags are read from timm's own model definitions
   (``@register_model`` functions and ``default_cfgs``), not guessed from names.
 
 The DAG build must stay fast, so this module imports neither torch nor timm:
-library sources and timm's sources are read with :mod:`ast` (parsed once,
-cached), and only pure-Python library modules (``models/budget.py``,
-``train/config.py``) are loaded. The library expressions evaluated here are the
-package's own code; config values only ever enter them as data.
+only torch-free library modules are loaded, by path (``reduction/options.py``,
+``models/budget.py``, ``train/config.py``, ``clca/config.py``); timm's sources
+and a few library tables (OTS presets, dataset kinds, tuning modes) are read
+with :mod:`ast` (parsed once, cached). The library expressions evaluated here
+are the package's own code; config values only ever enter them as data.
 """
 from __future__ import annotations
 
 import ast
+import collections.abc
 import importlib.util
 import json
 import math
 import os
 import sys
 import types
+import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -67,7 +70,6 @@ WORKFLOW_FIELDS = {
     "r": "mae.r",
     "r_schedule": "mae.schedules",
 }
-_MISSING = object()
 
 
 class ConfigError(ValueError):
@@ -149,205 +151,83 @@ def _namespace(mod: _Module) -> dict[str, Any]:
     return names
 
 
-def _resolve(mod: _Module, name: str, kind: str) -> Optional[tuple[_Module, ast.AST]]:
-    """The class or function `name` as seen from `mod` (defined there or
-    imported from a sibling module)."""
-    table = mod.classes if kind == "class" else mod.functions
-    if name in table:
-        return mod, table[name]
-    if name in mod.imports:
-        sibling, real = mod.imports[name]
-        path = mod.path.parent / f"{sibling}.py"
-        if path.is_file():
-            return _resolve(_module(path), real, kind)
-    return None
+# ---------------------------------------------------------------- types of dataclass fields
+# The annotations of TrainConfig and CLCAConfig, evaluated (typing.get_type_hints
+# on the dataclasses, both loaded from torch-free modules).
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               dict: "a mapping", list: "a list"}
 
 
-def _message(node: ast.Raise, names: dict[str, Any]) -> Optional[str]:
-    exc = node.exc
-    if isinstance(exc, ast.Call) and exc.args:
-        try:
-            return str(_eval(exc.args[0], names))
-        except Exception:
-            return None
-    return None
-
-
-def _run_checks(mod: _Module, body: list[ast.stmt], names: dict[str, Any], depth: int = 0) -> Optional[str]:
-    """Run the library's own argument checks in `body` (a constructor or a
-    validate method) on the values in `names`; returns the message of the
-    first check that fails, else None.
-
-    Executed: ``if <test>: raise ValueError(<message>)`` (the test and the
-    message evaluated), plain assignments (``hidden = int(dim * ratio)``,
-    ``self.k = int(k)``) and calls of package functions (``check_linkage(x)``)
-    whose body is checked the same way. Anything that needs more than the
-    bound values (tensors, modules) is skipped.
-    """
-    names = dict(names)
-    for stmt in body:
-        if isinstance(stmt, ast.If) and any(isinstance(s, ast.Raise) for s in stmt.body):
-            try:
-                failed = bool(_eval(stmt.test, names))
-            except Exception:
-                continue
-            if failed:
-                raise_node = next(s for s in stmt.body if isinstance(s, ast.Raise))
-                return _message(raise_node, names) or f"rejected by {ast.unparse(stmt.test)}"
-            continue
-        call = None
-        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call):
-            call = stmt.value
-        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None:
-            if isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Name):
-                call = stmt.value
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            if len(targets) == 1:
-                try:
-                    value = _eval(stmt.value, names)
-                except Exception:
-                    value = _MISSING
-                target = targets[0]
-                if value is not _MISSING:
-                    if isinstance(target, ast.Name):
-                        names[target.id] = value
-                    elif (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
-                          and target.value.id == "self" and "self" in names):
-                        setattr(names["self"], target.attr, value)
-        if call is not None and isinstance(call.func, ast.Name) and depth < 3:
-            found = _resolve(mod, call.func.id, "function")
-            if found is None:
-                continue
-            callee_mod, fn = found
-            try:
-                args = [_eval(a, names) for a in call.args]
-                kwargs = {k.arg: _eval(k.value, names) for k in call.keywords if k.arg}
-            except Exception:
-                continue
-            params = [a.arg for a in fn.args.args]
-            bound = {**_namespace(callee_mod), **dict(zip(params, args)), **kwargs}
-            problem = _run_checks(callee_mod, fn.body, bound, depth + 1)
-            if problem:
-                return problem
-    return None
-
-
-# ---------------------------------------------------------------- types from annotations
-
-
-def _annotation(node: Optional[ast.expr]) -> Optional[ast.expr]:
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        try:
-            return ast.parse(node.value, mode="eval").body
-        except SyntaxError:
-            return None
-    return node
-
-
-def _type_name(node: Optional[ast.expr]) -> str:
-    return "any value" if node is None else ast.unparse(node)
-
-
-def type_problem(value: Any, ann: Optional[ast.expr]) -> Optional[str]:
-    """Why `value` does not fit annotation `ann` (an AST), or None when it
-    does (or the annotation is not one this checks)."""
-    ann = _annotation(ann)
-    if ann is None:
-        return None
-    ok = _fits(value, ann)
+def type_problem(value: Any, hint: Any) -> Optional[str]:
+    """Why `value` does not fit the type `hint` (``Optional[float]``,
+    ``Literal["a", "b"]``, ``Sequence[int]``...), or None when it does (or
+    the hint is not one this checks)."""
+    ok = _fits(value, hint)
     if ok is None or ok:
         return None
-    hint = ""
-    if isinstance(value, str) and _fits(1.0, ann):
+    more = ""
+    if isinstance(value, str) and _fits(1.0, hint):
         try:
             float(value)
-            hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
+            more = " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
         except ValueError:
             pass
-    return f"expected {_describe(ann)}, got {type(value).__name__} {value!r}{hint}"
+    return f"expected {_describe(hint)}, got {type(value).__name__} {value!r}{more}"
 
 
-def _describe(ann: ast.expr) -> str:
-    if isinstance(ann, ast.Name):
-        return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                "dict": "a mapping", "list": "a list"}.get(ann.id, ann.id)
-    if isinstance(ann, ast.Subscript) and isinstance(ann.value, ast.Name) and ann.value.id == "Literal":
-        items = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
-        return "one of " + ", ".join(repr(ast.literal_eval(i)) for i in items)
-    return ast.unparse(ann)
+def _describe(hint: Any) -> str:
+    if hint in _TYPE_WORDS:
+        return _TYPE_WORDS[hint]
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return str(hint).replace("typing.", "")
 
 
-def _fits(value: Any, ann: ast.expr) -> Optional[bool]:
-    """True/False when `ann` is understood, None when it is not."""
-    if isinstance(ann, ast.Constant) and ann.value is None:
+def _fits(value: Any, hint: Any) -> Optional[bool]:
+    """True/False when `hint` is understood, None when it is not."""
+    if hint is Any:
+        return True
+    if hint is type(None):
         return value is None
-    if isinstance(ann, ast.Name) or isinstance(ann, ast.Attribute):
-        name = ann.id if isinstance(ann, ast.Name) else ann.attr
-        if name == "int":
-            return isinstance(value, int) and not isinstance(value, bool)
-        if name == "float":
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-        if name == "bool":
-            return isinstance(value, bool)
-        if name == "str":
-            return isinstance(value, str)
-        if name in ("dict", "Mapping"):
-            return isinstance(value, dict)
-        if name in ("list", "Sequence", "tuple"):
-            return isinstance(value, (list, tuple))
-        if name == "Any":
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (bool, str, dict):
+        return isinstance(value, hint)
+    if hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        results = [_fits(value, a) for a in args]
+        if any(results):
             return True
-        return None
-    if isinstance(ann, ast.BinOp) and isinstance(ann.op, ast.BitOr):
-        left, right = _fits(value, ann.left), _fits(value, ann.right)
-        if left or right:
-            return True
-        return None if left is None or right is None else False
-    if isinstance(ann, ast.Subscript):
-        head = ann.value.id if isinstance(ann.value, ast.Name) else getattr(ann.value, "attr", "")
-        items = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
-        if head == "Optional":
-            return True if value is None else _fits(value, items[0])
-        if head == "Union":
-            results = [_fits(value, i) for i in items]
-            if any(results):
-                return True
-            return None if None in results else False
-        if head == "Literal":
-            try:
-                allowed = [ast.literal_eval(i) for i in items]
-            except ValueError:
-                return None
-            return value in allowed and type(value) in {type(a) for a in allowed}
-        if head in ("Sequence", "list", "List", "tuple", "Tuple"):
-            if not isinstance(value, (list, tuple)):
-                return False
-            inner = [i for i in items if not (isinstance(i, ast.Constant) and i.value is Ellipsis)]
-            if len(inner) == 1:
-                results = [_fits(v, inner[0]) for v in value]
-                return None if None in results else all(results)
-            return True
-        if head in ("dict", "Dict", "Mapping"):
-            return isinstance(value, dict)
-        if head == "ClassVar":
-            return _fits(value, items[0])
+        return None if None in results else False
+    if origin is typing.Literal:
+        return value in args and type(value) in {type(a) for a in args}
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        if len(inner) == 1:
+            results = [_fits(v, inner[0]) for v in value]
+            return None if None in results else all(results)
+        return True
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    if origin is typing.ClassVar:
+        return _fits(value, args[0])
     return None
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Dataclass field -> its type (annotations evaluated)."""
+    hints = typing.get_type_hints(cls)
+    return {name: hints[name] for name in cls.__dataclass_fields__}
 
 
 # ---------------------------------------------------------------- the reduction methods
-
-
-@dataclass
-class Option:
-    """One constructor option of a reduction method."""
-
-    name: str
-    annotation: Optional[ast.expr]
-    default: Any = _MISSING
-
-    @property
-    def required(self) -> bool:
-        return self.default is _MISSING
 
 
 def _method(cls: ast.ClassDef, name: str) -> Optional[ast.FunctionDef]:
@@ -402,27 +282,9 @@ def train_config_module() -> types.ModuleType:
     return _load("train/config.py", "tokenreduction_config_train")
 
 
-@lru_cache(maxsize=None)
-def clca_options() -> tuple[dict[str, Option], Optional[tuple[_Module, ast.ClassDef]]]:
-    """Fields of clca.model.CLCAConfig (the options apply_clca takes)."""
-    path = PACKAGE / "clca" / "model.py"
-    if not path.is_file():
-        return {}, None
-    mod = _module(path)
-    cls = mod.classes.get("CLCAConfig")
-    if cls is None:
-        return {}, None
-    options = {}
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            default = _MISSING
-            if node.value is not None:
-                try:
-                    default = ast.literal_eval(node.value)
-                except ValueError:
-                    default = None
-            options[node.target.id] = Option(node.target.id, node.annotation, default)
-    return options, (mod, cls)
+def clca_config_class() -> type:
+    """clca.config.CLCAConfig (the options apply_clca takes), loaded by path."""
+    return _load("clca/config.py", "tokenreduction_config_clca").CLCAConfig
 
 
 @lru_cache(maxsize=None)
@@ -820,7 +682,6 @@ class _Checker:
 
     def methods(self) -> None:
         catalog = method_catalog()
-        clca_fields, clca_cls = clca_options()
         for name, spec in self.config["methods"].items():
             method = spec["method"]
             if method in BASELINE_NAMES:
@@ -833,34 +694,30 @@ class _Checker:
             for key, message in catalog[method].problems(options):
                 self.fail(f"methods.{name}.{key}" if key else f"methods.{name}", message)
             if spec.get("clca"):
-                self.clca(f"methods.{name}.clca", spec["clca"], clca_fields, clca_cls)
+                self.clca(f"methods.{name}.clca", spec["clca"])
 
-    def clca(self, key: str, values: Any, fields: dict[str, Option], cls: Optional[tuple]) -> None:
+    def clca(self, key: str, values: Any) -> None:
+        """One method's CLCA options: CLCAConfig's fields, types and validate()."""
         if not isinstance(values, dict):
             self.fail(key, f"must be a mapping of CLCA options, got {values!r}")
             return
-        if not fields:
-            return
+        cls = clca_config_class()
+        fields = field_types(cls)
         bad = False
         for opt, value in values.items():
             if opt not in fields:
                 self.fail(f"{key}.{opt}", f"unknown CLCA option{_close(opt, fields)}; known: {', '.join(fields)}")
                 bad = True
             else:
-                why = type_problem(value, fields[opt].annotation)
+                why = type_problem(value, fields[opt])
                 if why:
                     self.fail(f"{key}.{opt}", why)
                     bad = True
-        if bad or cls is None:
-            return
-        mod, node = cls
-        names = {o.name: o.default for o in fields.values() if o.default is not _MISSING}
-        names.update(values)
-        check = _method(node, "validate")
-        if check is not None:
-            problem = _run_checks(mod, check.body, {**_namespace(mod), "self": types.SimpleNamespace(**names)})
-            if problem:
-                self.fail(key, problem)
+        if not bad:
+            try:
+                cls(**values).validate()
+            except ValueError as err:
+                self.fail(key, str(err))
 
     def method_ok(self, name: str) -> bool:
         return name in self.config["methods"] and not any(
@@ -960,7 +817,7 @@ class _Checker:
             self.fail(key, f"must be a mapping of training settings, got {recipe!r}")
             return
         tc = train_config_module().TrainConfig
-        hints = _field_annotations(tc)
+        hints = field_types(tc)
         for name, value in recipe.items():
             if name not in hints:
                 self.fail(f"{key}.{name}", f"unknown training setting{_close(name, hints)} (see tokenreduction.train.config.TrainConfig)")
@@ -1214,21 +1071,6 @@ def _replace(info: ModelInfo, **changes: Any) -> ModelInfo:
     from dataclasses import replace
 
     return replace(info, **changes)
-
-
-def _field_annotations(cls: type) -> dict[str, Optional[ast.expr]]:
-    """Dataclass field -> annotation AST (string annotations parsed)."""
-    out = {}
-    for name, f in cls.__dataclass_fields__.items():
-        ann = f.type
-        if isinstance(ann, str):
-            try:
-                out[name] = ast.parse(ann, mode="eval").body
-            except SyntaxError:
-                out[name] = None
-        else:
-            out[name] = None
-    return out
 
 
 def schema_problems(config: dict, schema: dict) -> list[tuple[str, str]]:

@@ -36,7 +36,7 @@ position (DeiT-III); here carriers always have their own.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -44,42 +44,10 @@ from torch import nn
 from ..models.context import ReductionContext
 from ..models.extensions import register_extension
 from .cache import gap_weights, insert_extra_tokens, masked_mean, recovery_layers
+from .config import CLCAConfig
 from .head import CLAHead
 
 DEFAULT_LAYERS = (3, 6, 9)
-
-
-@dataclass(frozen=True)
-class CLCAConfig:
-    """Options of :func:`apply_clca` (names of the reference's flags).
-
-    reduction_loc: CLCA layers of an *unreduced* model (default 3, 6, 9); a
-    reduced model uses its reduction locations.
-    """
-
-    ifa_head: bool = False
-    ifa_dws_conv_groups: int = 2
-    clc: bool = False
-    num_clr: int = 0
-    clc_include_gap: bool = True
-    clc_pool_cls: bool = False
-    clc_pool_clr: bool = False
-    clc_recover_at_last: bool = True
-    reduction_loc: Optional[Sequence[int]] = None
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.ifa_head or self.clc)
-
-    def validate(self) -> None:
-        if self.num_clr < 0:
-            raise ValueError(f"num_clr must be >= 0, got {self.num_clr}")
-        if self.num_clr and not self.clc:
-            raise ValueError("num_clr carrier tokens need clc=True")
-        if self.clc and not (self.num_clr or self.clc_include_gap):
-            raise ValueError("clc needs num_clr > 0 or clc_include_gap (otherwise nothing is cached)")
-        if self.ifa_dws_conv_groups < 0:
-            raise ValueError(f"ifa_dws_conv_groups must be >= 0, got {self.ifa_dws_conv_groups}")
 
 
 class CLCAModule(nn.Module):
