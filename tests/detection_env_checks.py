@@ -239,17 +239,268 @@ def check_train_eval(tmp: Path) -> None:
     assert cfg.val_evaluator.ann_file == str(tmp / "data") + "/annotations/instances_val.json"
     final = tmp / "final.pth"
     train(cfg, str(final))
-    state = torch.load(final, map_location="cpu", weights_only=False)
+    from tokenreduction.detection.checkpoint import load_detection_checkpoint
+
+    state = load_detection_checkpoint(final)  # the run's own checkpoint, weights-only
     assert state["meta"]["iter"] == 2, state["meta"]
     metrics = evaluate(build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "eval"), linkage="average",
                                     ratio=0.5, data_root=str(tmp / "data")), str(final))
     for key in ("coco/bbox_mAP", "coco/segm_mAP", "coco/bbox_mAP_50", "coco/segm_mAP_50"):
-        assert key in metrics and -1.0 <= metrics[key] <= 1.0, metrics
+        assert key in metrics, metrics  # the values' correctness: check_known_ap
     assert metrics["tokens_kept"] == [32, 16, 8], metrics["tokens_kept"]  # 8 x 8 grid, half each stage
     result = benchmark(build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "bench"), linkage="tome", ratio=0.5,
                                     data_root=str(tmp / "data")), str(final), batch_size=2, runs=1, warmup=0)
     assert result["images_per_s"] > 0 and result["backbone_images_per_s"] > 0 and result["image_shape"] == [128, 128]
     assert result["tokens_kept"] == [32, 16, 8]
+
+
+# ---- released ViT-Adapter backbones: key -> (T shape, S shape), read from the reference code
+# (ViT-Adapter detection/mmdet_custom/models/backbones: vit_adapter.py, adapter_modules.py,
+# base/vit.py, ops/modules/ms_deform_attn.py) with the 3x configs' options: patch 16, depth 12,
+# T: embed 192, 3 heads; S: embed 384, 6 heads; conv_inplane 64, deform_num_heads 6, n_points 4,
+# cffn_ratio 0.25, deform_ratio 1.0, extra extractors in the last interaction. Keys are the
+# detector checkpoint's ``backbone.*`` with the prefix removed. Layer scale
+# (blocks.i.gamma1/gamma2) is in ViT-Adapter's own releases (TIMMVisionTransformer's
+# default layer_scale=True), not in SViT's/ATC's vit-adapter-{t,s}-3x (layer_scale=False).
+ADAPTER_OUTER = {
+    "pos_embed": ((1, 197, 192), (1, 197, 384)),
+    "patch_embed.proj.weight": ((192, 3, 16, 16), (384, 3, 16, 16)), "patch_embed.proj.bias": ((192,), (384,)),
+    "level_embed": ((3, 192), (3, 384)),
+    "spm.stem.0.weight": ((64, 3, 3, 3),) * 2, "spm.stem.3.weight": ((64, 64, 3, 3),) * 2,
+    "spm.stem.6.weight": ((64, 64, 3, 3),) * 2, "spm.conv2.0.weight": ((128, 64, 3, 3),) * 2,
+    "spm.conv3.0.weight": ((256, 128, 3, 3),) * 2, "spm.conv4.0.weight": ((256, 256, 3, 3),) * 2,
+    "spm.fc1.weight": ((192, 64, 1, 1), (384, 64, 1, 1)), "spm.fc1.bias": ((192,), (384,)),
+    "spm.fc2.weight": ((192, 128, 1, 1), (384, 128, 1, 1)), "spm.fc2.bias": ((192,), (384,)),
+    "spm.fc3.weight": ((192, 256, 1, 1), (384, 256, 1, 1)), "spm.fc3.bias": ((192,), (384,)),
+    "spm.fc4.weight": ((192, 256, 1, 1), (384, 256, 1, 1)), "spm.fc4.bias": ((192,), (384,)),
+    "up.weight": ((192, 192, 2, 2), (384, 384, 2, 2)), "up.bias": ((192,), (384,)),
+}
+# (Sync)BatchNorm layers: weight, bias, running_mean, running_var (C,), num_batches_tracked ()
+ADAPTER_BATCHNORMS = {
+    "spm.stem.1": (64, 64), "spm.stem.4": (64, 64), "spm.stem.7": (64, 64), "spm.conv2.1": (128, 128),
+    "spm.conv3.1": (256, 256), "spm.conv4.1": (256, 256),
+    "norm1": (192, 384), "norm2": (192, 384), "norm3": (192, 384), "norm4": (192, 384),
+}
+ADAPTER_BLOCK = {  # blocks.{i}., i = 0..11
+    "norm1.weight": ((192,), (384,)), "norm1.bias": ((192,), (384,)),
+    "attn.qkv.weight": ((576, 192), (1152, 384)), "attn.qkv.bias": ((576,), (1152,)),
+    "attn.proj.weight": ((192, 192), (384, 384)), "attn.proj.bias": ((192,), (384,)),
+    "norm2.weight": ((192,), (384,)), "norm2.bias": ((192,), (384,)),
+    "mlp.fc1.weight": ((768, 192), (1536, 384)), "mlp.fc1.bias": ((768,), (1536,)),
+    "mlp.fc2.weight": ((192, 768), (384, 1536)), "mlp.fc2.bias": ((192,), (384,)),
+}
+ADAPTER_LAYER_SCALE = {"gamma1": ((192,), (384,)), "gamma2": ((192,), (384,))}
+ADAPTER_INJECTOR = {  # interactions.{j}.injector., j = 0..3; MSDeformAttn over 3 levels
+    "gamma": ((192,), (384,)),
+    "query_norm.weight": ((192,), (384,)), "query_norm.bias": ((192,), (384,)),
+    "feat_norm.weight": ((192,), (384,)), "feat_norm.bias": ((192,), (384,)),
+    "attn.sampling_offsets.weight": ((144, 192), (144, 384)), "attn.sampling_offsets.bias": ((144,), (144,)),
+    "attn.attention_weights.weight": ((72, 192), (72, 384)), "attn.attention_weights.bias": ((72,), (72,)),
+    "attn.value_proj.weight": ((192, 192), (384, 384)), "attn.value_proj.bias": ((192,), (384,)),
+    "attn.output_proj.weight": ((192, 192), (384, 384)), "attn.output_proj.bias": ((192,), (384,)),
+}
+ADAPTER_EXTRACTOR = {  # interactions.{j}.extractor. and interactions.3.extra_extractors.{0,1}.; 1 level
+    "query_norm.weight": ((192,), (384,)), "query_norm.bias": ((192,), (384,)),
+    "feat_norm.weight": ((192,), (384,)), "feat_norm.bias": ((192,), (384,)),
+    "attn.sampling_offsets.weight": ((48, 192), (48, 384)), "attn.sampling_offsets.bias": ((48,), (48,)),
+    "attn.attention_weights.weight": ((24, 192), (24, 384)), "attn.attention_weights.bias": ((24,), (24,)),
+    "attn.value_proj.weight": ((192, 192), (384, 384)), "attn.value_proj.bias": ((192,), (384,)),
+    "attn.output_proj.weight": ((192, 192), (384, 384)), "attn.output_proj.bias": ((192,), (384,)),
+    "ffn.fc1.weight": ((48, 192), (96, 384)), "ffn.fc1.bias": ((48,), (96,)),
+    "ffn.dwconv.dwconv.weight": ((48, 1, 3, 3), (96, 1, 3, 3)), "ffn.dwconv.dwconv.bias": ((48,), (96,)),
+    "ffn.fc2.weight": ((192, 48), (384, 96)), "ffn.fc2.bias": ((192,), (384,)),
+    "ffn_norm.weight": ((192,), (384,)), "ffn_norm.bias": ((192,), (384,)),
+}
+ADAPTER_OPTIONS = {  # the 3x configs' backbone options, T and S
+    "T": dict(embed_dim=192, num_heads=3, conv_inplane=64, deform_num_heads=6, n_points=4, cffn_ratio=0.25,
+              deform_ratio=1.0, drop_path_rate=0.1, interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]]),
+    "S": dict(embed_dim=384, num_heads=6, conv_inplane=64, deform_num_heads=6, n_points=4, cffn_ratio=0.25,
+              deform_ratio=1.0, drop_path_rate=0.2, interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]]),
+}
+
+
+def adapter_key_shapes(size: str, layer_scale: bool) -> dict:
+    """The reference backbone's {key: shape} for size "T" or "S"."""
+    col = 0 if size == "T" else 1
+    keys = {k: v[col] for k, v in ADAPTER_OUTER.items()}
+    for name, channels in ADAPTER_BATCHNORMS.items():
+        c = channels[col]
+        keys.update({f"{name}.weight": (c,), f"{name}.bias": (c,), f"{name}.running_mean": (c,),
+                     f"{name}.running_var": (c,), f"{name}.num_batches_tracked": ()})
+    block = {**ADAPTER_BLOCK, **(ADAPTER_LAYER_SCALE if layer_scale else {})}
+    for i in range(12):
+        keys.update({f"blocks.{i}.{k}": v[col] for k, v in block.items()})
+    extractors = [f"interactions.{j}.extractor" for j in range(4)] + [f"interactions.3.extra_extractors.{e}" for e in (0, 1)]
+    for j in range(4):
+        keys.update({f"interactions.{j}.injector.{k}": v[col] for k, v in ADAPTER_INJECTOR.items()})
+    for prefix in extractors:
+        keys.update({f"{prefix}.{k}": v[col] for k, v in ADAPTER_EXTRACTOR.items()})
+    return keys
+
+
+def fabricate_detector_checkpoint(path: Path, backbone_shapes: dict, seed: int) -> dict:
+    """A detector checkpoint in mmdet's release layout ({meta, state_dict}) with the
+    backbone under ``backbone.`` beside some neck/head weights; returns the backbone part."""
+    g = torch.Generator().manual_seed(seed)
+    backbone = {k: (torch.tensor(seed) if not shape else torch.randn(shape, generator=g).abs() + 0.1)
+                for k, shape in backbone_shapes.items()}
+    state = {f"backbone.{k}": v for k, v in backbone.items()}
+    state.update({"neck.lateral_convs.0.conv.weight": torch.randn(256, 192, 1, 1, generator=g),
+                  "rpn_head.rpn_conv.weight": torch.randn(256, 256, 3, 3, generator=g)})
+    meta = {"mmdet_version": "2.22.0", "CLASSES": ("person", "bicycle"), "epoch": 36, "iter": 263808,
+            "config": "model = dict(...)", "hook_msgs": {"last_ckpt": "work_dirs/epoch_36.pth"}}
+    torch.save({"meta": meta, "state_dict": state}, path)
+    return backbone
+
+
+def check_released_adapter_keys(tmp: Path) -> None:
+    """ViT-Adapter-T (SViT/ATC 3x: no layer scale) and -S (ViT-Adapter's own 3x: layer
+    scale) key/shape lists load strictly into the project's backbone, read weights-only;
+    a missing or foreign key is one error naming it."""
+    from tokenreduction.detection.checkpoint import backbone_state, check_backbone_state, load_detection_checkpoint
+    from tokenreduction.detection.vit_adapter import ViTAdapter
+
+    for size, layer_scale in (("T", False), ("S", True)):
+        shapes = adapter_key_shapes(size, layer_scale)
+        path = tmp / f"vit-adapter-{size.lower()}-3x.pth"
+        written = fabricate_detector_checkpoint(path, shapes, seed=3)
+        model = ViTAdapter(**ADAPTER_OPTIONS[size], layer_scale=layer_scale, reduction_ratio=0.7)
+        state = backbone_state(load_detection_checkpoint(path))
+        assert set(state) == set(shapes), sorted(set(state) ^ set(shapes))[:5]
+        check_backbone_state(model, state, str(path))
+        model.load_state_dict(state, strict=True)
+        own = model.state_dict()
+        for key, value in written.items():
+            assert torch.equal(own[key], value), key
+        assert model.interactions[3].extra_extractors[1].ffn.dwconv.dwconv.weight.shape == shapes[
+            "interactions.3.extra_extractors.1.ffn.dwconv.dwconv.weight"]
+    # the S list (layer scale) into a backbone without layer scale, and a missing key
+    wrong = ViTAdapter(**ADAPTER_OPTIONS["S"], layer_scale=False)
+    state = backbone_state(load_detection_checkpoint(tmp / "vit-adapter-s-3x.pth"))
+    try:
+        check_backbone_state(wrong, state, "s-3x")
+    except ValueError as err:
+        assert "blocks.0.gamma1" in str(err) and "does not" in str(err), err
+    else:
+        raise AssertionError("no error for layer-scale weights the backbone lacks")
+    del state["interactions.2.injector.gamma"]
+    right = ViTAdapter(**ADAPTER_OPTIONS["S"], layer_scale=True)
+    try:
+        check_backbone_state(right, state, "s-3x")
+    except ValueError as err:
+        assert "lacks 1 backbone weights" in str(err) and "interactions.2.injector.gamma" in str(err), err
+    else:
+        raise AssertionError("no error for a missing key")
+
+
+class _Payload:
+    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def check_malicious_checkpoint_refused(tmp: Path) -> None:
+    """A checkpoint whose pickle calls os.system is refused on every detection load path
+    (the safe loader, mmengine's load_checkpoint, the runner's load_from) and runs nothing."""
+    from mmengine.runner.checkpoint import load_checkpoint
+
+    from tokenreduction.detection import make_shapes_coco
+    from tokenreduction.detection.checkpoint import install_safe_loader, load_detection_checkpoint
+    from tokenreduction.detection.run import _runner, build_config
+    from tokenreduction.safe_load import UnsafeCheckpointError
+
+    marker = tmp / "pwned"
+    evil = tmp / "evil.pth"
+    torch.save({"state_dict": {"backbone.level_embed": torch.zeros(3, 64)}, "meta": _Payload(marker)}, evil)
+    install_safe_loader()
+    make_shapes_coco(tmp / "evil_data", num_images=1, image_size=64)
+    cfg = build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "evil_work"), data_root=str(tmp / "evil_data"),
+                       load_from=str(evil))
+    attempts = (
+        lambda: load_detection_checkpoint(evil),
+        lambda: load_checkpoint(tiny_backbone(), str(evil), map_location="cpu"),
+        lambda: _runner(cfg),
+    )
+    for attempt in attempts:
+        try:
+            attempt()
+        except UnsafeCheckpointError as err:
+            assert "posix.system" in str(err) or "os.system" in str(err), err
+        else:
+            raise AssertionError("the malicious checkpoint loaded")
+        assert not marker.exists(), "the checkpoint ran its command"
+
+
+def check_known_ap(tmp: Path) -> None:
+    """mmdet's CocoMetric (what evaluate() reports) on the fabricated set: its own
+    ground truth as predictions scores AP 1.0 (boxes and masks); every box shifted
+    right by 20 % of its width has IoU (1 - 0.2) / (1 + 0.2) = 2/3 with its object,
+    so it counts at the IoU thresholds 0.50, 0.55, 0.60, 0.65 and not above:
+    box AP = 4 / 10, AP50 = 1, AP75 = 0."""
+    import numpy as np
+    from mmdet.evaluation import CocoMetric
+    from pycocotools.coco import COCO
+
+    from tokenreduction.detection import make_shapes_coco
+    from tokenreduction.detection.data import CATEGORIES
+
+    ann = make_shapes_coco(tmp / "ap_data", splits=("val",), num_images=6, image_size=128, seed=1)["val"]
+    coco = COCO(ann)
+
+    def samples(shift: float) -> list:
+        out = []
+        for img_id in coco.getImgIds():
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id))
+            boxes = []
+            for a in anns:
+                x, y, w, h = a["bbox"]
+                boxes.append([x + shift * w, y, x + shift * w + w, y + h])
+            masks = np.stack([coco.annToMask(a) for a in anns]).astype(bool)
+            out.append({
+                "img_id": img_id, "ori_shape": (128, 128),
+                "pred_instances": {
+                    "bboxes": torch.tensor(boxes, dtype=torch.float32),
+                    "scores": torch.linspace(1.0, 0.5, len(anns)),
+                    "labels": torch.tensor([a["category_id"] - 1 for a in anns]),
+                    "masks": torch.from_numpy(masks),
+                },
+            })
+        return out
+
+    def iou(a, b) -> float:  # (x, y, w, h), independent of pycocotools
+        ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+        iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+        return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
+
+    # the construction holds: each shifted box meets its own object at 2/3 and no other
+    # object of its class at >= 0.5
+    for img_id in coco.getImgIds():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id))
+        for a in anns:
+            x, y, w, h = a["bbox"]
+            moved = (x + 0.2 * w, y, w, h)
+            assert abs(iou(moved, a["bbox"]) - 2 / 3) < 1e-6
+            others = [iou(moved, b["bbox"]) for b in anns if b is not a and b["category_id"] == a["category_id"]]
+            assert all(v < 0.5 for v in others), others
+
+    def score(shift: float) -> dict:
+        metric = CocoMetric(ann_file=ann, metric=["bbox", "segm"])
+        metric.dataset_meta = {"classes": CATEGORIES}
+        metric.process({}, samples(shift))
+        return metric.compute_metrics(metric.results)
+
+    exact = score(0.0)
+    for key in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50"):
+        assert abs(exact[key] - 1.0) < 1e-3, (key, exact)
+    shifted = score(0.2)
+    assert abs(shifted["bbox_mAP"] - 0.4) < 1e-3, shifted
+    assert abs(shifted["bbox_mAP_50"] - 1.0) < 1e-3 and abs(shifted["bbox_mAP_75"]) < 1e-3, shifted
 
 
 CHECKS = {
@@ -261,6 +512,9 @@ CHECKS = {
     "pretrained_and_layer_decay": check_pretrained_and_layer_decay,
     "configs": check_configs,
     "train_eval": check_train_eval,
+    "released_adapter_keys": check_released_adapter_keys,
+    "malicious_checkpoint": check_malicious_checkpoint_refused,
+    "known_ap": check_known_ap,
 }
 
 if __name__ == "__main__":

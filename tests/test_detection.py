@@ -50,7 +50,8 @@ def env_checks(tmp_path_factory) -> str:
     if not MMDET_PYTHON.exists():
         return ""
     names = ["no_timm", "feature_shapes", "unmerge_merge", "ratio_zero_matches", "bfloat16",
-             "pretrained_and_layer_decay", "configs", "train_eval"]
+             "pretrained_and_layer_decay", "configs", "train_eval", "released_adapter_keys", "malicious_checkpoint",
+             "known_ap"]
     return run_checks(MMDET_PYTHON, names, tmp_path_factory.mktemp("detection_checks"))
 
 
@@ -82,6 +83,18 @@ def test_configs_load_and_name_only_registered_types(mmdet_python, env_checks):
 
 def test_training_iterations_and_coco_evaluation_run_end_to_end(mmdet_python, env_checks):
     assert_check(env_checks, "train_eval")
+
+
+def test_coco_ap_of_known_cases(mmdet_python, env_checks):
+    assert_check(env_checks, "known_ap")
+
+
+def test_released_vit_adapter_t_and_s_backbones_load_strictly(mmdet_python, env_checks):
+    assert_check(env_checks, "released_adapter_keys")
+
+
+def test_malicious_detection_checkpoint_is_refused_and_runs_nothing(mmdet_python, env_checks):
+    assert_check(env_checks, "malicious_checkpoint")
 
 
 def test_detection_package_imports_without_timm():

@@ -5,7 +5,9 @@ config file from ``config/detection`` plus run options (reduction, data
 root, gradient accumulation, launcher) -> a Config; training resumes from the
 last checkpoint in its work dir (a requeued job continues); evaluation is
 mmdet's CocoMetric (pycocotools) for bbox and segm; the benchmark times the
-detector's inference on real validation images.
+detector's inference on real validation images. Every checkpoint is read
+weights-only (:mod:`.checkpoint`), and a checkpoint given as ``load_from`` or
+to the benchmark must fit the backbone exactly.
 """
 from __future__ import annotations
 
@@ -19,10 +21,7 @@ from typing import Optional, Sequence
 import torch
 from mmengine.config import Config
 
-# mmengine 0.10 calls torch.load without weights_only, and its checkpoints hold
-# more than tensors (message hub, meta), which torch >= 2.6 refuses by default:
-# load them in full (the run's own checkpoints, or ones the config names).
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+from .checkpoint import backbone_state, check_backbone_state, install_safe_loader, load_detection_checkpoint
 
 CUSTOM_IMPORTS = ["tokenreduction.detection.vit_adapter", "tokenreduction.detection.optim"]
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -84,9 +83,15 @@ def _runner(cfg: Config):
     from mmengine.runner import Runner
 
     register_all_modules(init_default_scope=True)
+    install_safe_loader()  # every checkpoint mmengine reads: weights-only, allow-listed types
     for name in CUSTOM_IMPORTS:
         __import__(name)
-    return Runner.from_cfg(cfg)
+    runner = Runner.from_cfg(cfg)
+    if cfg.get("load_from") and not cfg.get("resume"):
+        # mmengine loads non-strictly (a mismatch only warns): check the backbone first
+        model = runner.model.module if hasattr(runner.model, "module") else runner.model
+        check_backbone_state(model.backbone, backbone_state(load_detection_checkpoint(cfg.load_from)), cfg.load_from)
+    return runner
 
 
 def train(cfg: Config, final: str) -> None:
@@ -136,11 +141,13 @@ def benchmark(cfg: Config, checkpoint: Optional[str], batch_size: int = 1, runs:
     from mmengine.runner.checkpoint import load_checkpoint
 
     register_all_modules(init_default_scope=True)
+    install_safe_loader()
     for name in CUSTOM_IMPORTS:
         __import__(name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = MODELS.build(cfg.model)
     if checkpoint:
+        check_backbone_state(model.backbone, backbone_state(load_detection_checkpoint(checkpoint)), checkpoint)
         load_checkpoint(model, checkpoint, map_location="cpu")
     model = model.to(device).eval()
     dataset = DATASETS.build(cfg.test_dataloader.dataset)

@@ -28,8 +28,11 @@ injector they are merged again, each merged token the mean of its patches.
 ``reduction_ratio`` 0 (or 1.0) leaves the backbone unreduced, as published.
 
 Shapes: B images, N = H x W patch tokens (1/16 grid), C channels.
-Parameter names follow the ViT-Adapter checkpoints (``blocks.*``, ``spm.*``,
-``interactions.*``, ``up``, ``norm1..4``) so released weights load.
+Parameter names and shapes follow the ViT-Adapter checkpoints (``blocks.*``,
+``spm.*``, ``interactions.*``, ``up``, ``norm1..4``): the released 3x
+backbones load strictly (``layer_scale=True`` for ViT-Adapter's own, whose
+windowed attention in 8 of 12 blocks is not reproduced: global attention
+here, as in SViT's/ATC's 3x checkpoints, which the study fine-tunes).
 """
 from __future__ import annotations
 
@@ -96,7 +99,8 @@ class Block(nn.Module):
     """Pre-norm ViT block; with a reducer it merges after the attention
     residual (the "mid" position of the library's methods)."""
 
-    def __init__(self, index: int, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
+    def __init__(self, index: int, dim: int, num_heads: int, mlp_ratio: float, drop_path: float,
+                 layer_scale: bool = False) -> None:
         super().__init__()
         self.index = index
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -104,16 +108,24 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
+        # ViT-Adapter's layer scale (its repo's default; SViT/ATC switch it off): (C,) gains, ones at start
+        self.gamma1 = nn.Parameter(torch.ones(dim)) if layer_scale else None
+        self.gamma2 = nn.Parameter(torch.ones(dim)) if layer_scale else None
         self.reduction: Optional[nn.Module] = None
         self.stage = -1
 
     def forward(self, x: torch.Tensor, ctx: ReductionContext, budget: Optional[TokenBudget]) -> torch.Tensor:
         out, metric = self.attn(self.norm1(x), ctx.attn_bias(x.dtype))
+        if self.gamma1 is not None:
+            out = self.gamma1 * out
         x = x + drop_path(out, self.drop_path, self.training)
         if self.reduction is not None:
             stage_budget = budget.stage(self.stage, self.index, x.shape[1])
             x = ctx.reduce(self.reduction, self.index, self.stage, stage_budget, x, BlockFeatures(metric=metric))
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        out = self.mlp(self.norm2(x))
+        if self.gamma2 is not None:
+            out = self.gamma2 * out
+        return x + drop_path(out, self.drop_path, self.training)
 
 
 def _bn_relu_conv(cin: int, cout: int, stride: int, norm_cfg: dict) -> list:
@@ -264,6 +276,9 @@ class ViTAdapter(BaseModule):
                      number, or one per location); 0 or 1 = no reduction.
     linkage:         "tome" (bipartite ToMe) or "single" / "average" /
                      "complete" (ATC).
+    layer_scale:     learned per-channel gains on the blocks' attention and MLP
+                     outputs (``blocks.i.gamma1/gamma2``), as ViT-Adapter's
+                     own 3x releases have; SViT's/ATC's (the study's) have none.
     pretrained:      optional local DeiT/ViT checkpoint for the ViT part
                      (``patch_embed``, ``pos_embed``, ``blocks``), loaded by
                      ``init_weights``; the adapter parts start random.
@@ -286,6 +301,7 @@ class ViTAdapter(BaseModule):
         cffn_ratio: float = 0.25,
         deform_ratio: float = 1.0,
         use_extra_extractor: bool = True,
+        layer_scale: bool = False,
         reduction_loc: Sequence[int] = (3, 6, 9),
         reduction_ratio: Union[float, Sequence[float]] = 0.0,
         linkage: str = "tome",
@@ -309,7 +325,9 @@ class ViTAdapter(BaseModule):
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.pretrain_grid**2 + 1, embed_dim))  # + DeiT's CLS slot
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(i, embed_dim, num_heads, mlp_ratio, r) for i, r in enumerate(rates))
+        self.blocks = nn.ModuleList(
+            Block(i, embed_dim, num_heads, mlp_ratio, r, layer_scale) for i, r in enumerate(rates)
+        )
         self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
         self.spm = SpatialPriorModule(conv_inplane, embed_dim, norm_cfg)
         self.interactions = nn.Sequential(
@@ -392,7 +410,8 @@ class ViTAdapter(BaseModule):
                 f"{tuple(self.pos_embed.shape)}: set pretrain_size to the checkpoint's image size"
             )
         missing = self.load_state_dict(wanted, strict=False).missing_keys
-        absent = [k for k in missing if k.startswith(("patch_embed.", "blocks.")) or k == "pos_embed"]
+        absent = [k for k in missing if (k.startswith(("patch_embed.", "blocks.")) or k == "pos_embed")
+                  and not k.endswith((".gamma1", ".gamma2"))]  # layer scale starts at ones, as ViT-Adapter's
         if absent:
             raise ValueError(f"checkpoint {self.pretrained} lacks ViT weights: {absent[:5]}")
 
