@@ -862,22 +862,15 @@ def create_model(
     return apply_extensions(load_state(model, state, source=str(checkpoint_path)), chosen)
 
 
-#: constructor arguments the model supplies, not the user
-_SUPPLIED_ARGS = frozenset(("self", "dim", "num_out", "num_in", "grid_size"))
-
-
 def method_options(method: str) -> list[str]:
-    """Names of the options a reduction method takes (its ``method_kwargs``):
-    the reducer's declared ``options`` when it has them, else the named
-    arguments of its constructor that the model does not supply."""
-    import inspect
+    """Names of the options a reduction method takes from the user (its
+    ``method_kwargs``): the options its declaration
+    (:mod:`tokenreduction.reduction.options`) lists, less those the model
+    builder sets (output counts, the patch grid)."""
+    from ..reduction.options import method_options as declaration
 
-    reducer_cls = get_method(method)
-    declared = getattr(reducer_cls, "options", None)
-    if isinstance(declared, (dict, list, tuple, frozenset, set)):
-        return sorted(declared)
-    params = inspect.signature(reducer_cls.__init__).parameters.values()
-    return sorted(p.name for p in params if p.name not in _SUPPLIED_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    get_method(method)  # an unknown name lists the known ones
+    return sorted(name for name, option in declaration(method).options.items() if not option.builder)
 
 
 def _route_method_options(method: Optional[str], method_kwargs: Optional[dict], timm_kwargs: dict) -> dict:
