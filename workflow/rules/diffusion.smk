@@ -149,8 +149,10 @@ rule sd_fid_table:
     conda:
         "../../envs/diffusion.yaml"
     threads: 1
+    # importing tokenreduction.diffusion (torch) alone peaks at ~1.0 GB RSS
+    # (tests/test_full_width_aggregation.py measures it)
     resources:
-        mem_mb=1000,
+        mem_mb=2000,
         runtime=10,
     params:
         code=SD_CODE,
