@@ -98,3 +98,37 @@ def test_load_manifest_errors(tmp_path):
         load_manifest(path, ("runs",))
     path.write_text(json.dumps({"runs": [1, 2], "metrics": ["a", "b"]}))
     assert load_manifest(path, ("runs", "metrics"))["runs"] == [1, 2]
+
+
+def test_pattern_grid_reads_its_runs_from_a_manifest(tmp_path):
+    """visualize_patterns.py --manifest: the same figure input as the three lists."""
+    import torch
+
+    import tokenreduction as tr
+    from test_visualize import TINY, _write_run
+    from tokenreduction.data import build_dataset, build_transform
+    from tokenreduction.data.demo import make_digits_dataset
+
+    root = make_digits_dataset(tmp_path / "digits", img_size=32)
+    ds = build_dataset("digits", root, "val", build_transform(False, 32, "digits"))
+    images = torch.stack([ds[i][0] for i in range(4)])
+    ids = [ds.image_id(i) for i in range(4)]
+    for method in ("topk", "tome"):
+        torch.manual_seed(0)
+        model = tr.create_model("vit_tiny_patch16_224", **TINY, method=method, reduction_loc=(1, 2), keep_rate=0.5)
+        _write_run(tmp_path / method, model, images, ids, "val")
+    manifest = tmp_path / "patterns_digits.json"
+    manifest.write_text(json.dumps({
+        "patterns": [str(tmp_path / m / "patterns.npz") for m in ("topk", "tome")],
+        "metrics": [str(tmp_path / m / "metrics.json") for m in ("topk", "tome")],
+        "labels": ["topk kr0.5", "tome kr0.5"],
+    }))
+    out = tmp_path / "fig" / "pattern_grid.png"
+    cmd = [sys.executable, str(REPO / "scripts" / "visualize_patterns.py"), "--kind", "digits", "--root", str(root),
+           "--img-size", "32", "--num-images", "2", "--out", str(out), "--manifest", str(manifest)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 runs x 2 images (val: " in done.stdout and out.stat().st_size > 0
+    # giving both the manifest and a list is refused
+    done = subprocess.run(cmd + ["--labels", "x"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--manifest replaces" in done.stderr
