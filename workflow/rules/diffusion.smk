@@ -15,6 +15,8 @@ rule sd_make_tiny_pipeline:
         directory(SD_TINY),
     log:
         f"{RESULTS}/logs/diffusion/make_tiny_pipeline.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/diffusion/make_tiny_pipeline.tsv"
     conda:
         "../../envs/diffusion.yaml"
     threads: 1
@@ -39,6 +41,8 @@ rule sd_reference_set:
         directory(f"{SD_DIR}/reference"),
     log:
         f"{RESULTS}/logs/diffusion/reference_set.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/diffusion/reference_set.tsv"
     conda:
         "../../envs/diffusion.yaml"
     threads: 1
@@ -114,6 +118,8 @@ rule sd_fid:
         fid=f"{SD_DIR}/fid/{{sd_experiment}}.json",
     log:
         f"{RESULTS}/logs/diffusion/fid/{{sd_experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/diffusion/fid/{{sd_experiment}}.tsv"
     conda:
         "../../envs/diffusion.yaml"
     threads: 2
