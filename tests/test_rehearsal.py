@@ -7,7 +7,6 @@ import copy
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,7 @@ from tokenreduction.config_validation import timm_model_info
 from tokenreduction.data import build_dataset
 from tokenreduction.rehearsal import RehearsalError, is_current, standin_config
 from tokenreduction.rehearsal.fabricate import COCO_CATEGORY_IDS, DATASET_WRITERS, NUM_CLASSES, fabricate
-from tokenreduction.rehearsal.standin import SPLIT_SIZES, standin_width
+from tokenreduction.rehearsal.standin import standin_width
 from workflow_utils import load_config, snakemake, with_existing_roots, write_config
 
 STUDIES = ["which-tokens.yaml", "clca.yaml"]
@@ -300,3 +299,21 @@ def test_diffusion_standins_load_with_the_real_readers(tmp_path):
     features = model(images)
     assert features.shape == (3, 2048) and torch.isfinite(features).all()
     assert "inception-2015-12-05.pt" in label
+
+
+def test_rehearse_datasets_without_rehearse_is_refused():
+    import importlib.util
+
+    from workflow_utils import REPO
+
+    spec = importlib.util.spec_from_file_location("rehearsal_hook", REPO / "workflow" / "lib" / "rehearsal.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    config = load_config("which-tokens.yaml")
+    assert hook.apply_rehearsal(copy.deepcopy(config), REPO) == []  # not rehearsing: nothing changes
+    with pytest.raises(SystemExit, match="rehearse_datasets.*rehearse=true"):
+        hook.apply_rehearsal({**config, "rehearse_datasets": ["nabirds"]}, REPO)
+    with pytest.raises(SystemExit, match="rehearse=true.*datasets.nabirds.kind"):
+        bad = copy.deepcopy(config)
+        bad["datasets"]["nabirds"]["kind"] = "cub"
+        hook.apply_rehearsal({**bad, "rehearse": True}, REPO)

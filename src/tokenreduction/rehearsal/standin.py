@@ -15,6 +15,11 @@ aggregation's inputs stay the study's):
   tokens, image size) narrowed to ``embed_dim`` 16-32 and 1-2 heads; ``init:
   timm`` loads a generated file through timm's own pretrained-weight loading
   (``pretrained_cfg_overlay.file``), so nothing is downloaded;
+* off-the-shelf presets (``ots``): narrowed alike, weights generated in the
+  family's format (AugReg timm layout, SWAG ``*_in1k.torch``, MAE release);
+* ``diffusion``: the tiny pipeline of the same layout as a folder, the class
+  names file in its format, clean-fid's Inception weights as a TorchScript
+  stand-in; 2 steps at 64 px;
 * recipes: a few optimiser steps, small batches, no data-loading workers;
   evaluation on the stand-in's validation images;
 * resources: one thread and no GPU per job (so the jobs run on the CPU, and
