@@ -59,13 +59,15 @@ def _wrapper(tmp_path: Path, python: str, name: str) -> Path:
 DETECTION_PYTHON = REPO / ".venv-mmdet" / "bin" / "python"
 
 
-def _job_of(record: dict, jobs: list[dict]) -> dict:
-    """The planned job whose output the command names."""
+def _job_of(record: dict, jobs: list[dict], workdir: Path) -> dict:
+    """The planned job a command ran: every aggregation command names all of
+    its job's outputs; when it also names all the outputs of a job it reads
+    (collate reads compare's table), its own outputs are the newer ones."""
     argv = set(record["argv"])
-    for job in jobs:
-        if argv & set(job["outputs"]):
-            return job
-    raise AssertionError(f"a command names no planned output: {record['argv']}")
+    candidates = [job for job in jobs if job["outputs"] and set(job["outputs"]) <= argv]
+    if not candidates:
+        raise AssertionError(f"a command names no planned job's outputs: {record['argv']}")
+    return max(candidates, key=lambda job: min((workdir / p).stat().st_mtime for p in job["outputs"]))
 
 
 def _table(rows: list[dict]) -> str:
@@ -153,7 +155,7 @@ def test_aggregation_jobs_at_full_width(tmp_path, study):
     assert all(r["returncode"] == 0 for r in records)
     per_rule: dict[str, list[dict]] = {}
     for record in records:
-        per_rule.setdefault(_job_of(record, aggregation)["rule"], []).append(record)
+        per_rule.setdefault(_job_of(record, aggregation, tmp_path)["rule"], []).append(record)
     assert {rule: len(v) for rule, v in per_rule.items()} == dict(expected)
     asked = _mem_mb(dry)
     rows = [
