@@ -93,6 +93,11 @@ def _mem_mb(dry_run: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("TOKENREDUCTION_FULL_WIDTH") != "1",
+    reason="15-20 min of aggregation jobs on 2 idle cores: set TOKENREDUCTION_FULL_WIDTH=1 "
+    "(not yet in CI's time budget; docs/performance.md, 'Aggregation at full width')",
+)
 @pytest.mark.parametrize("study", STUDIES)
 def test_aggregation_jobs_at_full_width(tmp_path, study):
     started = time.perf_counter()
