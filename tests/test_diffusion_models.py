@@ -75,10 +75,10 @@ def test_config_check_names_model_ratio_and_level_problems(tmp_path):
         return dict(cv.check_config(config, schema, base=repo, repo=repo))
 
     assert "diffusion.model" in problems(model="flux")  # the schema's enum
-    over = problems(experiments={"tome-0.8": {"merge_fn": "tome", "ratio": 0.8}})
-    assert "1 - 1/(sx*sy) = 0.75" in over["diffusion.experiments.tome-0.8.ratio"]
-    assert problems(experiments={"tome-0.8": {"merge_fn": "tome", "ratio": 0.8, "sx": 4, "sy": 4}}) == {}
-    level = problems(model="pixart", experiments={"t": {"merge_fn": "tome", "ratio": 0.5, "max_downsample": 2}})
+    over = problems(experiments={"tome-0.8": {"method": "tome", "keep_rate": 0.2}})
+    assert "1/(sx*sy) = 0.25" in over["diffusion.experiments.tome-0.8.keep_rate"]
+    assert problems(experiments={"tome-0.8": {"method": "tome", "keep_rate": 0.2, "sx": 4, "sy": 4}}) == {}
+    level = problems(model="pixart", experiments={"t": {"method": "tome", "keep_rate": 0.5, "max_downsample": 2}})
     assert "patch grid" in level["diffusion.experiments.t.max_downsample"]
     folder = tmp_path / "sdxl-folder"
     folder.mkdir()

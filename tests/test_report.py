@@ -127,7 +127,7 @@ def test_report_builds_from_a_reduced_demo_and_renders_its_sections(tmp_path):
     config["benchmark"] = {
         "backbones": ["tiny"], "batch_exponents": [0, 1], "warmup": 1, "runs": 3, "throw_out": 0.34, "threads": 1,
         "clustering": {"backends": ["scipy", "atc", "sklearn"], "sizes": [16], "batch_sizes": [2],
-                       "linkages": ["average"], "warmup": 0, "runs": 2},
+                       "methods": ["atc-average"], "warmup": 0, "runs": 2},
     }
     path = write_config(tmp_path / "demo.yaml", config)
     snakemake(["--cores", "2", "--configfile", str(path)], tmp_path, timeout=1500)

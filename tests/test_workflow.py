@@ -388,7 +388,7 @@ def test_demo_subset_runs_in_a_checkout_whose_path_has_a_space(tmp_path):
     targets = [str(work / "results" / "summary" / "metrics.csv")]
     mmdet = REPO / ".venv-mmdet" / "bin" / "python"
     if (mmdet.parent.parent / "tokenreduction-env.json").exists():  # built (by the demo, or by hand)
-        config["detection"].update(python=str(mmdet), build_env=False, methods={}, baseline=True)
+        config["detection"].update(python=str(mmdet), build_env=False, methods=[], baseline=True)
         targets.append(str(work / "results" / "detection" / "summary.csv"))
     elif os.environ.get("CI"):
         pytest.fail(f"CI must have the detection environment ({mmdet})")

@@ -127,7 +127,7 @@ rule benchmark_clustering:
         ),
         sizes=clustering_list("sizes", [196]),
         batch_sizes=clustering_list("batch_sizes", [1, 64]),
-        linkages=clustering_list("linkages", ["single", "complete", "average"]),
+        linkages=clustering_linkages(),
         keep_rate=BENCH_CLUSTERING.get("keep_rate", 0.7),
         feature_dim=BENCH_CLUSTERING.get("feature_dim", 64),
         warmup=BENCH_CLUSTERING.get("warmup", 1),

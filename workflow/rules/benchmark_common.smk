@@ -94,6 +94,17 @@ def clustering_list(key, default):
     return " ".join(str(v) for v in BENCH_CLUSTERING.get(key, default))
 
 
+def clustering_linkages():
+    """The linkages of benchmark.clustering.methods (methods: registry names
+    of ATC variants), space-separated; default every linkage."""
+    names = BENCH_CLUSTERING.get("methods")
+    if names is None:
+        return "single complete average"
+    return " ".join(
+        config_validation.variant_options(config, name)[1]["linkage"] for name in names
+    )
+
+
 def clustering_gpus():
     gpu_backends = {"atc-cuda", "cuml"}
     asked = set(BENCH_CLUSTERING.get("backends", gpu_backends))

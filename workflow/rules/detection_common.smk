@@ -44,15 +44,16 @@ def det_env_input(wildcards):
 
 
 def _det_runs():
-    """(size, method, ratio) of every detection run: each method at each
-    ratio, and the unreduced model (method none, ratio 0) per size."""
+    """(size, method, keep rate) of every detection run: each method (a
+    methods: registry name) at each keep rate, and the unreduced model
+    (method none, path segment r0) per size."""
     runs = []
     for size in DET.get("sizes", {}):
         if DET.get("baseline", True):
             runs.append((size, BASELINE, "0"))
-        for method in DET.get("methods", {}):
-            for ratio in DET.get("ratios", []):
-                runs.append((size, method, fmt_rate(ratio)))
+        for method in DET.get("methods", []):
+            for keep_rate in DET.get("keep_rates", []):
+                runs.append((size, method, fmt_rate(keep_rate)))
     return runs
 
 
@@ -65,7 +66,7 @@ if DET_RUNS and DET.get("data_root") and not Path(DET["data_root"]).exists():
 
 wildcard_constraints:
     det_size="|".join(DET.get("sizes", {})) or "none",
-    det_method="|".join(list(DET.get("methods", {})) + [BASELINE]),
+    det_method="|".join(list(DET.get("methods", [])) + [BASELINE]),
     det_ratio=r"[0-9.]+",
 
 
@@ -100,11 +101,22 @@ def det_init_input(wildcards):
     return [_repo_path(load_from)] if load_from else []
 
 
+def det_linkage(method):
+    """The backbone's linkage of a run: tome for ToMe (and the unreduced
+    baseline), else the ATC variant's linkage (its declared default when the
+    methods: entry leaves it out)."""
+    if method == BASELINE:
+        return "tome"
+    name, options = config_validation.variant_options(config, method)
+    return "tome" if name == "tome" else options["linkage"]
+
+
 def det_run_options(wildcards):
-    """Command-line run options of scripts/detection.py for this run."""
+    """Command-line run options of scripts/detection.py for this run
+    (--ratio: the backbone's reduction_ratio, the fraction kept; 0 = off)."""
     size = DET["sizes"][wildcards.det_size]
     method = wildcards.det_method
-    linkage = "tome" if method == BASELINE else DET["methods"][method]
+    linkage = det_linkage(method)
     ratio = 0.0 if method == BASELINE else float(wildcards.det_ratio)
     data_root = DET.get("data_root") or DET_DEMO_DATA
     q = shlex.quote
@@ -180,13 +192,13 @@ def det_work_dir(wildcards, kind="work"):
 
 def det_code(wildcards):
     method = wildcards.det_method
-    name = "tome" if method == BASELINE or DET["methods"][method] == "tome" else "atc"
+    name = "tome" if det_linkage(method) == "tome" else "atc"
     return code_hash(("model", "detection"), None if method == BASELINE else name)
 
 
 def det_summary_runs():
-    """Each detection run's size, method, ratio and result files (the
-    detection summary's manifest)."""
+    """Each detection run's size, method, ratio (the keep rate; 0 for the
+    baseline) and result files (the detection summary's manifest)."""
     return [
         {
             "size": size,

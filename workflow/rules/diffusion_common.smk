@@ -6,7 +6,7 @@ import shlex
 DIFF = config.get("diffusion") or {}
 SD_DIR = f"{RESULTS}/diffusion"
 # the pipeline kind: sd15 (SD 1.x/2.x), sdxl, pixart (docs/diffusion.md)
-# (the schema and config_validation check it, the ToMe ratio cap and the folder's class)
+# (the schema and config_validation check it, the ToMe keep-rate floor and the folder's class)
 SD_MODEL = DIFF.get("model", "sd15")
 SD_TINY = f"{SD_DIR}/tiny-sd" if SD_MODEL == "sd15" else f"{SD_DIR}/tiny-{SD_MODEL}"
 SD_GEN = f"{SD_DIR}/generated/{{sd_experiment}}"
@@ -24,7 +24,7 @@ def diffusion_enabled():
 def _check_diffusion():
     if not diffusion_enabled():
         return
-    # diffusion.dataset and each experiment's ratio: checked by config_validation and the schema
+    # diffusion.dataset and each experiment's keep_rate: checked by config_validation and the schema
     source = str(DIFF.get("pipeline", "tiny"))
     if source != "tiny" and not Path(source).exists():
         if (
@@ -92,11 +92,12 @@ def sd_weights_arg():
 
 
 def sd_merge_spec(wildcards):
-    """apply_patch options of an experiment as JSON (merge_fn none = no merging)."""
-    spec = dict(DIFF["experiments"][wildcards.sd_experiment])
-    spec.pop("runtime", None)
-    spec.setdefault("merge_fn", "none")
-    return json.dumps(spec, sort_keys=True)
+    """apply_patch options of an experiment as JSON: the config's {method,
+    linkage, keep_rate} as {merge_fn, linkage, ratio} (tomesd's fraction
+    removed; tokenreduction.diffusion.variant); merge_fn none = no merging."""
+    spec = DIFF["experiments"][wildcards.sd_experiment]
+    options = config_validation.diffusion_variant_module().patch_options(spec)
+    return json.dumps(options, sort_keys=True)
 
 
 def sd_gen_runtime(wildcards, attempt):

@@ -31,6 +31,9 @@ are the package's own code; config values only ever enter them as data.
 Modules: ``checker`` (one pass over a config; a bug in a check stops the
 build), ``section_models``, ``section_methods``, ``section_recipes``,
 ``section_studies``, ``section_detection_diffusion`` (one per config section),
+``variants`` (a methods: registry name's method and options; diffusion
+experiments as apply_patch keywords), ``renamed`` (old spellings of method
+variants, refused naming the new key),
 ``library`` (the library's tables), ``typecheck`` (values against field
 types), ``timm_models``, ``source`` (ast reading), ``problems`` (messages).
 The workflow loads it through ``tokenreduction/config_validation.py``.
@@ -57,6 +60,8 @@ from .library import (
     train_config_module,
     tuning_modes,
 )
+from .renamed import renamed_problems
+from .variants import diffusion_variant_module, variant_options
 from .problems import ConfigError, ValidatorError, format_problems, schema_problems
 from .timm_models import ModelInfo, VIT_CLASSES, timm_architectures, timm_model_info, timm_optimizers, timm_schedulers
 from .typecheck import _fits, field_types, type_problem
@@ -77,6 +82,7 @@ __all__ = [
     'check_config',
     'clca_config_class',
     'dataset_kinds',
+    'diffusion_variant_module',
     'field_types',
     'format_problems',
     'load_schema',
@@ -84,6 +90,7 @@ __all__ = [
     'method_catalog',
     'options_module',
     'ots_presets',
+    'renamed_problems',
     'schema_problems',
     'timm_architectures',
     'timm_model_info',
@@ -93,6 +100,7 @@ __all__ = [
     'tuning_modes',
     'type_problem',
     'validate_config',
+    'variant_options',
 ]
 
 
@@ -100,11 +108,15 @@ def check_config(config: dict, schema: Optional[dict] = None, base: Optional[Pat
                  repo: Optional[Path] = None) -> list[tuple[str, str]]:
     """Every problem of `config` as (key path, message); [] when it is valid.
 
-    `schema` (the workflow's JSON schema) is checked first; the library checks
+    Old spellings of method variants (:mod:`.renamed`) are reported first,
+    alone; then `schema` (the workflow's JSON schema) is checked; the library checks
     run on a config that passes it. Relative paths resolve against `base`
     (Snakemake's working directory; default the current one); detection
     configs against `repo` (the repository root).
     """
+    problems = renamed_problems(config)  # before the schema, which would call them unknown keys
+    if problems:
+        return problems
     if schema is not None:
         problems = schema_problems(config, schema)
         if problems:

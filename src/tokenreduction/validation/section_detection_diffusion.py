@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from .variants import diffusion_variant_module
+
 
 class DetectionDiffusionChecks:
     """Mixed into the checker: uses self.config, self.fail, self.path, self.model."""
@@ -22,8 +24,25 @@ class DetectionDiffusionChecks:
             for field_name in ("load_from", "pretrained"):
                 if spec.get(field_name) and not self.path(spec[field_name], repo_relative=True).is_file():
                     self.fail(f"{key}.{field_name}", f"checkpoint {spec[field_name]} does not exist (paths are relative to the repository)")
-        if det.get("methods") and not det.get("ratios") and not det.get("baseline", True):
-            self.fail("detection.ratios", "no ratios and no baseline: the detection section has no runs")
+        for name in det.get("methods") or []:
+            self.merging_variant("detection.methods", name, ("tome", "atc"), "the detection backbone")
+        if det.get("methods") and not det.get("keep_rates") and not det.get("baseline", True):
+            self.fail("detection.keep_rates", "no keep_rates and no baseline: the detection section has no runs")
+
+    def merging_variant(self, key: str, name: str, methods: tuple, user: str) -> None:
+        """`name` (listed under `key`) must be a methods: registry entry of
+        one of `methods` whose only option is ATC's linkage."""
+        registry = self.config.get("methods") or {}
+        if name not in registry:
+            self.fail(key, f"{name!r} is not defined under methods: ({', '.join(registry)})")
+            return
+        spec = registry[name]
+        if spec.get("method") not in methods:
+            self.fail(key, f"{name!r} is method {spec.get('method')!r}; {user} runs {' or '.join(methods)} only")
+            return
+        extra = sorted(k for k in spec if k not in ("method", "linkage"))
+        if extra:
+            self.fail(key, f"{name!r} sets {extra[0]!r}; {user} takes no option but ATC's linkage")
 
     def diffusion(self) -> None:
         diff = self.config.get("diffusion")
@@ -42,16 +61,21 @@ class DetectionDiffusionChecks:
             if kind == "imagenet" and count is not None and count != 1000:
                 self.fail("diffusion.class_names", f"holds {count} class names; ImageNet needs exactly 1000 "
                           "(line i = class i in sorted-wnid order, e.g. 'tench, Tinca tinca')")
+        variant = diffusion_variant_module()
         for name, spec in diff["experiments"].items():
-            merge = spec.get("merge_fn", "none")
-            if merge != "atc" and "linkage" in spec:
-                self.fail(f"diffusion.experiments.{name}.linkage", f"linkage applies to merge_fn atc only (this one is {merge})")
-            cap = 1 - 1 / (spec.get("sx", 2) * spec.get("sy", 2))  # ToMe-SD keeps one destination per cell
-            if merge == "tome" and spec.get("ratio", 0.5) > cap:
-                self.fail(f"diffusion.experiments.{name}.ratio", f"ToMe-SD removes at most 1 - 1/(sx*sy) = {cap:.4g} "
-                          "of the tokens (tomesd would cap it silently)")
+            key = f"diffusion.experiments.{name}"
+            try:
+                options = variant.patch_options(spec)
+            except ValueError as err:
+                option, _, message = str(err).partition(": ")
+                self.fail(f"{key}.{option}", message)
+                continue
+            cap = 1 - 1 / (options.get("sx", 2) * options.get("sy", 2))  # ToMe-SD keeps one destination per cell
+            if options["merge_fn"] == "tome" and options["ratio"] > cap:
+                self.fail(f"{key}.keep_rate", f"ToMe-SD keeps at least 1/(sx*sy) = {1 - cap:.4g} of the tokens "
+                          "(tomesd would cap it silently)")
             if diff.get("model", "sd15") == "pixart" and spec.get("max_downsample", 1) != 1:
-                self.fail(f"diffusion.experiments.{name}.max_downsample",
+                self.fail(f"{key}.max_downsample",
                           "applies to UNets: every PixArt block runs on the patch grid (leave it unset)")
         self.diffusion_model(diff)
 

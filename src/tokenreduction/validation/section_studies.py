@@ -101,6 +101,8 @@ class StudyChecks:
             names = [b for exp in self.config["experiments"] for b in exp["backbones"] if b in self.config["backbones"]]
         backbones = self._refs("benchmark.backbones", dict.fromkeys(names), "backbones")
         self._refs("benchmark.methods", bench.get("methods") or [], "methods")
+        for name in (bench.get("clustering") or {}).get("methods") or []:
+            self.merging_variant("benchmark.clustering.methods", name, ("atc",), "the clustering benchmark")
         schedules = budget_module().R_SCHEDULES
         for i, spec in enumerate(bench.get("r_models") or []):
             key = f"benchmark.r_models[{i}]"
