@@ -11,6 +11,7 @@ missing or out of date.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -18,6 +19,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+
+_WARM = {}  # wanted (apply_rehearsal), then module, server, python (start_warm)
 
 
 def _load(path: Path, name: str):
@@ -67,6 +71,55 @@ def apply_rehearsal(config: dict, root: Path) -> list[dict]:
             os.unlink(f.name)
         if proc.returncode != 0:
             sys.exit(f"rehearsal: writing the stand-ins with {python} failed (exit {proc.returncode}); see above")
+    # the warm interpreter is how jobs run, not what they compute: kept out of
+    # the config the rules see (start_warm reads it from here)
+    _WARM["wanted"] = bool(rehearsal.pop("rehearse_warm", True))
     config.clear()
     config.update(rehearsal)
     return plan
+
+
+# --------------------------------------------------------------------------
+# the warm interpreter (rehearse_warm, on by default in a rehearsal)
+
+
+
+def start_warm(workflow, config: dict, root: Path, results: str, python: str, deployments) -> None:
+    """From ``onstart`` (the main Snakemake process, executing, not a dry
+    run): start the warm interpreter and point ``TOKENREDUCTION_PYTHON`` at
+    its client, so that the per-run jobs skip their imports. Only where the
+    jobs are this process's children: the local executor, no software
+    deployment. Says on stderr when it is off or could not start."""
+    if not _WARM.get("wanted") or workflow.touch:
+        return
+    why_not = None
+    if not workflow.local_exec or not workflow.is_main_process:
+        why_not = "the jobs run through a cluster executor"
+    elif set(deployments) & {"conda", "apptainer"}:
+        why_not = f"the jobs run in their own software environments (--sdm {' '.join(sorted(deployments))})"
+    if why_not:
+        print(f"rehearsal: the warm interpreter is off: {why_not}", file=sys.stderr)
+        return
+    warm = _load(root / "src" / "tokenreduction" / "rehearsal" / "warm.py", "tokenreduction_rehearsal_warm")
+    preload = warm.PRELOAD + (warm.PRELOAD_DIFFUSION if config.get("diffusion") else ())
+    try:
+        server = warm.start(python, root / "src", results, root / "scripts", preload)
+    except (warm.WarmError, OSError) as err:
+        print(f"rehearsal: the warm interpreter did not start ({err}); the jobs run {python}", file=sys.stderr)
+        return
+    _WARM.update(module=warm, server=server, python=python)
+    atexit.register(stop_warm)
+    os.environ["TOKENREDUCTION_PYTHON"] = str(server.launcher)
+    print(
+        f"rehearsal: per-run jobs ({', '.join(warm.SERVED_SCRIPTS)}) run in the warm interpreter"
+        f" at {server.socket} (log: {server.log}); --config rehearse_warm=false turns it off",
+        file=sys.stderr,
+    )
+
+
+def stop_warm() -> None:
+    """From ``onsuccess`` / ``onerror`` (and at exit): stop the server."""
+    if "server" in _WARM:
+        server = _WARM.pop("server")
+        _WARM["module"].stop(server)
+        os.environ["TOKENREDUCTION_PYTHON"] = _WARM["python"]

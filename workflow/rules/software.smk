@@ -63,11 +63,25 @@ os.environ.update(
 )
 
 
+# a rehearsal's warm interpreter for the per-run jobs (docs/rehearsal.md):
+# started when the run executes, stopped when it ends
+_rehearsal_hook = globals().get("_rehearsal")  # common.smk's, when rehearse=true
+
+
 onstart:
     print(f"main environment's jobs run {PYTHON}")
+    if _rehearsal_hook:
+        _rehearsal_hook.start_warm(workflow, config, ROOT, RESULTS, PYTHON, DEPLOYMENTS)
+
+
+onerror:
+    if _rehearsal_hook:
+        _rehearsal_hook.stop_warm()
 
 
 onsuccess:
+    if _rehearsal_hook:
+        _rehearsal_hook.stop_warm()
     # per job from its benchmark file (written by the job itself, locally
     # and on a cluster alike), else (rules run in this process) the metadata
     records = runtime.run_records(
