@@ -22,8 +22,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import full_width as fw
 from workflow_utils import REPO, load_config, planned_jobs, snakemake, with_existing_inputs, write_config
@@ -252,3 +254,77 @@ def test_compare_holds_one_group_of_runs_and_loads_each_file_once(tmp_path, monk
                    if len(t)]
     expected = pd.concat(frames, ignore_index=True)[list(out.columns)]
     pd.testing.assert_frame_equal(out.reset_index(drop=True), expected, check_dtype=False, rtol=1e-9)
+
+
+def _pattern_run(rng, kind: str, blocks: list[int], images: list[str], num_patches: int = 64, kept: bool = False) -> dict:
+    counts = fw.stage_counts(num_patches, 0.6, len(blocks), "current")
+    from tokenreduction.patterns import compose_assignments
+    composed = torch.stack(compose_assignments(fw.stage_assignments(rng, kind, counts, len(images), num_patches)))
+    run = {"kind": kind, "stage_blocks": np.asarray(blocks), "composed": composed.numpy(), "image_ids": np.asarray(images)}
+    if kept:  # recorded cluster centres (K-Medoids, DPC-KNN)
+        run["kept"] = rng.random(run["composed"].shape) < 0.5
+    return run
+
+
+@pytest.mark.parametrize("hc_true", ["a", "b"])
+@pytest.mark.parametrize("kinds", [("merge", "soft"), ("prune", "prune"), ("prune", "merge"), ("merge", "kept")])
+def test_patterns_compared_once_and_mirrored_equal_both_orders(hc_true, kinds):
+    """compare_patterns_both(A, B) == (compare_patterns(A, B), compare_patterns(B, A)):
+    the slow reference computes each order on its own (B's stages in B's
+    order, images in the order of the first run). Tolerance: 1e-12 absolute
+    (per-image means summed in another order)."""
+    from tokenreduction.analysis.compare import compare_patterns, compare_patterns_both
+
+    rng = np.random.default_rng(len(kinds[0]) * 7 + len(hc_true))
+    images = [f"img{i:03d}" for i in range(40)]
+    a = _pattern_run(rng, kinds[0], [2, 5, 8], images)
+    shuffled = list(np.asarray(images)[rng.permutation(len(images))])  # B lists the images in another order
+    b = _pattern_run(rng, "merge" if kinds[1] == "kept" else kinds[1], [5, 8, 11], shuffled, kept=kinds[1] == "kept")
+    ab, ba = compare_patterns_both(a, b, names=("a", "b"), hc_true=hc_true)
+    pd.testing.assert_frame_equal(ab, compare_patterns(a, b, names=("a", "b"), hc_true=hc_true))
+    reference = compare_patterns(b, a, names=("b", "a"), hc_true=hc_true)
+    assert list(ba["block"]) == list(reference["block"]) == [5, 8]
+    pd.testing.assert_frame_equal(ba, reference, check_exact=False, rtol=0, atol=1e-12)
+    if "merge" in kinds[0] and kinds[1] != "prune":  # homogeneity and completeness really swap
+        assert not np.allclose(ab["Homogeneity_mean"], ab["Completeness_mean"])
+
+
+@pytest.mark.parametrize("widths", [(12, 12), (20, 8), (6, 16)])
+def test_features_compared_once_and_mirrored_equal_both_orders(widths):
+    """compare_features_both(A, B) == (compare_features(A, B), compare_features(B, A))
+    for equal and unequal widths (PWCCA weighted by each side, with unpaired
+    variates in the study's normalisation), a rank-deficient run, blocks
+    listed in different orders, and a degenerate CCA (too few images: NaN,
+    one warning). Tolerance: 1e-10 absolute (transposed products)."""
+    import warnings
+
+    from tokenreduction.analysis.compare import compare_features, compare_features_both
+    from tokenreduction.analysis.similarity import SYMMETRIC_FEATURE_METRICS, DegenerateCCAWarning
+
+    rng = np.random.default_rng(sum(widths))
+    for n_images in (60, widths[0] + widths[1]):  # CCA defined, then degenerate
+        images = np.asarray([f"i{k}" for k in range(n_images)])
+        fa = rng.standard_normal((3, n_images, widths[0]))
+        fa[1, :, -2:] = fa[1, :, :2]  # block 6 of A: rank-deficient
+        perm = rng.permutation(n_images)
+        fb = rng.standard_normal((3, n_images, widths[1]))
+        fb[:, :, 0] += fa[0][perm, 0][None]  # related to A
+        a = {"blocks": np.asarray([3, 6, 11]), "features": fa, "image_ids": images}
+        b = {"blocks": np.asarray([11, 6, 3]), "features": fb, "image_ids": images[perm]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DegenerateCCAWarning)
+            ab, ba = compare_features_both(a, b, names=("a", "b"))
+            mirrored_warnings = len(caught)
+            ref_ab = compare_features(a, b, names=("a", "b"))
+            ref_ba = compare_features(b, a, names=("b", "a"))
+        degenerate = n_images <= sum(widths)
+        assert mirrored_warnings == (3 if degenerate else 0)  # one per block, not two
+        pd.testing.assert_frame_equal(ab, ref_ab, check_exact=False, rtol=0, atol=1e-10)
+        pd.testing.assert_frame_equal(ba, ref_ba, check_exact=False, rtol=0, atol=1e-10)
+        assert list(ba["block"]) == [11, 6, 3]
+        assert ab["PWCCA"].isna().all() == degenerate
+        if not degenerate:  # PWCCA is not symmetric: really computed both ways
+            assert not np.allclose(ab.set_index("block")["PWCCA"], ba.set_index("block")["PWCCA"].loc[[3, 6, 11]])
+        for metric in SYMMETRIC_FEATURE_METRICS:
+            np.testing.assert_allclose(ab.set_index("block")[metric], ba.set_index("block")[metric].loc[[3, 6, 11]],
+                                       atol=1e-10)

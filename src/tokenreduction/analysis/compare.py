@@ -42,7 +42,7 @@ import pandas as pd
 
 from ._arrays import as_numpy
 from .patterns import _grid_shape, cluster_agreement, count_tokens, kept_iou, kept_patches, token_depth_from_kept, token_depth_map
-from .similarity import DEFAULT_RTOL, FEATURE_METRICS, feature_similarities
+from .similarity import DEFAULT_RTOL, FEATURE_METRICS, feature_similarities, feature_similarities_both
 
 PATTERN_KINDS = ("prune", "merge", "soft", "none")
 CAPACITY_ORDER = ("tiny", "small", "base", "large", "huge", "giant")
@@ -226,6 +226,41 @@ def compare_features(feats_a: Mapping, feats_b: Mapping, names: Sequence[str] = 
         sims = feature_similarities(fa[ka].T, fb[kb][index_b].T, rtol=rtol, pwcca=pwcca)
         rows.append({"block": block, "n_images": int(fa.shape[1]), **sims})
     return pd.DataFrame(rows, columns=list(FEATURE_COLUMNS))
+
+
+def compare_patterns_both(patterns_a: Mapping, patterns_b: Mapping, names: Sequence[str] = ("A", "B"),
+                          hc_true: str = "b") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(compare_patterns(A, B), compare_patterns(B, A))`` with the same
+    ``hc_true``, each pair of stages compared once: IoU, NMI and ARI are
+    symmetric, and swapping the two runs swaps sklearn's ``labels_true`` and
+    ``labels_pred``, hence Homogeneity and Completeness. The mirrored table
+    lists B's stages in B's order. Equal to the two calls up to floating-point
+    round-off (the per-image means are taken over the images in A's order)."""
+    ab = compare_patterns(patterns_a, patterns_b, names=names, hc_true=hc_true)
+    ba = ab.rename(columns={"stage_a": "stage_b", "stage_b": "stage_a",
+                            **{f"Homogeneity_{s}": f"Completeness_{s}" for s in ("mean", "std")},
+                            **{f"Completeness_{s}": f"Homogeneity_{s}" for s in ("mean", "std")}})
+    ba = ba.sort_values("stage_a", kind="stable")[list(PATTERN_COLUMNS)].reset_index(drop=True)
+    return ab, ba
+
+
+def compare_features_both(feats_a: Mapping, feats_b: Mapping, names: Sequence[str] = ("A", "B"),
+                          rtol: float = DEFAULT_RTOL, pwcca: str = "study") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(compare_features(A, B), compare_features(B, A))`` for about the cost
+    of one (``feature_similarities_both``: the symmetric metrics once, PWCCA
+    both ways). The mirrored table lists the blocks in B's order. Equal to the
+    two calls up to floating-point round-off."""
+    blocks_a, fa, ids_a = _features(feats_a, names[0])
+    blocks_b, fb, ids_b = _features(feats_b, names[1])
+    index_b = align_images(ids_a, ids_b, names)
+    rows_ab, rows_ba = [], []
+    for block, ka, kb in _common_blocks(blocks_a, blocks_b):
+        ab, ba = feature_similarities_both(fa[ka].T, fb[kb][index_b].T, rtol=rtol, pwcca=pwcca)
+        rows_ab.append({"block": block, "n_images": int(fa.shape[1]), **ab})
+        rows_ba.append((kb, {"block": block, "n_images": int(fa.shape[1]), **ba}))
+    rows_ba = [row for _, row in sorted(rows_ba, key=lambda kr: kr[0])]
+    return (pd.DataFrame(rows_ab, columns=list(FEATURE_COLUMNS)),
+            pd.DataFrame(rows_ba, columns=list(FEATURE_COLUMNS)))
 
 
 def token_statistics(patterns: Mapping, depth: int, grid=None, name: str = "run") -> dict:

@@ -155,7 +155,11 @@ def _whiten(A: np.ndarray, rtol: float) -> np.ndarray:
 
 def _cca(A: np.ndarray, B: np.ndarray, rtol: float) -> CCAResult:
     """CCA of preprocessed (D_A, N), (D_B, N)."""
-    wa, wb = _whiten(A, rtol), _whiten(B, rtol)
+    return _cca_whitened(_whiten(A, rtol), _whiten(B, rtol))
+
+
+def _cca_whitened(wa: np.ndarray, wb: np.ndarray) -> CCAResult:
+    """CCA of whitened (r_A, N), (r_B, N) row-space bases (``_whiten``)."""
     p, rho, _ = np.linalg.svd(wa @ wb.T, full_matrices=True)  # (r_A, r_A), (min r,), (r_B, r_B)
     return CCAResult(np.clip(rho, 0.0, 1.0), p.T @ wa)
 
@@ -327,3 +331,45 @@ def feature_similarities(A, B, rtol: float = DEFAULT_RTOL, pwcca: str = "study")
         "LinCKAPrime": _lin_cka_prime(A, B) if A.shape[1] >= 4 else float("nan"),
         "Procrustes": _procrustes(A, B),
     }
+
+
+#: the metrics of ``feature_similarities`` whose value does not depend on the
+#: order of the two representations (all but PWCCA, which A weights)
+SYMMETRIC_FEATURE_METRICS = ("MeanSqCCA", "MeanCCA", "LinCKA", "LinCKAPrime", "Procrustes")
+
+
+def feature_similarities_both(A, B, rtol: float = DEFAULT_RTOL,
+                              pwcca: str = "study") -> tuple[dict[str, float], dict[str, float]]:
+    """``(feature_similarities(A, B), feature_similarities(B, A))`` of (D_A, N),
+    (D_B, N) for about the cost of one: the symmetric metrics
+    (:data:`SYMMETRIC_FEATURE_METRICS`) are computed once and mirrored, each
+    matrix is preprocessed and whitened once, and PWCCA is computed in both
+    directions (weighted by A, then by B). Equal to the two calls up to
+    floating-point round-off (a transposed product sums in another order).
+    Warns once (:class:`DegenerateCCAWarning`) when N <= D_A + D_B."""
+    _check_mode(pwcca)
+    A, B = _check_pair(A, B)
+    degenerate = cca_degenerate(A.shape[0], B.shape[0], A.shape[1])
+    if degenerate:
+        _warn_degenerate(A.shape[0], B.shape[0], A.shape[1])
+    A, B = preprocess(A), preprocess(B)
+    if _degenerate(A, B):
+        nan = {k: float("nan") for k in FEATURE_METRICS}
+        return nan, dict(nan)
+    nan = float("nan")
+    if degenerate:
+        ab = {"PWCCA": nan, "MeanSqCCA": nan, "MeanCCA": nan}
+        pwcca_ba = nan
+    else:
+        wa, wb = _whiten(A, rtol), _whiten(B, rtol)
+        cca_ab, cca_ba = _cca_whitened(wa, wb), _cca_whitened(wb, wa)
+        rho = cca_ab.rho
+        ab = {"PWCCA": _pwcca(A, cca_ab, pwcca),
+              "MeanSqCCA": float((rho**2).mean()) if rho.size else nan,
+              "MeanCCA": float(rho.mean()) if rho.size else nan}
+        pwcca_ba = _pwcca(B, cca_ba, pwcca)
+    ab.update(LinCKA=_lin_cka(A, B), LinCKAPrime=_lin_cka_prime(A, B) if A.shape[1] >= 4 else nan,
+              Procrustes=_procrustes(A, B))
+    ab = {k: ab[k] for k in FEATURE_METRICS}
+    ba = {**ab, "PWCCA": pwcca_ba}
+    return ab, ba

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from ..io import atomic_path, write_json
-from .compare import AXES, BASELINE_PAIR_RATE, HC_TRUE, compare_features, compare_patterns, load_npz, pairs, token_statistics
+from .compare import (AXES, BASELINE_PAIR_RATE, HC_TRUE, compare_features, compare_features_both, compare_patterns,
+                      compare_patterns_both, load_npz, pairs, token_statistics)
 from .correlate import CORRELATION_COLUMNS, correlate, correlate_groups
 from .heatmaps import DEFAULT_KL_BASE, heatmap_metrics
 from .similarity import DegenerateCCAWarning
@@ -98,9 +99,21 @@ def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathL
     runs = runs_table(pd.read_csv(summary_csv), dataset)
     todo = pairs(runs, axis, match=("seed",), baseline_rate=baseline_rate)
     order = pair_order(todo, axis)
+    # a pair whose swap is also listed (the models axis holds both orders) is
+    # compared once, at the first of the two in `order`; the other is its mirror
+    records = todo.to_dict("records")
+    position = {(r["run_a"], r["run_b"]): i for i, r in enumerate(records)}
+    twin_of: dict[int, int] = {}  # computed pair -> its mirrored pair
+    mirrored: set = set()
+    for index in order:
+        twin = position.get((records[index]["run_b"], records[index]["run_a"]))
+        if index not in mirrored and twin is not None and twin != index:
+            twin_of[index] = twin
+            mirrored.add(twin)
+    computed = [index for index in order if index not in mirrored]
     last_use = {}
-    for step, index in enumerate(order):
-        last_use[todo.at[index, "run_a"]] = last_use[todo.at[index, "run_b"]] = step
+    for step, index in enumerate(computed):
+        last_use[records[index]["run_a"]] = last_use[records[index]["run_b"]] = step
     frames: dict[int, list] = {}
     degenerate: list = []
     cache: dict = {}
@@ -110,20 +123,28 @@ def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathL
             cache[(run, name)] = _load(eval_dir, run, name)
         return cache[(run, name)]
 
-    records = todo.to_dict("records")
-    for step, index in enumerate(progress(order, desc=f"compare {dataset} {axis}")):
+    for step, index in enumerate(progress(computed, desc=f"compare {dataset} {axis}")):
         pair = records[index]
         a, b = pair["run_a"], pair["run_b"]
-        pat = compare_patterns(get(a, "patterns.npz"), get(b, "patterns.npz"), names=(a, b), hc_true=hc_true)
+        twin = twin_of.get(index)
+        patterns = (get(a, "patterns.npz"), get(b, "patterns.npz"))
+        features = (get(a, "cls_features.npz"), get(b, "cls_features.npz"))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DegenerateCCAWarning)
-            feat = compare_features(get(a, "cls_features.npz"), get(b, "cls_features.npz"), names=(a, b), pwcca=pwcca)
+            if twin is None:
+                results = {index: (compare_patterns(*patterns, names=(a, b), hc_true=hc_true),
+                                   compare_features(*features, names=(a, b), pwcca=pwcca))}
+            else:
+                pat_ab, pat_ba = compare_patterns_both(*patterns, names=(a, b), hc_true=hc_true)
+                feat_ab, feat_ba = compare_features_both(*features, names=(a, b), pwcca=pwcca)
+                results = {index: (pat_ab, feat_ab), twin: (pat_ba, feat_ba)}
         for w in caught:
             if issubclass(w.category, DegenerateCCAWarning):
-                degenerate.append((index, f"{a} vs {b}: {w.message}"))
+                degenerate += [(i, f"{records[i]['run_a']} vs {records[i]['run_b']}: {w.message}") for i in results]
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        frames[index] = [table.assign(axis=axis, run_a=a, run_b=b, source=source)
+        for i, (pat, feat) in results.items():
+            frames[i] = [table.assign(axis=axis, run_a=records[i]["run_a"], run_b=records[i]["run_b"], source=source)
                          for table, source in ((pat, "pattern"), (feat, "feature")) if len(table)]
         # a run no later pair reads leaves the cache (the job holds a group's runs, not the dataset's)
         for run in {a, b}:
