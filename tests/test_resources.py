@@ -77,7 +77,10 @@ def test_the_slurm_profile_arrays_the_per_run_rules_and_groups_the_short_steps()
     assert {"finetune", "evaluate"} <= arrays
     assert 1 < profile["slurm-array-limit"] <= profile["jobs"]
     groups = dict(item.split("=") for item in profile["groups"])
-    assert set(groups.values()) == {"analysis"} and "pattern_grid" in groups
+    assert groups == {"analysis_collate": "analysis", "analysis_correlate": "analysis", "analysis_rho_heatmap": "analysis",
+                      "token_statistics": "figures", "pattern_grid": "figures"}
+    # one group per dataset's chain (Snakemake's group check is quadratic in a group's jobs), the figures merged
+    assert profile["group-components"] == ["figures=50"]
     assert "--exclusive" not in (REPO / "profiles" / "slurm" / "config.yaml").read_text().split("#")[0]
 
 

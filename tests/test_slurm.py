@@ -198,7 +198,8 @@ def test_installer_fills_the_site_specifics(tmp_path):
     assert target == tmp_path / "cfg" / "snakemake" / "slurm" / "config.yaml"
     profile = yaml.safe_load(target.read_text())
     assert profile["executor"] == "slurm"
-    assert profile["default-resources"] == {"slurm_account": "proj42", "slurm_partition": "gpu", "max_runtime": 2880}
+    assert profile["default-resources"] == {"slurm_account": "proj42", "slurm_partition": "gpu", "max_runtime": 2880,
+                                            "disk_mb": 1000}
     assert profile["slurm-status-command"] == "squeue"
     assert profile["retries"] >= 1 and "params" in profile["rerun-triggers"]
     assert profile["set-resources"]["finetune"] == {"gpu_model": "a100"}

@@ -347,7 +347,7 @@ def job_threads(kind="train", rule_name=None):
 
     def threads(wildcards):
         if rule_name and arrayed(rule_name):
-            workers = max(_workers(d) for d in analysis_datasets())
+            workers = _most_workers()
         else:
             workers = _workers(getattr(wildcards, "dataset", None))
         gpus = _gpus(kind) if kind == "train" else 1
@@ -422,8 +422,16 @@ def train_runtime(wildcards, attempt, uniform=False):
     return resource_model.time_limit_minutes(estimate, safety, attempt)
 
 
+@functools.lru_cache(maxsize=None)
 def _largest_scale():
-    return max(_scale(r["backbone"]) for r in RUNS)
+    """The largest backbone scale among the runs (once per DAG build, not per job)."""
+    return max(_scale(backbone) for backbone in {r["backbone"] for r in RUNS})
+
+
+@functools.lru_cache(maxsize=None)
+def _most_workers():
+    """The most data-loading workers among the runs' datasets (once per DAG build)."""
+    return max(_workers(d) for d in analysis_datasets())
 
 
 def train_mem(wildcards, attempt):
