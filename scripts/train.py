@@ -34,7 +34,7 @@ def evaluate_kwargs(text: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--spec", required=True, help="TrainConfig fields as a JSON object")
+    parser.add_argument("--spec", required=True, help="TrainConfig as a JSON object of its flat keys (TrainConfig.keys())")
     parser.add_argument("--final", required=True, help="path of final.pth; its folder receives every output")
     parser.add_argument("--then-evaluate", default=None, metavar="JSON",
                         help="evaluate final.pth afterwards: tokenreduction.evaluate.evaluate keyword arguments "

@@ -394,8 +394,9 @@ def test_every_recipe_and_clca_field_type_is_understood():
     assert list(cv.field_types(cv.clca_config_class())) == [f.name for f in dataclasses.fields(CLCAConfig)]
     checked = 0
     for cls in (cv.train_config_module().TrainConfig, cv.clca_config_class()):
+        flat = {**cv.train_config_module().ModelSpec.__dataclass_fields__, **cls.__dataclass_fields__}
         for name, hint in cv.field_types(cls).items():
-            f = cls.__dataclass_fields__[name]
+            f = flat[name]  # TrainConfig's model spec keys are ModelSpec's fields
             if f.default is not dataclasses.MISSING:
                 default = f.default
             elif f.default_factory is not dataclasses.MISSING:

@@ -2,8 +2,10 @@
 
 ``final.pth`` holds ``{"model": state_dict, "spec": spec, "config": ...,
 "metrics": ...}``; the *spec* is everything needed to rebuild the network
-(timm name and keyword arguments, number of classes, reduction arguments), so
-evaluation never needs the training config.
+(the fields of :class:`~.spec.ModelSpec`: timm name and keyword arguments,
+number of classes, reduction, CLCA, tuning) plus what the evaluator reads
+(img_size, dataset, multilabel, eval_split), so evaluation never needs the
+training config. A ``config`` is :meth:`TrainConfig.to_dict`'s flat mapping.
 """
 from __future__ import annotations
 
@@ -16,10 +18,6 @@ from torch import nn
 
 from ..safe_load import load_checkpoint_file
 from .spec import ModelSpec
-
-#: the fields of a stored spec that build the network (ModelSpec's, in one place)
-SPEC_KEYS = ModelSpec.field_names()
-
 
 #: prefix of the temporary files :func:`atomic_save` writes beside their target
 TMP_PREFIX = "."

@@ -1,4 +1,5 @@
-"""The fine-tuning recipe as one flat dataclass.
+"""The fine-tuning recipe: the network to train (a :class:`~.spec.ModelSpec`)
+and how to train it.
 
 Defaults follow the recipe of "Which Tokens to Use?" (DeiT fine-tuning:
 AdamW, weight decay 0.05, cosine schedule with warm-up, lr scaled by the
@@ -8,13 +9,18 @@ Cutout 0.5 and no random erasing on COCO / NUS-WIDE, drop path 0.1, model EMA
 validated beside the plain model every epoch with the best of both kept),
 scaled down where a full value would make no sense as a default (epochs).
 
-``TrainConfig.from_dict`` is the only way configs from YAML/JSON come in: it
-rejects unknown keys by name and checks values, so a typo fails at once.
+Configs are flat mappings (YAML sections, the workflow's ``--spec`` JSON,
+``config`` in the checkpoints): the model spec's keys beside the recipe's.
+``TrainConfig.from_dict`` is the only way they come in: it sorts the keys
+into ``model_spec`` and the recipe, rejects unknown keys by name and checks
+values, so a typo fails at once; ``to_dict`` writes the same flat form.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
+
+from .spec import ModelSpec
 
 #: keys whose change does not alter the trajectory of a run (a resumed run may differ in them)
 RUNTIME_KEYS = frozenset(
@@ -26,31 +32,14 @@ SELECTIONS = ("best", "last", "last_ema")
 
 @dataclass
 class TrainConfig:
-    # model
-    model: str = "deit_small_patch16_224"
-    model_kwargs: dict = field(default_factory=dict)
+    #: the network: timm model and its keywords, classes (None: the
+    #: dataset's), the reduction, CLCA and the tuning mode (flat keys in a config)
+    model_spec: ModelSpec = field(default_factory=ModelSpec)
     pretrained: bool = False
     init_checkpoint: Optional[str] = None
-    # reduction (see tokenreduction.create_model)
-    method: Optional[str] = None
-    keep_rate: Optional[Union[float, Sequence[float]]] = None
-    reduction_loc: Optional[Sequence[int]] = None
-    budget: Optional[str] = None
-    r: Optional[Union[int, Sequence[int]]] = None
-    r_schedule: Union[str, float] = "constant"
-    prop_attn: Optional[bool] = None
-    method_kwargs: dict = field(default_factory=dict)
     #: extra arguments of the method's training loss (DynamicViTLoss weights)
     method_loss_kwargs: dict = field(default_factory=dict)
     teacher_checkpoint: Optional[str] = None
-    #: CLCA plug-in options (tokenreduction.clca.apply_clca), e.g.
-    #: {ifa_head: true, clc: true, num_clr: 1}; null or {} = no CLCA
-    clca: Optional[dict] = None
-    #: which parameters train: full | head (frozen backbone, trainable
-    #: classifier) | h2t (Head2Toe) | vqt (visual query tuning); see
-    #: tokenreduction.clca.apply_tuning, whose options are tuning_kwargs
-    tuning: str = "full"
-    tuning_kwargs: dict = field(default_factory=dict)
     # data
     dataset: str = "imagefolder"
     data_root: str = "data"
@@ -59,7 +48,6 @@ class TrainConfig:
     #: CLCA's --train_trainval: train on train_val, validate (and evaluate) on test
     train_trainval: bool = False
     img_size: int = 224
-    num_classes: Optional[int] = None
     # schedule
     epochs: int = 30
     warmup_epochs: int = 20
@@ -140,7 +128,10 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every_steps", "num_classes"):
+        if not isinstance(self.model_spec, ModelSpec):
+            raise ValueError(f"model_spec must be a ModelSpec (from_dict reads the flat keys), got {self.model_spec!r}")
+        self.model_spec.validate()
+        for name in ("max_steps", "checkpoint_every_steps"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
@@ -168,15 +159,6 @@ class TrainConfig:
             raise ValueError(f"model_ema_decay must lie in [0, 1], got {self.model_ema_decay}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if not isinstance(self.model_kwargs, dict) or not isinstance(self.method_kwargs, dict):
-            raise ValueError("model_kwargs and method_kwargs must be mappings")
-        if self.clca is not None and not isinstance(self.clca, dict):
-            raise ValueError(f"clca must be a mapping of CLCA options or null, got {self.clca!r}")
-        if self.tuning != "full":
-            from ..clca.baselines import TUNING_MODES  # the registry (imports torch: only when asked)
-
-            if self.tuning not in TUNING_MODES:
-                raise ValueError(f"tuning must be one of {', '.join(TUNING_MODES)}, got {self.tuning!r}")
         if self.select_weights not in SELECTIONS:
             raise ValueError(f"select_weights must be one of {', '.join(SELECTIONS)}, got {self.select_weights!r}")
         if self.select_weights == "last_ema" and not self.model_ema:
@@ -191,24 +173,29 @@ class TrainConfig:
             raise ValueError(f"cutout must lie in [0, 1] or be null, got {self.cutout}")
         if float(self.progress_seconds) <= 0:
             raise ValueError(f"progress_seconds must be > 0, got {self.progress_seconds}")
-        if not isinstance(self.tuning_kwargs, dict):
-            raise ValueError("tuning_kwargs must be a mapping")
+        if not isinstance(self.method_loss_kwargs, dict):
+            raise ValueError("method_loss_kwargs must be a mapping")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The flat config keys: the model spec's, then the recipe's."""
+        return ModelSpec.field_names() + tuple(f.name for f in fields(cls) if f.name != "model_spec")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a mapping; unknown keys are a ValueError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Build from a flat mapping (the model spec's keys beside the
+        recipe's); unknown keys are a ValueError naming them."""
+        unknown = sorted(set(values) - set(cls.keys()))
         if unknown:
             raise ValueError(f"unknown training config key(s): {', '.join(unknown)}")
-        values = dict(values)
-        for name in ("reduction_loc", "keep_rate", "r"):
-            if isinstance(values.get(name), tuple):
-                values[name] = list(values[name])
-        return cls(**values)
+        spec_keys = set(ModelSpec.field_names())
+        spec = ModelSpec(**{k: v for k, v in values.items() if k in spec_keys})
+        return cls(model_spec=spec, **{k: v for k, v in values.items() if k not in spec_keys})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The flat mapping from_dict reads."""
+        recipe = asdict(self)
+        return {**recipe.pop("model_spec"), **recipe}
 
     def data_splits(self) -> tuple[str, str]:
         """(train split, validation split): (train_val, test) with

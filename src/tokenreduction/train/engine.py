@@ -83,15 +83,15 @@ from ..metrics import mean_average_precision, topk_accuracy
 from ..safe_load import load_checkpoint_file
 from .checkpoint import atomic_save, remove_stale_temporaries
 from .config import RUNTIME_KEYS, TrainConfig
-from .recipe import (  # noqa: F401  (param_groups, layer_decay_groups, model_spec: public here since before)
+from .recipe import (  # noqa: F401  (param_groups, layer_decay_groups: public here since before)
     build_mixup,
     build_optimizer,
     build_scheduler,
     build_task_loss,
     build_teacher,
     layer_decay_groups,
-    model_spec,
     param_groups,
+    stored_spec,
     training_objective,
 )
 from .runtime import Runtime, SignalFlag, autocast, rng_state, seed_all, set_rng_state
@@ -206,7 +206,7 @@ def build_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
     val_ds = build_dataset(cfg.dataset, cfg.data_root, val_split, build_transform(False, cfg.img_size, cfg.dataset))
     if len(val_ds) == 0 or len(train_ds) == 0:
         raise ValueError(f"dataset {cfg.dataset!r} at {cfg.data_root}: the train or val split is empty")
-    num_classes = int(cfg.num_classes or train_ds.num_classes)
+    num_classes = int(cfg.model_spec.num_classes or train_ds.num_classes)
     if num_classes < int(train_ds.num_classes):
         raise ValueError(f"num_classes={num_classes} but the dataset has {train_ds.num_classes} classes")
     accum = cfg.grad_accum_steps
@@ -240,16 +240,14 @@ def build_model_and_optimiser(cfg: TrainConfig, rt: Runtime, data: TrainData) ->
     objective, optimiser, scheduler, grad scaler, EMA and mixup."""
     from timm.utils import ModelEmaV3
 
-    from .spec import ModelSpec
-
     device = rt.device
     seed_all(cfg.seed)
-    spec = model_spec(cfg, data.num_classes, data.multilabel)
-    model = ModelSpec.from_dict(spec).build(
+    network = cfg.model_spec.for_dataset(data.num_classes, cfg.img_size)
+    model = network.build(
         pretrained=cfg.pretrained, checkpoint_path=cfg.init_checkpoint, drop_path_rate=cfg.drop_path
     ).to(device)
     seed_all(cfg.seed + rt.rank)
-    teacher = build_teacher(cfg, data.num_classes, spec["model_kwargs"], device)
+    teacher = build_teacher(cfg, network, device)
     optimizer = build_optimizer(cfg, model, data.lr)
     scheduler = build_scheduler(cfg, optimizer, data.updates_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
@@ -262,7 +260,8 @@ def build_model_and_optimiser(cfg: TrainConfig, rt: Runtime, data: TrainData) ->
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
         )
     return TrainParts(model=wrapped, bare=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
-                      scaler=scaler, ema=ema, mixup_fn=mixup_fn, objective=objective, spec=spec)
+                      scaler=scaler, ema=ema, mixup_fn=mixup_fn, objective=objective,
+                      spec=stored_spec(cfg, data.num_classes, data.multilabel))
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -19,12 +19,13 @@ from .config import TrainConfig
 from .spec import ModelSpec
 
 
-def model_spec(cfg: TrainConfig, num_classes: int, multilabel: bool) -> dict[str, Any]:
-    """The spec final.pth stores: the :class:`~.spec.ModelSpec` fields (what
-    build_model_from_spec needs to rebuild the trained network) plus what the
-    evaluator reads (img_size, dataset, multilabel, eval_split)."""
+def stored_spec(cfg: TrainConfig, num_classes: int, multilabel: bool) -> dict[str, Any]:
+    """The spec final.pth stores: the model spec's fields with the dataset's
+    classes and image size (what build_model_from_spec needs to rebuild the
+    trained network) plus what the evaluator reads (img_size, dataset,
+    multilabel, eval_split)."""
     return {
-        **ModelSpec.from_config(cfg, num_classes).to_dict(),
+        **cfg.model_spec.for_dataset(num_classes, cfg.img_size).to_dict(),
         "img_size": cfg.img_size,
         "dataset": cfg.dataset,
         "multilabel": bool(multilabel),
@@ -186,7 +187,7 @@ def reducer_class(method: Optional[str]):
 def training_objective(cfg: TrainConfig, task_loss: nn.Module) -> MethodLoss:
     """The loss the trainer minimises: the method's own
     (``TokenReducer.training_loss`` with ``method_loss_kwargs``) or the task loss."""
-    cls = reducer_class(cfg.method)
+    cls = reducer_class(cfg.model_spec.method)
     if cls is None:
         if cfg.method_loss_kwargs:
             raise ValueError("method_loss_kwargs given but no reduction method: the unreduced model has no training loss of its own")
@@ -195,21 +196,20 @@ def training_objective(cfg: TrainConfig, task_loss: nn.Module) -> MethodLoss:
     return objective if objective is not None else TaskLoss(task_loss)
 
 
-def build_teacher(cfg: TrainConfig, num_classes: int, model_kwargs: dict, device: torch.device) -> Optional[nn.Module]:
+def build_teacher(cfg: TrainConfig, spec: ModelSpec, device: torch.device) -> Optional[nn.Module]:
     """The frozen teacher a method's loss distils from (``uses_teacher``):
-    the unreduced network loaded from ``teacher_checkpoint``; None when the
-    method uses none or no checkpoint is given."""
-    cls = reducer_class(cfg.method)
+    the unreduced network of `spec` (the student's, dataset filled in)
+    loaded from ``teacher_checkpoint``; None when the method uses none or no
+    checkpoint is given."""
+    method = spec.method
+    cls = reducer_class(method)
     uses = bool(cls is not None and cls.uses_teacher)
     if cfg.teacher_checkpoint and not uses:
-        raise ValueError(f"teacher_checkpoint given but method {cfg.method!r} trains without a teacher")
+        raise ValueError(f"teacher_checkpoint given but method {method!r} trains without a teacher")
     if not (uses and cfg.teacher_checkpoint):
         return None
-    from .. import create_model
-
-    teacher = create_model(
-        cfg.model, method=None, checkpoint_path=cfg.teacher_checkpoint, num_classes=num_classes, **model_kwargs
-    ).to(device).eval()
+    plain = ModelSpec(model=spec.model, model_kwargs=spec.model_kwargs, num_classes=spec.num_classes)
+    teacher = plain.build(checkpoint_path=cfg.teacher_checkpoint).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

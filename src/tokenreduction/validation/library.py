@@ -70,7 +70,14 @@ def budget_module() -> types.ModuleType:
 
 
 def train_config_module() -> types.ModuleType:
-    return _load("train/config.py", "tokenreduction_config_train")
+    """train/config.py and the train/spec.py it imports, loaded by path as
+    modules of a stand-in package (train/__init__.py, which imports torch, is not run)."""
+    package = "tokenreduction_config_train"
+    if package not in sys.modules:
+        stand_in = types.ModuleType(package)
+        stand_in.__path__ = [str(PACKAGE / "train")]
+        sys.modules[package] = stand_in
+    return _load("train/config.py", f"{package}.config")
 
 
 def clca_config_class() -> type:

@@ -40,7 +40,7 @@ class RecipeChecks:
                 merged.update(layer)
         merged.update(extra or {})
         tc = train_config_module().TrainConfig
-        known = set(tc.__dataclass_fields__)
+        known = set(field_types(tc))  # flat, as configs spell them
         merged = {k: v for k, v in merged.items() if k in known}
         tuning = merged.get("tuning", "full")
         modes = tuning_modes()

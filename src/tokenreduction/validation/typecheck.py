@@ -3,6 +3,7 @@ annotations evaluated by typing.get_type_hints."""
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import types
 import typing
 from typing import Any, Optional
@@ -75,6 +76,11 @@ def _fits(value: Any, hint: Any) -> Optional[bool]:
 
 
 def field_types(cls: type) -> dict[str, Any]:
-    """Dataclass field -> its type (annotations evaluated)."""
+    """Dataclass field -> its type (annotations evaluated); a field that holds
+    a dataclass (TrainConfig's model_spec) stands for that class's fields, as
+    a config spells them: flat."""
     hints = typing.get_type_hints(cls)
-    return {name: hints[name] for name in cls.__dataclass_fields__}
+    flat: dict[str, Any] = {}
+    for name in cls.__dataclass_fields__:
+        flat.update(field_types(hints[name]) if dataclasses.is_dataclass(hints[name]) else {name: hints[name]})
+    return flat
