@@ -6,7 +6,7 @@
     detection.py benchmark --config C --work-dir W --checkpoint F.pth --out bench.json [run options]
     detection.py summary   --runs RUNS_JSON --out table.csv
 
-Run options: --linkage, --ratio, --data-root, --load-from, --cumulative-iters,
+Run options: --linkage, --keep-rate, --data-root, --load-from, --cumulative-iters,
 --batch-size, --seed, --launcher, --cfg-options key=value ... (see
 tokenreduction.detection.run.build_config).
 """
@@ -46,7 +46,7 @@ def _config(args):
         args.config,
         args.work_dir,
         linkage=args.linkage,
-        ratio=args.ratio,
+        keep_rate=args.keep_rate,
         data_root=args.data_root,
         load_from=args.load_from,
         cumulative_iters=args.cumulative_iters,
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     data.add_argument("--seed", type=int, default=0)
     summary = sub.add_parser("summary")
     runs = summary.add_mutually_exclusive_group(required=True)
-    runs.add_argument("--runs", help="JSON list of {size, method, ratio, metrics, benchmark}")
+    runs.add_argument("--runs", help="JSON list of {size, method, keep_rate, metrics, benchmark}")
     runs.add_argument("--manifest", help="JSON file {runs: [the same list]} (what the workflow passes)")
     summary.add_argument("--out", required=True)
     for name in ("train", "eval", "benchmark"):
@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         p.add_argument("--config", required=True)
         p.add_argument("--work-dir", required=True)
         p.add_argument("--linkage")
-        p.add_argument("--ratio", type=float)
+        p.add_argument("--keep-rate", type=float,
+                       help="fraction of the current tokens kept at each reduction location; 1 = unreduced")
         p.add_argument("--data-root")
         p.add_argument("--load-from")
         p.add_argument("--cumulative-iters", type=int, default=1)
@@ -107,14 +108,14 @@ def main(argv=None) -> int:
         from tokenreduction.detection.run import evaluate
 
         metrics = evaluate(_config(args), args.checkpoint)
-        metrics.update(linkage=args.linkage, ratio=args.ratio)
+        metrics.update(linkage=args.linkage, keep_rate=args.keep_rate)
         _write_json(args.out, metrics)
         print(json.dumps(metrics))
     elif args.command == "benchmark":
         from tokenreduction.detection.run import benchmark
 
         result = benchmark(_config(args), args.checkpoint, args.bench_batch, args.runs, args.warmup)
-        result.update(linkage=args.linkage, ratio=args.ratio)
+        result.update(linkage=args.linkage, keep_rate=args.keep_rate)
         _write_json(args.out, result)
         print(json.dumps(result))
     else:

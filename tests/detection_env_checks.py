@@ -232,10 +232,19 @@ def check_train_eval(tmp: Path) -> None:
     from tokenreduction.detection.run import benchmark, build_config, evaluate, train
 
     make_shapes_coco(tmp / "data", num_images=4, image_size=128)
-    cfg = build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "work"), linkage="average", ratio=0.5,
+    cfg = build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "work"), linkage="average", keep_rate=0.5,
                        data_root=str(tmp / "data"), cumulative_iters=2, options={"train_cfg.max_iters": 2,
                        "default_hooks.checkpoint.interval": 2})
     assert cfg.optim_wrapper.accumulative_counts == 2 and cfg.model.backbone.reduction_ratio == 0.5
+    # keep_rate 1 keeps every token: the unreduced backbone (reduction_ratio 0, no merging module)
+    assert build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "w1"), keep_rate=1.0).model.backbone.reduction_ratio == 0.0
+    for bad in (0.0, 1.5):
+        try:
+            build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "w2"), keep_rate=bad)
+        except ValueError as err:
+            assert "keep_rate" in str(err), err
+        else:
+            raise AssertionError(f"keep_rate {bad} was accepted")
     assert cfg.val_evaluator.ann_file == str(tmp / "data") + "/annotations/instances_val.json"
     final = tmp / "final.pth"
     train(cfg, str(final))
@@ -244,11 +253,11 @@ def check_train_eval(tmp: Path) -> None:
     state = load_detection_checkpoint(final)  # the run's own checkpoint, weights-only
     assert state["meta"]["iter"] == 2, state["meta"]
     metrics = evaluate(build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "eval"), linkage="average",
-                                    ratio=0.5, data_root=str(tmp / "data")), str(final))
+                                    keep_rate=0.5, data_root=str(tmp / "data")), str(final))
     for key in ("coco/bbox_mAP", "coco/segm_mAP", "coco/bbox_mAP_50", "coco/segm_mAP_50"):
         assert key in metrics, metrics  # the values' correctness: check_known_ap
     assert metrics["tokens_kept"] == [32, 16, 8], metrics["tokens_kept"]  # 8 x 8 grid, half each stage
-    result = benchmark(build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "bench"), linkage="tome", ratio=0.5,
+    result = benchmark(build_config(str(CONFIGS / "demo_tiny.py"), str(tmp / "bench"), linkage="tome", keep_rate=0.5,
                                     data_root=str(tmp / "data")), str(final), batch_size=2, runs=1, warmup=0)
     assert result["images_per_s"] > 0 and result["backbone_images_per_s"] > 0 and result["image_shape"] == [128, 128]
     assert result["tokens_kept"] == [32, 16, 8]

@@ -66,10 +66,10 @@ def test_job_lines_sort_wildcards_and_keep_jobs_without_any():
 
 
 @pytest.mark.slow
-def test_demo_jobs_get_the_options_the_old_spelling_gave(tmp_path):
-    """The registry names and keep rates reach the jobs as before: the
-    clustering benchmark's linkages, the detection backbone's linkage and
-    reduction_ratio (kept), diffusion's apply_patch options (tomesd ratio)."""
+def test_demo_jobs_get_their_variants_options(tmp_path):
+    """The registry names and keep rates reach the jobs: the clustering
+    benchmark's linkages, the detection backbone's linkage and keep rate,
+    diffusion's apply_patch options (tomesd's ratio, as the old spelling gave)."""
     from workflow_utils import with_existing_inputs
 
     path = write_config(tmp_path / "demo.yaml", with_existing_inputs(load_config("config.yaml"), tmp_path))
@@ -78,10 +78,10 @@ def test_demo_jobs_get_the_options_the_old_spelling_gave(tmp_path):
     for rule, command in commands:
         by_rule.setdefault(rule, []).append(command)
     assert "--linkages single complete average " in by_rule["benchmark_clustering"][0]
-    train = sorted(re.search(r"--linkage (\S+) --ratio (\S+)", c).groups() for c in by_rule["detection_train"])
-    assert train == [("average", "0.5"), ("tome", "0")]  # atc-average at keep_rate 0.5; the baseline unreduced
-    merges = sorted(json.loads(re.search(r"--merge '([^']*)'", c).group(1)) for c in by_rule["sd_generate"])
-    merges = sorted(json.dumps(m, sort_keys=True) for m in merges)
+    train = sorted(re.search(r"--linkage (\S+) --keep-rate (\S+)", c).groups() for c in by_rule["detection_train"])
+    assert train == [("average", "0.5"), ("tome", "1")]  # atc-average at keep_rate 0.5; the baseline unreduced
+    merges = sorted(json.dumps(json.loads(re.search(r"--merge '([^']*)'", c).group(1)), sort_keys=True)
+                    for c in by_rule["sd_generate"])
     assert merges == sorted(json.dumps(m, sort_keys=True) for m in (
         {"merge_fn": "none"}, {"merge_fn": "tome", "ratio": 0.5},
         {"merge_fn": "atc", "linkage": "average", "ratio": 0.5}))

@@ -111,18 +111,23 @@ def det_linkage(method):
     return "tome" if name == "tome" else options["linkage"]
 
 
+def det_keep_rate(method, path_value):
+    """A run's keep rate from its path segment r<value>: the baseline's r0
+    keeps every token (1.0)."""
+    return 1.0 if method == BASELINE else float(path_value)
+
+
 def det_run_options(wildcards):
-    """Command-line run options of scripts/detection.py for this run
-    (--ratio: the backbone's reduction_ratio, the fraction kept; 0 = off)."""
+    """Command-line run options of scripts/detection.py for this run."""
     size = DET["sizes"][wildcards.det_size]
     method = wildcards.det_method
     linkage = det_linkage(method)
-    ratio = 0.0 if method == BASELINE else float(wildcards.det_ratio)
+    keep_rate = det_keep_rate(method, wildcards.det_ratio)
     data_root = DET.get("data_root") or DET_DEMO_DATA
     q = shlex.quote
     options = [
         f"--linkage {q(linkage)}",
-        f"--ratio {ratio:g}",
+        f"--keep-rate {keep_rate:g}",
         f"--data-root {q(data_root)}",
         "--seed 0",
     ]
@@ -197,15 +202,15 @@ def det_code(wildcards):
 
 
 def det_summary_runs():
-    """Each detection run's size, method, ratio (the keep rate; 0 for the
+    """Each detection run's size, method, keep rate (1 for the unreduced
     baseline) and result files (the detection summary's manifest)."""
     return [
         {
             "size": size,
             "method": method,
-            "ratio": ratio,
-            "metrics": _det_path(f"{DET_RUN}/metrics.json", size, method, ratio),
-            "benchmark": _det_path(f"{DET_RUN}/benchmark.json", size, method, ratio),
+            "keep_rate": det_keep_rate(method, segment),
+            "metrics": _det_path(f"{DET_RUN}/metrics.json", size, method, segment),
+            "benchmark": _det_path(f"{DET_RUN}/benchmark.json", size, method, segment),
         }
-        for size, method, ratio in DET_RUNS
+        for size, method, segment in DET_RUNS
     ]

@@ -33,7 +33,7 @@ def build_config(
     work_dir: str,
     *,
     linkage: Optional[str] = None,
-    ratio: Optional[float] = None,
+    keep_rate: Optional[float] = None,
     data_root: Optional[str] = None,
     load_from: Optional[str] = None,
     cumulative_iters: int = 1,
@@ -44,8 +44,10 @@ def build_config(
 ) -> Config:
     """Load `config_file` and apply the run options.
 
-    linkage / ratio: the backbone's ``linkage`` ("tome", "single", "average",
-    "complete") and ``reduction_ratio`` (fraction kept; 0 = unreduced).
+    linkage: the backbone's ``linkage`` ("tome", "single", "average", "complete").
+    keep_rate: the fraction of the current tokens kept at each reduction
+    location, in (0, 1]; 1 keeps every token: the unreduced backbone (its
+    ``reduction_ratio`` 0, no merging module attached).
     data_root: a COCO-layout root; the datasets' ``data_root`` and the
     evaluators' ``ann_file`` (joined with the dataset's) are set from it.
     cumulative_iters: gradient accumulation (``optim_wrapper.accumulative_counts``).
@@ -53,8 +55,10 @@ def build_config(
     cfg = Config.fromfile(config_file)
     if linkage is not None:
         cfg.model.backbone.linkage = linkage
-    if ratio is not None:
-        cfg.model.backbone.reduction_ratio = float(ratio)
+    if keep_rate is not None:
+        if not 0.0 < float(keep_rate) <= 1.0:
+            raise ValueError(f"keep_rate (fraction of the current tokens kept) must be in (0, 1], got {keep_rate}")
+        cfg.model.backbone.reduction_ratio = 0.0 if float(keep_rate) == 1.0 else float(keep_rate)
     if data_root is not None:
         root = str(data_root).rstrip("/") + "/"
         for loader in LOADERS:
@@ -178,12 +182,12 @@ def benchmark(cfg: Config, checkpoint: Optional[str], batch_size: int = 1, runs:
     }
 
 
-SUMMARY_COLUMNS = ("size", "method", "ratio", "bbox_mAP", "segm_mAP", "images_per_s", "backbone_images_per_s", "tokens_kept")
+SUMMARY_COLUMNS = ("size", "method", "keep_rate", "bbox_mAP", "segm_mAP", "images_per_s", "backbone_images_per_s", "tokens_kept")
 
 
 def summary_rows(runs: Sequence[dict]) -> list[dict]:
-    """One row per run from {size, method, ratio, metrics path, benchmark path}:
-    box and mask AP (x100) and throughput."""
+    """One row per run from {size, method, keep_rate, metrics path, benchmark
+    path}: box and mask AP (x100) and throughput (keep_rate 1: unreduced)."""
     rows = []
     for run in runs:
         metrics = json.loads(Path(run["metrics"]).read_text())
@@ -192,7 +196,7 @@ def summary_rows(runs: Sequence[dict]) -> list[dict]:
             {
                 "size": run["size"],
                 "method": run["method"],
-                "ratio": float(run["ratio"]),
+                "keep_rate": float(run["keep_rate"]),
                 "bbox_mAP": 100.0 * float(metrics.get("coco/bbox_mAP", float("nan"))),
                 "segm_mAP": 100.0 * float(metrics.get("coco/segm_mAP", float("nan"))),
                 "images_per_s": bench["images_per_s"],
