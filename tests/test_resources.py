@@ -59,6 +59,18 @@ def test_submissions_count_arrays_and_singles():
     assert res.parse_array_rules("finetune, evaluate;ots_sweep") == {"finetune", "evaluate", "ots_sweep"}
 
 
+def test_largest_request_is_the_most_any_job_asks_for_at_that_attempt():
+    from types import SimpleNamespace as W
+
+    minutes = {"s": 30, "b": 90, "l": 60}
+    request = lambda w, attempt: minutes[w.size] * attempt  # noqa: E731
+    jobs = [W(size="s"), W(size="b"), W(size="l")]
+    assert res.largest_request(request, jobs, 1) == 90
+    assert res.largest_request(request, jobs, 2) == 180
+    with pytest.raises(res.ResourceError, match="no jobs"):
+        res.largest_request(request, [], 1)
+
+
 def test_cluster_settings_from_profile_and_command_line():
     profiles = {"slurm": {"executor": "slurm", "slurm-array-jobs": "finetune", "slurm-array-limit": 50,
                           "default-resources": {"slurm_partition": "gpu", "max_runtime": 2880}}}
@@ -116,3 +128,59 @@ def test_dry_run_with_the_slurm_profile_prints_the_plan(tmp_path):
     # locally nothing is printed
     local = snakemake(["-n", "--configfile", str(path)], tmp_path).stdout
     assert "Slurm plan" not in local
+
+
+def _requests(out: str) -> dict[str, list[tuple[str, str]]]:
+    """rule -> the (mem_mb, runtime) of each of its jobs, from a dry run's job blocks."""
+    import re
+
+    found: dict[str, list[tuple[str, str]]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        resources = re.search(r"^\s*resources: (.*)$", block, re.MULTILINE)
+        if rule and resources:
+            values = dict(item.split("=", 1) for item in resources.group(1).split(", ") if "=" in item)
+            found.setdefault(rule.group(1), []).append((values.get("mem_mb"), values.get("runtime")))
+    return found
+
+
+@pytest.mark.slow
+def test_arrayed_rules_ask_every_job_for_their_largest_request(tmp_path):
+    """Under the slurm profile every job of an arrayed per-run rule (OTS,
+    MAE, diffusion, detection, fine-tune, evaluate) asks for the same memory
+    and time, the largest that rule's jobs ask for locally (the plugin gives
+    every task of an array the first task's resources); locally each asks
+    for its own."""
+    import os
+    import subprocess
+    import sys
+
+    from workflow_utils import with_existing_inputs
+
+    cfg = tmp_path / "cfg"
+    env = {**os.environ, "XDG_CONFIG_HOME": str(cfg)}
+    subprocess.run([sys.executable, str(REPO / "scripts" / "install_profile.py"), "--no-account", "--partition", "p",
+                    "--status-command", "squeue"], check=True, env=env, capture_output=True)
+    path = write_config(tmp_path / "atc.yaml", with_existing_inputs(load_config("atc.yaml"), tmp_path))
+    base = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n",
+            "--configfile", str(path)]
+    runs = {}
+    for name, extra in (("local", []), ("slurm", ["--profile", "slurm"])):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        runs[name] = _requests(proc.stdout + proc.stderr)
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    arrayed = res.parse_array_rules(profile["slurm-array-jobs"])
+    assert {"ots_sweep", "mae_finetune", "mae_evaluate", "sd_generate", "detection_train", "detection_eval"} <= arrayed
+    varied = []
+    for rule in sorted(arrayed & set(runs["local"])):
+        local, slurm = runs["local"][rule], runs["slurm"][rule]
+        assert len(local) == len(slurm) > 1, rule
+        assert len(set(slurm)) == 1, (rule, set(slurm))
+        largest = (max(int(m) for m, _ in local), max(int(t) for _, t in local))
+        assert tuple(int(v) for v in slurm[0]) == largest, (rule, slurm[0], largest)
+        if len(set(local)) > 1:
+            varied.append(rule)
+    # the config really has rules whose jobs ask for different amounts locally
+    # (OTS backbones of different cost, generation experiments of different time)
+    assert {"ots_sweep", "sd_generate", "finetune"} <= set(varied), varied

@@ -11,7 +11,7 @@ docs/slurm.md, "The resource model".
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 #: training images per epoch of each dataset kind (estimates: the public
 #: train splits; ``datasets.<name>.train_images`` replaces them)
@@ -109,6 +109,18 @@ def job_threads(num_workers: int, gpus: int, at_least: int = 1) -> int:
     (at least ``at_least``), times the processes of a torchrun job (its GPUs)."""
     per_process = max(int(num_workers) + 1, int(at_least))
     return per_process * max(1, int(gpus))
+
+
+def largest_request(request: Callable[[object, int], float], all_wildcards: Iterable[object], attempt: int) -> int:
+    """The one request every task of a Slurm array gets: the largest of
+    ``request(wildcards, attempt)`` (a rule's memory or time limit) over the
+    wildcards of all the rule's jobs. The plugin gives each task of an array
+    the first task's resources, so a rule whose jobs ask for different amounts
+    must ask each for the largest. Raises ResourceError when there are no jobs."""
+    values = [request(wildcards, attempt) for wildcards in all_wildcards]
+    if not values:
+        raise ResourceError("largest_request: the rule has no jobs to take the largest request of")
+    return int(max(values))
 
 
 def submissions(rule_jobs: Mapping[str, int], array_rules: Iterable[str], array_limit: int) -> dict[str, int]:

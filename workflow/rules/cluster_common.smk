@@ -7,6 +7,7 @@
 
 import logging
 import math
+from types import SimpleNamespace
 
 from snakemake.logging import logger as _snakemake_logger
 
@@ -23,6 +24,23 @@ def _load_profile(name):
 
 
 CLUSTER = resource_model.cluster_settings(sys.argv, os.environ, _load_profile)
+
+
+#: per-run rules whose resources array_uniform (common.smk) makes uniform
+#: under arrays: every job's wildcards, as far as their resource functions
+#: read them, from the config (the largest request is taken over these)
+ARRAY_JOB_WILDCARDS = {
+    "ots_sweep": lambda: [SimpleNamespace(otsbackbone=b) for b in OTS_BACKBONES],
+    "mae_finetune": lambda: [
+        SimpleNamespace(dataset=r["dataset"], backbone=r["backbone"]) for r in MAE_RUNS
+    ],
+    "mae_evaluate": lambda: [SimpleNamespace(backbone=r["backbone"]) for r in MAE_RUNS],
+    "sd_generate": lambda: [
+        SimpleNamespace(sd_experiment=e) for e in DIFF.get("experiments") or {}
+    ],
+    "detection_train": lambda: [SimpleNamespace(det_size=s) for s in DET.get("sizes") or {}],
+    "detection_eval": lambda: [SimpleNamespace(det_size=s) for s in DET.get("sizes") or {}],
+}
 
 
 #: GPU rules whose jobs have a time estimate of their own (minutes)

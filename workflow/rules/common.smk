@@ -335,6 +335,24 @@ def arrayed(rule_name):
     return "all" in arrays or rule_name in arrays
 
 
+def array_uniform(rule_name, request):
+    """A resource function for rule_name: ``request(wildcards, attempt)`` of
+    each job, or, where the cluster profile arrays the rule, the largest over
+    all its jobs (their wildcards: ARRAY_JOB_WILDCARDS, cluster_common.smk),
+    the same for every task (workflow/lib/resources.py; once per attempt)."""
+
+    @functools.lru_cache(maxsize=None)
+    def largest(attempt):
+        return resource_model.largest_request(
+            request, ARRAY_JOB_WILDCARDS[rule_name](), attempt
+        )
+
+    def uniform(wildcards, attempt):
+        return largest(attempt) if arrayed(rule_name) else request(wildcards, attempt)
+
+    return uniform
+
+
 def _workers(dataset):
     return int(_recipe(dataset).get("num_workers", 0) or 0)
 

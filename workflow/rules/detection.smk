@@ -87,8 +87,8 @@ rule detection_train:
     threads: 2
     resources:
         gpu=lambda w: _det_gpus(),
-        mem_mb=det_mem,
-        runtime=det_runtime,
+        mem_mb=array_uniform("detection_train", det_mem),
+        runtime=array_uniform("detection_train", det_runtime),
     params:
         check=DET_CHECK,
         launch=det_launch,
@@ -118,8 +118,10 @@ rule detection_eval:
     threads: 2
     resources:
         gpu=lambda w: int(DET.get("gpus_per_eval_job", 0)),
-        mem_mb=det_mem,
-        runtime=lambda w, attempt: max(10, det_runtime(w, attempt) // 6),
+        mem_mb=array_uniform("detection_eval", det_mem),
+        runtime=array_uniform(
+            "detection_eval", lambda w, attempt: max(10, det_runtime(w, attempt) // 6)
+        ),
     params:
         check=DET_CHECK,
         options=det_run_options,

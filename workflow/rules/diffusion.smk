@@ -77,7 +77,7 @@ rule sd_generate:
     resources:
         gpu=DIFF.get("gpus", 0),
         mem_mb=DIFF.get("mem_mb", 8000),
-        runtime=sd_gen_runtime,
+        runtime=array_uniform("sd_generate", sd_gen_runtime),
     params:
         pipeline=sd_pipeline(),
         model=SD_MODEL,

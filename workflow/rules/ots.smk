@@ -32,8 +32,8 @@ rule ots_sweep:
     threads: job_threads()
     resources:
         gpu=lambda w: _gpus("eval"),
-        mem_mb=ots_mem,
-        runtime=ots_runtime,
+        mem_mb=array_uniform("ots_sweep", ots_mem),
+        runtime=array_uniform("ots_sweep", ots_runtime),
     params:
         backbone=ots_backbone_spec,
         method=lambda w: method_spec(w.method)["method"],
@@ -110,8 +110,8 @@ rule mae_finetune:
     threads: job_threads()
     resources:
         gpu=lambda w: _gpus("train"),
-        mem_mb=train_mem,
-        runtime=mae_runtime,
+        mem_mb=array_uniform("mae_finetune", train_mem),
+        runtime=array_uniform("mae_finetune", mae_runtime),
     params:
         spec=mae_spec,
         code=finetune_code,
@@ -137,7 +137,9 @@ rule mae_evaluate:
     threads: job_threads()
     resources:
         gpu=lambda w: _gpus("eval"),
-        mem_mb=lambda w, attempt: int(4000 * _scale(w.backbone) ** 0.5 * attempt),
+        mem_mb=array_uniform(
+            "mae_evaluate", lambda w, attempt: int(4000 * _scale(w.backbone) ** 0.5 * attempt)
+        ),
         runtime=lambda w, attempt: int(30 * attempt),
     params:
         kind=lambda w: config["datasets"][w.dataset]["kind"],
