@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .variants import diffusion_variant_module
+
 
 def _keep_rate_hint(ratio: Any) -> str:
     """' (here keep_rate: 0.9)' for a tomesd ratio 0.1, exact as printed."""
-    from .variants import diffusion_variant_module
-
     try:
         return f" (here keep_rate: {diffusion_variant_module().keep_rate_of(ratio)})"
     except ValueError:
