@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from tokenreduction.rehearsal.standin import standin_width
 from workflow_utils import load_config, snakemake, with_existing_roots, write_config
 
 STUDIES = ["which-tokens.yaml", "clca.yaml"]
+REPO = Path(__file__).resolve().parents[1]
+MMDET_PYTHON = Path(os.environ.get("TOKENREDUCTION_MMDET_PYTHON", REPO / ".venv-mmdet" / "bin" / "python"))
 SPLITS = {"train": 6, "val": 9, "test": 5, "train_val": 7}
 
 
@@ -78,7 +83,7 @@ def test_rehearse_datasets_restricts_the_grid():
         (lambda c: c["datasets"]["nabirds"].update(kind="cub"), "datasets.nabirds.kind"),
         (lambda c: c["backbones"]["small"].update(model="swin_tiny_patch4_window7_224"), "backbones.small.model"),
         (lambda c: c["backbones"]["base"].update(init="pretrained/deit_base.pth"), "backbones.base.init"),
-        (lambda c: c.update(detection={"data_root": None}), "detection"),
+        (lambda c: c.update(benchmark={"enabled": True}), "benchmark"),
         (lambda c: c.update(ots={"backbones": {"big": {"preset": "eva_giant"}}}), "ots.backbones.big.preset"),
     ],
 )
@@ -175,10 +180,24 @@ def _jobs(output: str) -> list[tuple[str, str]]:
 
 def _runnable_study_config(name: str, folder):
     """The study config with its local inputs present (empty dataset roots,
-    empty checkpoint files, a 1000-line class-names file), as a dry run needs
-    them; the ATC study without its detection stage (no stand-ins yet)."""
+    empty checkpoint files, a 1000-line class-names file, an empty COCO root
+    and detector checkpoints for detection), as a dry run needs them."""
     config = with_existing_roots(load_config(name), folder)
-    config.pop("detection", None)
+    if "detection" in config and not MMDET_PYTHON.exists():
+        # the rehearsal writes its detector checkpoints with the detection environment
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have the detection environment ({MMDET_PYTHON}): run envs/install_mmdet.sh")
+        config.pop("detection")
+    det = config.get("detection") or {}
+    if det.get("data_root"):
+        (folder / "coco").mkdir(exist_ok=True)
+        det["data_root"] = str(folder / "coco")
+    for spec in det.get("sizes", {}).values():
+        if spec.get("load_from"):
+            path = folder / "checkpoints" / spec["load_from"].rsplit("/", 1)[-1]
+            path.parent.mkdir(exist_ok=True)
+            path.touch()
+            spec["load_from"] = str(path)
     for spec in (config.get("ots") or {}).get("backbones", {}).values():
         if spec.get("checkpoint"):
             path = folder / "checkpoints" / spec["checkpoint"].rsplit("/", 1)[-1]
@@ -209,6 +228,9 @@ def test_rehearsal_dag_is_the_studys(tmp_path, name):
     for ds in load_config(name)["datasets"]:
         assert (results / "standins" / "data" / ds / ".standin.json").is_file()
     assert "standins/data" in proc.stdout and "--img-size" in proc.stdout
+    if name == "atc.yaml":  # the whole study, detection included: 2 sizes x (4 methods x 4 keep rates + baseline)
+        assert sum(rule == "detection_train" for rule, _ in rehearsal_jobs) == 34
+        assert "standins/detection/adapter-t.py" in proc.stdout and "standins/weights/detection-adapter-s.pth" in proc.stdout
 
 
 @pytest.mark.slow
@@ -317,3 +339,116 @@ def test_rehearse_datasets_without_rehearse_is_refused():
         bad = copy.deepcopy(config)
         bad["datasets"]["nabirds"]["kind"] = "cub"
         hook.apply_rehearsal({**bad, "rehearse": True}, REPO)
+
+
+# ---------------------------------------------------------------- detection (ATC study)
+
+
+def _atc_detection_standins(tmp_path):
+    """(the ATC config, its rehearsal config, the detection part of the plan)."""
+    real = load_config("atc.yaml")
+    real["results"] = str(tmp_path / "results")
+    real.pop("ots")
+    cfg, plan = standin_config(real)
+    detection = [i for i in plan if i["what"] in ("coco_instances", "detection_config", "detection_checkpoint")]
+    return real, cfg, detection
+
+
+def test_detection_standins_keep_the_grid_and_narrow_the_model(tmp_path):
+    real, cfg, plan = _atc_detection_standins(tmp_path)
+    det, orig = cfg["detection"], real["detection"]
+    for key in set(orig) - {"data_root", "sizes", "gpus_per_train_job", "gpus_per_eval_job", "benchmark"}:
+        assert det[key] == orig[key], key  # methods, keep rates, baseline, python: the study's
+    assert list(det["sizes"]) == list(orig["sizes"])
+    assert det["data_root"] == f"{cfg['results']}/standins/data/coco2017"
+    assert (det["gpus_per_train_job"], det["gpus_per_eval_job"], det["threads_per_job"]) == (0, 0, 1)
+    assert det["benchmark"] == {"batch_size": 1, "runs": 3, "warmup": 1}
+    assert sorted(i["what"] for i in plan) == ["coco_instances"] + ["detection_checkpoint"] * 2 + ["detection_config"] * 2
+    widths = {}
+    for size, spec in det["sizes"].items():
+        assert spec["config"] == f"{cfg['results']}/standins/detection/{size}.py"  # absolute: tmp_path is
+        assert spec["load_from"] == f"{cfg['results']}/standins/weights/detection-{size}.pth"
+        assert spec["batch_size"] == 2 and spec["cumulative_iters"] == orig["sizes"][size]["cumulative_iters"]
+        text = next(i["text"] for i in plan if i["path"] == spec["config"])
+        # the study's config is the base; only widths, scale, schedule, loaders and the fp32 wrapper change
+        assert f"_base_ = [{str(REPO / orig['sizes'][size]['config'])!r}]" in text
+        model = re.search(r"^model = (.*)$", text, re.M).group(1)
+        widths[size] = eval(model)["backbone"]["embed_dim"]  # noqa: S307 - our own repr
+        assert "'scales': [(48, 133), (51, 133)" in text and "'scale': (133, 80)" in text
+        assert "train_cfg = {'max_epochs': 1, 'val_interval': 1}" in text
+        assert "type='OptimWrapper'" in text and "{{_base_.optim_wrapper.optimizer}}" in text
+        ckpt = next(i for i in plan if i["what"] == "detection_checkpoint" and i["path"] == spec["load_from"])
+        assert ckpt["config"] == spec["config"] and ckpt["python"] == str(REPO / ".venv-mmdet/bin/python")
+    # ViT-Adapter-T (192) and -S (384): the stand-in widths of DeiT-T / DeiT-S
+    assert widths == {"adapter-t": 16, "adapter-s": 24}
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda d, tmp: d["sizes"]["adapter-t"].update(config=str(tmp / "faster_rcnn.py")), "detection.sizes.adapter-t.config"),
+    (lambda d, tmp: d["sizes"]["adapter-s"].update(pretrained="pretrained/deit_small.pth"), "detection.sizes.adapter-s.pretrained"),
+])
+def test_uncovered_detection_config_names_its_key(tmp_path, edit, key):
+    (tmp_path / "faster_rcnn.py").write_text('_base_ = ["mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"]\n')
+    cfg = load_config("atc.yaml")
+    cfg.pop("ots")
+    edit(cfg["detection"], tmp_path)
+    with pytest.raises(RehearsalError) as err:
+        standin_config(cfg)
+    assert str(err.value).startswith(f"{key}:"), str(err.value)
+    if key.endswith(".config"):
+        assert "vit_adapter_mask_rcnn.py" in str(err.value) and "faster_rcnn.py" in str(err.value)
+
+
+def test_fabricated_coco2017_layout(tmp_path):
+    _, _, plan = _atc_detection_standins(tmp_path)
+    item = next(i for i in plan if i["what"] == "coco_instances")
+    fabricate(item)
+    root = tmp_path / item["path"] if not item["path"].startswith("/") else Path(item["path"])
+    assert is_current(item)
+    for split, count in item["splits"].items():
+        data = json.loads((root / "annotations" / f"instances_{split}2017.json").read_text())
+        assert [c["id"] for c in data["categories"]] == COCO_CATEGORY_IDS
+        assert len(data["images"]) == count + 1
+        files = sorted(p.name for p in (root / f"{split}2017").iterdir())
+        assert files == sorted(img["file_name"] for img in data["images"]) and all(re.fullmatch(r"\d{12}\.jpg", f) for f in files)
+        polygons = [a for a in data["annotations"] if not a["iscrowd"]]
+        assert polygons and all(len(a["segmentation"][0]) >= 6 and a["area"] > 0 for a in polygons)
+        crowd = [a for a in data["annotations"] if a["iscrowd"]]
+        # uncompressed RLE: column-major runs over the whole image, starting with zeros
+        img = next(i for i in data["images"] if i["id"] == crowd[0]["image_id"])
+        counts = crowd[0]["segmentation"]["counts"]
+        assert len(crowd) == 1 and sum(counts) == img["width"] * img["height"]
+        assert sum(counts[1::2]) == crowd[0]["area"]
+
+
+def _detection_env_checks(tmp_path, names):
+    """Write the ATC rehearsal's detection stand-ins, then run
+    tests/rehearsal_detection_checks.py with the detection interpreter."""
+    if not MMDET_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have the detection environment ({MMDET_PYTHON}): run envs/install_mmdet.sh")
+        pytest.skip(f"detection environment not installed ({MMDET_PYTHON})")
+    _, _, plan = _atc_detection_standins(tmp_path)
+    if "checkpoints" not in names:
+        plan = [i for i in plan if i["what"] != "detection_checkpoint"]
+    for item in plan:
+        fabricate(item)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([str(MMDET_PYTHON), str(REPO / "tests" / "rehearsal_detection_checks.py"), ",".join(names),
+                           str(tmp_path / "plan.json")], capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    out = proc.stdout + "\n" + proc.stderr[-6000:]
+    for name in names:
+        assert f"check {name}: ok" in out, f"check {name} did not pass:\n{out[-8000:]}"
+
+
+def test_fabricated_coco2017_reads_with_pycocotools(tmp_path):
+    _detection_env_checks(tmp_path, ["pycocotools"])
+
+
+@pytest.mark.slow
+def test_detection_standins_read_by_mmdet_and_checkpoints_load_strictly(tmp_path):
+    """mmdet's CocoDataset through the stand-in configs; each checkpoint has
+    the ViT-Adapter 3x release's key names and loads strictly through the
+    detection jobs' load path (detection.checkpoint)."""
+    _detection_env_checks(tmp_path, ["mmdet_dataset", "checkpoints"])

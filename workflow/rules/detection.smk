@@ -84,7 +84,7 @@ rule detection_train:
         f"{RESULTS}/benchmarks/detection/train/{DET_LOG}.tsv"
     conda:
         "../../envs/mmdet.yaml"
-    threads: 2
+    threads: int(DET.get("threads_per_job", 2))  # detection.threads_per_job
     resources:
         gpu=lambda w: _det_gpus(),
         mem_mb=array_uniform("detection_train", det_mem),
@@ -115,7 +115,7 @@ rule detection_eval:
         f"{RESULTS}/benchmarks/detection/eval/{DET_LOG}.tsv"
     conda:
         "../../envs/mmdet.yaml"
-    threads: 2
+    threads: int(DET.get("threads_per_job", 2))  # detection.threads_per_job
     resources:
         gpu=lambda w: int(DET.get("gpus_per_eval_job", 0)),
         mem_mb=array_uniform("detection_eval", det_mem),
@@ -146,7 +146,7 @@ rule detection_benchmark:
         f"{RESULTS}/logs/detection/benchmark/{DET_LOG}.log",
     conda:
         "../../envs/mmdet.yaml"
-    threads: 2
+    threads: int(DET.get("threads_per_job", 2))  # detection.threads_per_job
     resources:
         gpu=lambda w: int(DET.get("gpus_per_eval_job", 0)),
         mem_mb=det_mem,

@@ -4,7 +4,9 @@
 * :mod:`.standin`: the config rewrite (standard library only; loaded by the
   workflow at DAG build) -- :func:`standin_config`;
 * :mod:`.fabricate`: the writers of the stand-in data sets and weights, each
-  in its real on-disk format -- ``fabricate_<kind>``, :func:`fabricate`.
+  in its real on-disk format -- ``fabricate_<kind>``, :func:`fabricate`;
+* :mod:`.detection_checkpoint`: the ViT-Adapter 3x checkpoint stand-in in
+  mmdet's format, run by the detection environment (``python -m``).
 """
 from .standin import RehearsalError, is_current, rehearsal_results, standin_config
 

@@ -1,5 +1,5 @@
 """Writers of the rehearsal's stand-ins, each in the real on-disk format that
-:mod:`tokenreduction.data.readers` (or timm) reads.
+:mod:`tokenreduction.data.readers` (or timm, or mmdet) reads.
 
 ``fabricate_<kind>(root, splits, seed)`` writes a small data set of that kind
 under ``root``: ``splits`` maps a split name to its image count. Images are
@@ -15,13 +15,14 @@ import csv
 import json
 import os
 import shutil
+import subprocess
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Union
 
 import numpy as np
 
-from .standin import is_current, stamp_path  # noqa: F401  (is_current re-exported)
+from .standin import REPO_ROOT, is_current, stamp_path  # noqa: F401  (is_current re-exported)
 
 PathLike = Union[str, Path]
 #: classes of the single-label stand-ins; labels of the multi-label ones
@@ -29,6 +30,18 @@ NUM_CLASSES = 8
 #: COCO's 80 category ids (1..90 with the ten unused ids left out) and a few of their names
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in COCO_UNUSED_IDS]
+#: COCO's 80 category names, in category-id order (mmdet's CocoDataset selects the categories by name)
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
 NUSWIDE_LABELS = ["animal", "beach", "buildings", "clouds", "flowers", "grass", "person", "sky", "sunset", "water"]
 
 
@@ -164,6 +177,105 @@ def fabricate_ufgir(root: PathLike, splits: dict[str, int], seed: int = 0) -> No
             writer = csv.DictWriter(f, fieldnames=["dir", "class_id"])
             writer.writeheader()
             writer.writerows(rows)
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE of a binary (H, W) mask (column-major runs,
+    starting with a run of zeros), as its crowd annotations hold."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    if flat[0]:
+        runs = [0] + runs
+    return {"counts": runs, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def fabricate_coco_instances(root: PathLike, splits: dict[str, int], seed: int = 0) -> None:
+    """COCO 2017 instances in their layout: ``{train,val}2017/<id:012d>.jpg``
+    and ``annotations/instances_{train,val}2017.json`` with COCO's 80 category
+    ids and names. Each image (COCO's sizes / 8) shows 1-3 filled shapes, each
+    annotated with its polygon (the exact mask), its box and area; each split
+    has one crowd annotation (uncompressed RLE, as COCO's) and one image
+    without annotations. `splits`: annotated images per split."""
+    from PIL import Image, ImageDraw
+
+    from ..detection.data import CATEGORIES, polygon_area, shape_polygon
+
+    root = Path(root)
+    categories = [{"id": cid, "name": name, "supercategory": "object"} for cid, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES)]
+    ann_id = 0
+    for split in ("train", "val"):
+        rng = _rng(seed, "coco2017", split)
+        images, annotations = [], []
+        for i in range(splits[split] + 1):  # + one image without annotations
+            image_id = 139 + 1000 * (split == "val") + 7 * i
+            w, h = int(rng.integers(56, 81)), int(rng.integers(48, 81))
+            pixels = rng.integers(0, 70, size=(h, w, 3), dtype=np.uint8)
+            img = Image.fromarray(pixels)
+            draw = ImageDraw.Draw(img)
+            name = f"{image_id:012d}.jpg"
+            images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+            for k in range(int(rng.integers(1, 4)) if i < splits[split] else 0):
+                shape = CATEGORIES[(i + k) % len(CATEGORIES)]
+                half = rng.uniform(0.12, 0.3, size=2) * (w, h)
+                centre = rng.uniform(0.3, 0.7, size=2) * (w, h)
+                poly = np.clip(shape_polygon(shape, *centre, *half, rng.uniform(0, np.pi)), 0, (w - 1, h - 1))
+                draw.polygon([tuple(p) for p in poly], fill=tuple(int(v) for v in rng.integers(110, 256, size=3)))
+                x0, y0 = poly.min(0)
+                x1, y1 = poly.max(0)
+                ann_id += 1
+                annotations.append({
+                    "id": ann_id, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[(7 * i + 3 * k) % 80],
+                    "segmentation": [poly.round(2).reshape(-1).tolist()], "area": polygon_area(poly),
+                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "iscrowd": 0,
+                })
+            if i == 0:  # a crowd region (a rectangle) as COCO annotates crowds
+                mask = np.zeros((h, w), dtype=bool)
+                mask[h // 2: h - 2, 2: w // 3] = True
+                ann_id += 1
+                annotations.append({
+                    "id": ann_id, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[0],
+                    "segmentation": _uncompressed_rle(mask), "area": float(mask.sum()),
+                    "bbox": [2.0, float(h // 2), float(w // 3 - 2), float(h - 2 - h // 2)], "iscrowd": 1,
+                })
+            (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
+            img.save(root / f"{split}2017" / name, format="JPEG", quality=90)
+        data = {"info": {"description": "tokenreduction rehearsal stand-in of COCO 2017"}, "licenses": [],
+                "images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+
+
+def fabricate_detection_config(path: PathLike, text: str) -> None:
+    """The stand-in mmdet config (text from standin.detection_standin_config_text), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fabricate_detection_checkpoint(path: PathLike, config: str, python: str, seed: int = 0) -> None:
+    """A ViT-Adapter 3x detector checkpoint of the stand-in model of mmdet
+    config `config`, in mmdet's release format, written by the detection
+    environment's `python` (the model is defined with mmcv and mmdet, which
+    the main environment lacks): :mod:`.detection_checkpoint`. A missing
+    ``<venv>/bin/python`` is built first by envs/install_mmdet.sh (what the
+    DAG's detection_env job runs)."""
+    if not Path(python).exists():
+        venv = Path(python).parent.parent
+        if Path(python).parent.name != "bin":
+            raise RuntimeError(f"the detection interpreter {python} does not exist; the rehearsal writes its "
+                               "ViT-Adapter checkpoints with it (run envs/install_mmdet.sh)")
+        print(f"rehearsal: building the detection environment {venv} (envs/install_mmdet.sh), "
+              "which writes the ViT-Adapter stand-in checkpoints", flush=True)
+        subprocess.run(["bash", str(REPO_ROOT / "envs" / "install_mmdet.sh"), str(venv)], check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([python, "-m", "tokenreduction.rehearsal.detection_checkpoint", str(config), str(path),
+                           "--seed", str(seed)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"writing the detection stand-in checkpoint {path} with {python} failed:\n{proc.stderr[-3000:]}")
 
 
 def _timm_state(model: str, model_kwargs: dict, seed: int) -> dict:
@@ -314,13 +426,14 @@ def fabricate(item: dict[str, Any]) -> None:
     """Write the stand-in of one plan item (from standin.standin_config) and
     stamp it last, so an interrupted write is redone."""
     path = Path(item["path"])
-    if item["what"] == "dataset":
+    if item["what"] in ("dataset", "coco_instances"):
         if path.exists():
             shutil.rmtree(path)
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        DATASET_WRITERS[item["kind"]](tmp, item["splits"])
+        writer = DATASET_WRITERS[item["kind"]] if item["what"] == "dataset" else fabricate_coco_instances
+        writer(tmp, item["splits"])
         os.replace(tmp, path)
     elif item["what"] in WEIGHT_WRITERS:
         WEIGHT_WRITERS[item["what"]](path, item["model"], item["model_kwargs"])
@@ -330,6 +443,10 @@ def fabricate(item: dict[str, Any]) -> None:
         fabricate_class_names(path, item["count"])
     elif item["what"] == "inception_weights":
         fabricate_inception_weights(path)
+    elif item["what"] == "detection_config":
+        fabricate_detection_config(path, item["text"])
+    elif item["what"] == "detection_checkpoint":
+        fabricate_detection_checkpoint(path, item["config"], item["python"])
     else:
         raise ValueError(f"unknown stand-in {item['what']!r}")
     Path(stamp_path(item)).write_text(json.dumps({"fingerprint": item["fingerprint"], **item}, sort_keys=True))

@@ -20,6 +20,11 @@ aggregation's inputs stay the study's):
 * ``diffusion``: the tiny pipeline of the same layout as a folder, the class
   names file in its format, clean-fid's Inception weights as a TorchScript
   stand-in; 2 steps at 64 px;
+* ``detection``: COCO 2017 instances in their layout (``data_root``); each
+  size's mmdet config replaced by a stand-in config whose ``_base_`` is the
+  study's (narrow ViT-Adapter and heads, 1/10 image scale, 1 epoch, fp32 on the
+  CPU); ``load_from`` by a ViT-Adapter 3x checkpoint of that narrow model in
+  mmdet's format, written by the detection environment; the benchmark cut;
 * recipes: a few optimiser steps, small batches, no data-loading workers;
   evaluation on the stand-in's validation images;
 * resources: one thread and no GPU per job (so the jobs run on the CPU, and
@@ -30,9 +35,12 @@ stand-ins do not cover raises :class:`RehearsalError` naming the key.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 #: dataset kinds with a stand-in writer (tokenreduction.rehearsal.fabricate);
@@ -49,7 +57,7 @@ SIZE_WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 12
 #: stand-in widths together, as the CCA of the analysis needs)
 SPLIT_SIZES = {"train": 24, "val": 80, "test": 80, "train_val": 32}
 #: sections of a study config the stand-ins do not cover yet
-UNCOVERED_SECTIONS = ("detection", "benchmark", "pretrain")
+UNCOVERED_SECTIONS = ("benchmark", "pretrain")
 #: classes of the single-label stand-in data sets (tokenreduction.rehearsal.fabricate.NUM_CLASSES)
 STANDIN_CLASSES = 8
 #: the generation recipe of the Stable Diffusion stage, cut
@@ -58,6 +66,18 @@ CLASS_NAME_FORMATS = (".txt", ".json", ".py")
 #: the recipe: optimiser steps per run = epochs x ceil(train / (batch x accum))
 RECIPE = {"epochs": 2, "batch_size": 4, "num_workers": 0}
 EVALUATE = {"batch_size": 16, "throughput_batch": 4}
+#: the repository (detection config paths are relative to it)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+#: the mmdet base config of the ViT-Adapter Mask R-CNN: a detection config is
+#: covered when its ``_base_`` chain reaches it
+DETECTION_BASE = "config/detection/_base_/vit_adapter_mask_rcnn.py"
+#: images per split of the COCO 2017 stand-in (each split has one more image, without annotations)
+DETECTION_SPLITS = {"train": 4, "val": 4}
+#: each size's run: batch, minutes, MB (one CPU thread, no GPU)
+DETECTION_RUN = {"batch_size": 2, "runtime": 20, "mem_mb": 3000}
+DETECTION_BENCHMARK = {"batch_size": 1, "runs": 3, "warmup": 1}
+#: the scale of the stand-in pipelines against the study's (COCO images / 8 are the stand-in's)
+DETECTION_SCALE = 0.1
 
 
 class RehearsalError(ValueError):
@@ -201,6 +221,171 @@ def _standin_diffusion(cfg: dict[str, Any], results: str, plan: list) -> None:
     diff["fid"] = fid
 
 
+def _literal(node: ast.AST, names: dict[str, Any]) -> Any:
+    """The value of a plain mmengine config expression: constants, lists,
+    tuples, dicts, ``dict(...)``, ``[x] * n`` and names assigned before."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_literal(e, names) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Dict):
+        return {_literal(k, names): _literal(v, names) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Name) and node.id in names:
+        return copy.deepcopy(names[node.id])
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: _literal(kw.value, names) for kw in node.keywords}
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        return _literal(node.left, names) * _literal(node.right, names)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_literal(node.operand, names)
+    raise ValueError(ast.dump(node)[:80])
+
+
+def detection_config_chain(config: str, key: str) -> list[tuple[Path, dict[str, Any]]]:
+    """(file, its plain top-level values) of an mmdet config and its local
+    ``_base_`` files, the config first (read with ast: nothing is run).
+    ``mmdet::`` bases are mmdet's own and are not read."""
+    todo = [Path(config) if Path(config).is_absolute() else REPO_ROOT / config]
+    chain = []
+    while todo:
+        path = todo.pop(0)
+        try:
+            tree = ast.parse(path.read_text())
+        except (OSError, SyntaxError) as err:
+            raise RehearsalError(f"{key}: cannot read the mmdet config {path}: {err}") from None
+        names: dict[str, Any] = {}
+        for stmt in tree.body:
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+                try:
+                    names[stmt.targets[0].id] = _literal(stmt.value, names)
+                except (ValueError, TypeError, KeyError):
+                    pass
+        chain.append((path.resolve(), names))
+        bases = names.get("_base_") or []
+        todo.extend(path.parent / b for b in ([bases] if isinstance(bases, str) else bases) if "::" not in b)
+    return chain
+
+
+def _scaled(value: Any, factor: float, sizes: bool = False) -> Any:
+    """`value` with every image size (under ``scale``, ``scales``, ``crop_size``) times `factor`."""
+    if isinstance(value, dict):
+        return {k: _scaled(v, factor, sizes or k in ("scale", "scales", "crop_size")) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scaled(v, factor, sizes) for v in value)
+    if sizes and isinstance(value, int) and not isinstance(value, bool):
+        return max(8, round(value * factor))
+    return value
+
+
+#: mmdet's COCO instance test pipeline (``_base_/datasets/coco_instance.py``), which the study's configs keep
+MMDET_COCO_TEST_PIPELINE = [
+    {"type": "LoadImageFromFile"},
+    {"type": "Resize", "scale": (1333, 800), "keep_ratio": True},
+    {"type": "LoadAnnotations", "with_bbox": True, "with_mask": True},
+    {"type": "PackDetInputs", "meta_keys": ("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")},
+]
+
+
+def detection_standin_config_text(config: str, key: str) -> str:
+    """The stand-in mmdet config of the study's `config` (a ViT-Adapter Mask
+    R-CNN config): ``_base_`` is the study's file, and it changes only
+
+    * the widths: the ViT-Adapter at the stand-in width of its ``embed_dim``
+      (:func:`standin_width`; depth, patch size, position embedding,
+      interactions and merging locations are the study's), SPM, FPN and heads
+      16-32 channels (COCO's 80 classes kept);
+    * the image scale: the study's train pipeline and mmdet's test pipeline
+      with every size times :data:`DETECTION_SCALE`;
+    * the schedule: 1 epoch (validation after it, as the study's), no loader workers;
+    * the optimiser wrapper: fp32 (mmengine's AMP wrapper needs a GPU), the
+      study's constructor, optimiser, layer decay and accumulation.
+
+    Raises RehearsalError naming `key` for a config outside the ViT-Adapter family."""
+    chain = detection_config_chain(config, key)
+    if (REPO_ROOT / DETECTION_BASE).resolve() not in [path for path, _ in chain]:
+        raise RehearsalError(
+            f"{key}: rehearsal stand-ins cover the ViT-Adapter Mask R-CNN configs (whose _base_ chain reaches "
+            f"{DETECTION_BASE}); not {config}"
+        )
+    values: dict[str, Any] = {}
+    for _, names in reversed(chain):  # the config's own values over its bases'
+        values.update(names)
+    real_dim = next((names["model"]["backbone"]["embed_dim"] for _, names in chain
+                     if isinstance(names.get("model", {}).get("backbone", {}).get("embed_dim"), int)), None)
+    if real_dim is None or "train_pipeline" not in values:
+        raise RehearsalError(f"{key}: {config} sets no plain model.backbone.embed_dim or train_pipeline the stand-in can narrow")
+    dim, heads = standin_width("", {"embed_dim": real_dim})
+    model = {
+        "backbone": {"embed_dim": dim, "num_heads": heads, "deform_num_heads": dim // 8, "conv_inplane": 8},
+        "neck": {"in_channels": [dim] * 4, "out_channels": 16},
+        "rpn_head": {"in_channels": 16, "feat_channels": 16},
+        "roi_head": {
+            "bbox_roi_extractor": {"out_channels": 16}, "bbox_head": {"in_channels": 16, "fc_out_channels": 32},
+            "mask_roi_extractor": {"out_channels": 16}, "mask_head": {"in_channels": 16, "conv_out_channels": 16},
+        },
+    }
+    train_pipeline = _scaled(values["train_pipeline"], DETECTION_SCALE)
+    test_pipeline = _scaled(values.get("test_pipeline", MMDET_COCO_TEST_PIPELINE), DETECTION_SCALE)
+    loop = dict(values.get("train_cfg") or {})
+    train_cfg = {"max_iters": 2, "val_interval": 2} if "max_iters" in loop else {"max_epochs": 1, "val_interval": 1}
+    loader = {"num_workers": 0, "persistent_workers": False}
+    lines = [
+        f"# Rehearsal stand-in of {config} (tokenreduction.rehearsal.standin.detection_standin_config_text):",
+        "# the study's config, narrowed, at 1/10 image scale, 1 epoch, fp32 on the CPU.",
+        f"_base_ = [{str(chain[0][0])!r}]",
+        f"model = {model!r}",
+        f"train_pipeline = {train_pipeline!r}",
+        f"test_pipeline = {test_pipeline!r}",
+        f"train_dataloader = {dict(loader, dataset={'pipeline': train_pipeline})!r}",
+        f"val_dataloader = {dict(loader, dataset={'pipeline': test_pipeline})!r}",
+        f"test_dataloader = {dict(loader, dataset={'pipeline': test_pipeline})!r}",
+        f"train_cfg = {train_cfg!r}",
+    ]
+    wrapper = values.get("optim_wrapper") or {}
+    if wrapper.get("type") == "AmpOptimWrapper":
+        kept = [k for k in ("constructor", "optimizer", "paramwise_cfg", "clip_grad", "accumulative_counts") if k in wrapper]
+        lines.append("optim_wrapper = dict(_delete_=True, type='OptimWrapper', "
+                     + ", ".join(f"{k}={{{{_base_.optim_wrapper.{k}}}}}" for k in kept) + ")")
+    return "\n".join(lines) + "\n"
+
+
+def _standin_detection(cfg: dict[str, Any], results: str, plan: list) -> None:
+    """Detection on stand-ins: ``data_root`` -> COCO 2017 instances in their
+    layout; each size's ``config`` -> its stand-in config
+    (:func:`detection_standin_config_text`, absolute path: the rules take
+    configs and checkpoints from the repository); ``load_from`` -> a
+    ViT-Adapter 3x checkpoint of the stand-in model in mmdet's format, written
+    by the detection environment; batch 2, CPU, 1 thread, benchmark cut."""
+    det = cfg["detection"]
+    if det.get("enabled") is False or not det.get("sizes"):
+        return
+    base = os.path.abspath(f"{results}/standins")
+    if det.get("data_root"):  # null: the demo shapes set, made by the DAG
+        root = f"{results}/standins/data/coco2017"
+        plan.append({"what": "coco_instances", "path": root, "splits": dict(DETECTION_SPLITS)})
+        det["data_root"] = root
+    python = str(det.get("python") or ".venv-mmdet/bin/python")
+    if "/" in python and not os.path.isabs(os.path.expanduser(python)):
+        python = str(REPO_ROOT / python)
+    for size, spec in det["sizes"].items():
+        key = f"detection.sizes.{size}"
+        if spec.get("pretrained"):
+            raise RehearsalError(f"{key}.pretrained: no stand-in for a DeiT/ViT checkpoint of the backbone's ViT part "
+                                 "(rehearsal stand-ins cover load_from, a ViT-Adapter detector checkpoint)")
+        text = detection_standin_config_text(spec["config"], f"{key}.config")
+        config_path = f"{base}/detection/{size}.py"
+        plan.append({"what": "detection_config", "path": config_path, "text": text})
+        spec["config"] = config_path
+        if spec.get("load_from"):
+            path = f"{base}/weights/detection-{size}.pth"
+            plan.append({"what": "detection_checkpoint", "path": path, "config": config_path, "python": python,
+                         "config_sha": hashlib.sha256(text.encode()).hexdigest()[:16]})
+            spec["load_from"] = path
+        spec.update(DETECTION_RUN)
+    det.update(gpus_per_train_job=0, gpus_per_eval_job=0, threads_per_job=1, benchmark=dict(DETECTION_BENCHMARK))
+
+
 def standin_config(
     config: dict[str, Any], ots_presets: Optional[dict[str, dict]] = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -209,8 +394,9 @@ def standin_config(
     when the config has an ``ots`` section).
 
     Each stand-in is a dict with ``what`` (``dataset``, ``timm_weights``,
-    ``swag_weights`` or ``mae_weights``),
-    ``path`` and what its writer needs; :func:`standin_fingerprint` names it.
+    ``swag_weights``, ``mae_weights``, ``diffusion_pipeline``, ``class_names``,
+    ``inception_weights``, ``coco_instances``, ``detection_config`` or
+    ``detection_checkpoint``), ``path`` and what its writer needs; :func:`standin_fingerprint` names it.
     Raises RehearsalError naming the first uncovered key."""
     cfg = copy.deepcopy(config)
     cfg.pop("rehearse", None)
@@ -221,7 +407,7 @@ def standin_config(
         if section in cfg and not (isinstance(cfg[section], dict) and cfg[section].get("enabled") is False):
             raise RehearsalError(
                 f"{section}: the rehearsal has no stand-ins for this section yet "
-                f"(it covers datasets, backbones, the fine-tuning and MAE grids, off-the-shelf sweeps, Stable Diffusion + FID, evaluation, analysis, summary and report)"
+                f"(it covers datasets, backbones, the fine-tuning and MAE grids, off-the-shelf sweeps, Stable Diffusion + FID, detection, evaluation, analysis, summary and report)"
             )
     results = rehearsal_results(cfg["results"])
     cfg["results"] = results
@@ -265,6 +451,8 @@ def standin_config(
         _standin_ots(cfg, results, ots_presets, plan)
     if cfg.get("diffusion"):
         _standin_diffusion(cfg, results, plan)
+    if cfg.get("detection"):
+        _standin_detection(cfg, results, plan)
     cfg["finetune"] = _cut_recipe(cfg.get("finetune") or {})
     if cfg.get("mae"):
         # the MAE fine-tuning grid: its recipe (over finetune) cut alike
@@ -293,11 +481,13 @@ def standin_fingerprint(item: dict[str, Any]) -> str:
 
 #: the stamp a written stand-in carries (in a data set's root; beside a weights file)
 STAMP = ".standin.json"
+#: stand-ins that are folders (stamped inside)
+DIRECTORY_STANDINS = ("dataset", "coco_instances")
 
 
 def stamp_path(item: dict[str, Any]) -> str:
     path = item["path"].rstrip("/")
-    return f"{path}/{STAMP}" if item["what"] == "dataset" else f"{path}{STAMP}"
+    return f"{path}/{STAMP}" if item["what"] in DIRECTORY_STANDINS else f"{path}{STAMP}"
 
 
 def is_current(item: dict[str, Any]) -> bool:
