@@ -54,6 +54,17 @@ PRELOAD = (
     "tokenreduction.evaluate",
     "tokenreduction.ots",
     "tokenreduction.io",
+    # imported inside the jobs' functions (found by diffing sys.modules around a job)
+    "timm.loss",
+    "timm.optim",
+    "timm.scheduler",
+    "timm.data",
+    "tokenreduction.data",
+    "tokenreduction.clca",
+    "tokenreduction.patterns",
+    "tokenreduction.metrics",
+    "PIL.JpegImagePlugin",
+    "PIL.PngImagePlugin",
 )
 PRELOAD_DIFFUSION = ("tokenreduction.diffusion", "diffusers:StableDiffusionPipeline", "cleanfid")
 MAX_SOCKET_PATH = 100  # AF_UNIX allows 107 bytes
@@ -318,6 +329,7 @@ def _supervise(conn: socket.socket) -> None:
         os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
+    started = time.monotonic()
     pid = os.fork()
     if pid == 0:
         try:
@@ -349,11 +361,15 @@ def _supervise(conn: socket.socket) -> None:
     while True:
         for key, _ in watch.select():
             if key.data == "job":
-                _, status = os.waitpid(pid, 0)
+                _, status, usage = os.wait4(pid, 0)
                 if os.WIFSIGNALED(status):
                     message = b"signal %d\n" % os.WTERMSIG(status)
                 else:
                     message = b"exit %d\n" % os.waitstatus_to_exitcode(status)
+                # what the job's benchmark file cannot record (it measures the client)
+                _log(f"job {pid} {os.path.basename(request['argv'][0])}: {message.decode().strip()},"
+                     f" wall {time.monotonic() - started:.2f} s, cpu {usage.ru_utime + usage.ru_stime:.2f} s,"
+                     f" max rss {usage.ru_maxrss / 1024:.0f} MB")
                 try:
                     conn.sendall(message)
                 except OSError:
