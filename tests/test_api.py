@@ -23,12 +23,7 @@ NAME = "vit_tiny_patch16_224"
 SRC = Path(tr.__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(seed=0, **kwargs):

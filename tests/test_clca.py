@@ -25,12 +25,7 @@ LOCS = (3, 6, 9)
 CLCA_ON = dict(ifa_head=True, clc=True, num_clr=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(method="topk", clca=None, seed=0, keep_rate=0.1, **kwargs):
@@ -362,7 +357,7 @@ def test_bad_tuning_is_rejected():
     from tokenreduction.train import TrainConfig
 
     with pytest.raises(ValueError, match="tuning must be"):
-        TrainConfig(tuning="lora")
+        TrainConfig.from_dict({"tuning": "lora"})
 
 
 # ---------------------------------------------------------------- trainer + data
@@ -373,7 +368,7 @@ def test_trainer_with_clca_head_tuning_and_train_trainval(tmp_path):
     from tokenreduction.train.checkpoint import load_trained_model
 
     root = make_digits_ufgir_dataset(tmp_path / "leaves", img_size=16, per_class=5)
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_dict(dict(
         model="vit_tiny_patch16_224",
         model_kwargs=dict(img_size=16, patch_size=4, embed_dim=16, depth=4, num_heads=2),
         method="topk", keep_rate=0.1, budget="current", reduction_loc=[1, 2],
@@ -381,7 +376,7 @@ def test_trainer_with_clca_head_tuning_and_train_trainval(tmp_path):
         dataset="digits_ufgir", data_root=str(root), img_size=16, epochs=1, warmup_epochs=0, batch_size=10,
         lr=1e-3, lr_batch_normalizer=None, mixup=0, cutmix=0, auto_augment=None, reprob=0, model_ema=False,
         num_workers=0, device="cpu",
-    )
+    ))
     result = train(cfg, tmp_path / "run")
     assert result["spec"]["eval_split"] == "test" and result["spec"]["clca"]["num_clr"] == 1
     assert result["steps"] == 4  # train_val: 40 images (3 train + 1 val per class x 10) at batch 10

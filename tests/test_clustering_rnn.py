@@ -27,12 +27,8 @@ if _shared.exists():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_counts(one_thread):
     rnn_stats()  # reset the counts
-    yield
-    torch.set_num_threads(before)
 
 
 def _scipy(distance: torch.Tensor, k: int, method: str) -> torch.Tensor:

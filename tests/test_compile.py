@@ -22,13 +22,10 @@ METHODS = ["tome", "tomecis", "topk", "evit", "dpcknn", "kmedoids", "atc", "sit"
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_dynamo(one_thread):
     dynamo.reset()
     yield
     dynamo.reset()
-    torch.set_num_threads(before)
 
 
 def build(method: str, train: bool = False):

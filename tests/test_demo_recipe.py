@@ -15,13 +15,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from tokenreduction import summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _table(rows):

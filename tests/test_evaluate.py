@@ -15,7 +15,7 @@ from tokenreduction.evaluate import average_precision_per_class, evaluate, mean_
 from tokenreduction.patterns import compose_assignments
 from tokenreduction.train import load_trained_model, train
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(patch_size=4, embed_dim=16, depth=4, num_heads=2)
 N_PATTERN = 7  # crosses the batch boundary (batch 4) and stops inside a batch

@@ -22,7 +22,7 @@ from tokenreduction.reduction.dynamicvit import (
 from tokenreduction.reduction.heuristic import centre_rank, heuristic_kept_count
 from tokenreduction.reduction.kmedoids import kmedoids_cluster
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ["dynamicvit", "ats", "heuristic", "kmedoids", "dpcknn"]
 

@@ -21,13 +21,7 @@ PATCHES = 64
 LOCS = (3, 6, 9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(method, name="deit_tiny_patch16_224", seed=0, **kwargs):

@@ -12,13 +12,7 @@ TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=12, num_heads=2, num_
 DEIT = "deit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(batch=2, size=32, seed=1):

@@ -33,7 +33,7 @@ from tokenreduction.ots import (
 from tokenreduction.train import TrainConfig, load_trained_model, train
 from tokenreduction.train.engine import layer_decay_groups
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCH = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2)  # 64 patches

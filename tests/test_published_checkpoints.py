@@ -179,12 +179,7 @@ def assert_bijection(model, state):
     assert not unmatched
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- EViT ------------------------------------------------------------------------------------

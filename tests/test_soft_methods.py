@@ -17,13 +17,7 @@ B, N, C, K = 3, 20, 16, 6
 SOFT = ["sit", "patchmerger", "sinkhorn"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, k: int = K, **kwargs):

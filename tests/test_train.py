@@ -20,7 +20,7 @@ import tokenreduction as tr
 from tokenreduction.train import TrainConfig, TrainingInterrupted, load_trained_model, param_groups, train
 from tokenreduction.train.engine import LOG_COLUMNS, EpochSampler
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(patch_size=4, embed_dim=16, depth=4, num_heads=2)
 
@@ -286,7 +286,7 @@ def test_unknown_config_key_is_named():
         TrainConfig.from_dict({"model": "deit_tiny_patch16_224", "learning_rate": 0.1})
     with pytest.raises(ValueError, match="multilabel_loss"):
         TrainConfig.from_dict({"multilabel_loss": "focal"})
-    assert TrainConfig.from_dict({"reduction_loc": (3, 6, 9)}).reduction_loc == [3, 6, 9]
+    assert TrainConfig.from_dict({"reduction_loc": (3, 6, 9)}).model_spec.reduction_loc == [3, 6, 9]
 
 
 def test_param_groups_split_reduction_and_decay():

@@ -24,7 +24,7 @@ from PIL import Image
 from tokenreduction.evaluate import evaluate
 from tokenreduction.train import engine, load_trained_model, train
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from test_train import TINY, make_imagefolder  # the same tiny model and fabricated folders
 
