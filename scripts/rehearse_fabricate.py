@@ -21,7 +21,7 @@ def main() -> None:
             continue
         start = time.time()
         fabricate(item)
-        print(f"rehearsal stand-in {item['what']} {item.get('kind') or item.get('model')}: "
+        print(f"rehearsal stand-in {item['what']} {item.get('kind') or item.get('model') or ''}: "
               f"{item['path']} ({time.time() - start:.1f} s)", flush=True)
 
 
