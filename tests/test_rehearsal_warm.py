@@ -118,12 +118,31 @@ def test_job_runs_in_a_process_of_the_server(served, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         job = _wait_for_pid(pid_file)
-        supervisor = int(Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        ppid = int(Path(f"/proc/{supervisor}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        assert ppid == server.process.pid
+        assert _parent(_parent(job)) == server.process.pid
     finally:
         client.kill()
         client.wait()
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_killed_supervisor_takes_its_job_along(served, tmp_path):
+    """SIGKILL to the process between server and job: the job dies too, and
+    the client says the connection was lost (status 1)."""
+    server, scripts = served
+    pid_file = tmp_path / "pid"
+    client = subprocess.Popen([str(server.launcher), str(scripts / "job.py"), "sleep", str(pid_file)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = _wait_for_pid(pid_file)
+    supervisor = _parent(job)
+    assert _parent(supervisor) == server.process.pid
+    os.kill(supervisor, signal.SIGKILL)
+    _, err = client.communicate(timeout=30)
+    assert _gone(job)
+    assert client.returncode == 1
+    assert f"warm interpreter: the server at {server.socket} closed the connection while the job ran" in err
 
 
 def _wait_for_pid(path: Path, timeout: float = 30.0) -> int:

@@ -313,6 +313,19 @@ def _run_job(request: dict, fds: list[int]) -> None:
     os._exit(code)
 
 
+def _die_with_parent(parent: int) -> None:
+    """The job gets SIGKILL when its supervisor dies (even of SIGKILL), so
+    that no job outlives the connection that reports it (Linux prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
 def _kill_group(pid: int, signo: int) -> None:
     try:
         os.killpg(pid, signo)
@@ -330,11 +343,13 @@ def _supervise(conn: socket.socket) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     started = time.monotonic()
+    supervisor = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
             conn.close()
             os.setpgid(0, 0)
+            _die_with_parent(supervisor)
             _run_job(request, fds)
         finally:
             os._exit(1)
