@@ -33,7 +33,7 @@ def _load_config_validation():
 config_validation = _load_config_validation()
 # rehearse=true: the study on small stand-ins (docs/rehearsal.md), swapped in
 # before the checks so that they check the stand-ins
-if config.get("rehearse"):
+if any(key in config for key in ("rehearse", "rehearse_datasets", "rehearse_warm")):
     _spec = importlib.util.spec_from_file_location(
         "tokenreduction_rehearsal", ROOT / "workflow" / "lib" / "rehearsal.py"
     )
