@@ -309,3 +309,32 @@ def test_rehearsal_through_the_warm_interpreter_matches_the_plain_one(tmp_path):
                    _strip_timing(json.loads((runs["plain"] / rel).read_text())), str(rel))
     for rel in ("summary/metrics.csv",):
         assert (runs["warm"] / rel).is_file() and (runs["plain"] / rel).is_file()
+
+
+def _workflow_rehearsal():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wf_rehearsal_for_test", REPO / "workflow" / "lib" / "rehearsal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("true", True), ("false", False),
+                                             ("False", False), ("TRUE", True)])
+def test_config_flags_read_as_snakemake_passes_them(value, expected):
+    """`--config rehearse_warm=false` arrives as the string 'false'."""
+    assert _workflow_rehearsal().flag({"rehearse_warm": value}, "rehearse_warm") is expected
+
+
+def test_config_flag_that_is_not_true_or_false_is_refused():
+    with pytest.raises(SystemExit, match="invalid config at rehearse_warm: 'maybe' is not true or false"):
+        _workflow_rehearsal().flag({"rehearse_warm": "maybe"}, "rehearse_warm")
+
+
+def test_no_rehearsal_leaves_the_config_and_wants_no_server():
+    module = _workflow_rehearsal()
+    config = {"rehearse": "false", "rehearse_warm": "true", "results": "r"}
+    assert module.apply_rehearsal(config, REPO) == []
+    assert config == {"rehearse": False, "rehearse_warm": True, "results": "r"}
+    assert not module._WARM.get("wanted")

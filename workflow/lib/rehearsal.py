@@ -41,11 +41,27 @@ def _jobs_python(config: dict, root: Path) -> str:
         sys.exit(f"rehearsal: {err}")
 
 
+def flag(config: dict, key: str) -> bool:
+    """A true/false key of the config as a bool. ``--config key=false``
+    reaches the config as the string 'false' (Snakemake parses only True and
+    False as booleans), which Python would take as true; exits with one
+    message on anything else."""
+    value = config[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    sys.exit(f"invalid config at {key}: {value!r} is not true or false")
+
+
 def apply_rehearsal(config: dict, root: Path) -> list[dict]:
     """Replace `config` in place by its rehearsal (when ``config['rehearse']``)
     and fabricate the stand-ins with the jobs' interpreter; returns the plan (empty when
     not rehearsing). Exits with one message naming the key on a config the
     stand-ins do not cover, or when a stand-in cannot be written."""
+    for key in ("rehearse", "rehearse_warm"):
+        if key in config:
+            config[key] = flag(config, key)
     if not config.get("rehearse"):
         if config.get("rehearse_datasets"):
             sys.exit("invalid config at rehearse_datasets: it restricts a rehearsal; add --config rehearse=true")
