@@ -252,8 +252,12 @@ def test_compare_holds_one_group_of_runs_and_loads_each_file_once(tmp_path, monk
         feat = compare.compare_features(files(a, "cls_features.npz"), files(b, "cls_features.npz"), names=(a, b))
         frames += [t.assign(axis=axis, run_a=a, run_b=b, source=s) for t, s in ((pat, "pattern"), (feat, "feature"))
                    if len(t)]
-    expected = pd.concat(frames, ignore_index=True)[list(out.columns)]
+    expected = pd.concat(frames, ignore_index=True)
+    first = ["axis", "run_a", "run_b", "source", "block", "n_images", *stage.PATTERN_MEASURES, *stage.FEATURE_MEASURES]
+    assert list(out.columns) == [c for c in first if c in expected] + [c for c in expected if c not in first]
+    expected = expected[list(out.columns)]
     pd.testing.assert_frame_equal(out.reset_index(drop=True), expected, check_dtype=False, rtol=1e-9)
+    assert list(out.dtypes) == list(expected.dtypes)
 
 
 def _pattern_run(rng, kind: str, blocks: list[int], images: list[str], num_patches: int = 64, kept: bool = False) -> dict:

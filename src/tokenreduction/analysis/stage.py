@@ -79,6 +79,31 @@ def pair_order(todo: pd.DataFrame, axis: str) -> list[int]:
     return frame.sort_values(list(frame.columns), kind="stable").index.tolist()
 
 
+def _long_table(axis: str, parts: list, columns: list[str]) -> pd.DataFrame:
+    """The tables of compare_runs, one after the other, with their pair and
+    source as columns: ``parts`` lists (pair record, table, source) in output
+    order. Concatenated per source (tables of one source share their
+    columns; thousands of small concatenations cost more than the
+    comparisons) and put back in order; columns ``columns`` first, then the
+    rest in the order the tables give them."""
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    lengths = np.array([len(table) for _, table, _ in parts])
+    starts = np.cumsum(lengths) - lengths  # each table's first row in the output
+    blocks, rows = [], []
+    for source in dict.fromkeys(src for _, _, src in parts):  # first source first: the tables' column order
+        mine = [k for k, (_, _, src) in enumerate(parts) if src == source]
+        blocks.append(pd.concat([parts[k][1] for k in mine], ignore_index=True))
+        rows.append(np.concatenate([np.arange(starts[k], starts[k] + lengths[k]) for k in mine]))
+    out = pd.concat(blocks, ignore_index=True)
+    out = out.iloc[np.argsort(np.concatenate(rows), kind="stable")].reset_index(drop=True)
+    out["axis"] = axis
+    out["run_a"] = np.repeat([pair["run_a"] for pair, _, _ in parts], lengths)
+    out["run_b"] = np.repeat([pair["run_b"] for pair, _, _ in parts], lengths)
+    out["source"] = np.repeat([source for _, _, source in parts], lengths)
+    return out.reindex(columns=[c for c in columns if c in out.columns] + [c for c in out.columns if c not in columns])
+
+
 def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathLike, out_csv: PathLike,
                  progress: Callable = lambda it, **kw: it, pwcca: str = "study",
                  baseline_rate: Optional[float] = BASELINE_PAIR_RATE,
@@ -144,17 +169,14 @@ def compare_runs(summary_csv: PathLike, dataset: str, axis: str, eval_dir: PathL
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         for i, (pat, feat) in results.items():
-            frames[i] = [table.assign(axis=axis, run_a=records[i]["run_a"], run_b=records[i]["run_b"], source=source)
-                         for table, source in ((pat, "pattern"), (feat, "feature")) if len(table)]
+            frames[i] = [(table, source) for table, source in ((pat, "pattern"), (feat, "feature")) if len(table)]
         # a run no later pair reads leaves the cache (the job holds a group's runs, not the dataset's)
         for run in {a, b}:
             if last_use[run] == step:
                 cache.pop((run, "patterns.npz"), None)
                 cache.pop((run, "cls_features.npz"), None)
     columns = ["axis", "run_a", "run_b", "source", "block", "n_images", *PATTERN_MEASURES, *FEATURE_MEASURES]
-    ordered = [frame for index in sorted(frames) for frame in frames[index]]
-    out = pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame(columns=columns)
-    out = out.reindex(columns=[c for c in columns if c in out.columns] + [c for c in out.columns if c not in columns])
+    out = _long_table(axis, [(records[index], *frame) for index in sorted(frames) for frame in frames[index]], columns)
     if degenerate:
         log.warning(
             "degenerate CCA in %d feature comparisons (PWCCA, MeanCCA, MeanSqCCA are NaN there): "
