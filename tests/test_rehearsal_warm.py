@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tokenreduction.rehearsal import warm
-from workflow_utils import REPO, clean_env, load_config, snakemake, write_config
+from workflow_utils import REPO, load_config, snakemake, write_config
 
 PYTHON = sys.executable
 SRC = REPO / "src"
