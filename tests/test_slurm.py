@@ -210,7 +210,7 @@ def test_installer_fills_the_site_specifics(tmp_path):
     other = install_profile(tmp_path / "cfg2", "--no-account", "--status-command", "sacct")
     profile = yaml.safe_load(other.read_text())
     assert profile["slurm-no-account"] is True and profile["slurm-status-command"] == "sacct"
-    assert profile.get("default-resources") == {"max_runtime": 2880} and "set-resources" not in profile
+    assert profile.get("default-resources") == {"max_runtime": 2880, "disk_mb": 1000} and "set-resources" not in profile
 
     # an existing, different profile is kept unless --force
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
@@ -355,6 +355,41 @@ def test_demo_on_slurm_reruns_nothing_reruns_only_what_changed_and_resumes(tmp_p
     stages = (results / "logs" / "stage_times.tsv").read_text().splitlines()[1:]
     ran = {line.split("\t")[0]: float(line.split("\t")[2]) for line in stages}
     assert {"finetune", "evaluate", "summarise"} <= set(ran) and all(v > 0 for v in ran.values()), ran
+
+    print(f"{time.time() - t0:.0f} s: requeue (preemption)", flush=True)
+    # ---- 5. preemption: a third epoch reruns both fine-tunes as one array;
+    # a running task is requeued by Slurm itself (`scontrol requeue`, what
+    # preemption with PreemptMode=REQUEUE does): it gets SIGTERM, checkpoints,
+    # runs again under the same job id and resumes; Snakemake waits for it
+    # (no retry, no new submission) and the run finishes
+    third = copy.deepcopy(longer)
+    third["datasets"]["digits"]["recipe"]["epochs"] = 3
+    path4 = write_config(tmp_path / "demo4.yaml", third)
+    cmd = snakemake_cmd([summary_target(tmp_path), *SLURM_ARGS, "--configfile", str(path4)], tmp_path, 540)
+    log_path = tmp_path / "requeue.out"
+    train_log.unlink()
+    with open(log_path, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=snakemake_env(config_home))
+        try:
+            requeued = _wait_for_training(log_path, train_log, proc, method="evit")
+            subprocess.run(["scontrol", "requeue", requeued], check=True, timeout=30)
+            rc = proc.wait(timeout=520)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = log_path.read_text()
+    assert rc == 0, out[-6000:]
+    finetunes = [jobid for jobid, rule in submissions(out) if rule == "finetune"]
+    tasks = arrays(out)[0]
+    assert finetunes == tasks and len(tasks) == 2 and requeued in tasks, (finetunes, out[-4000:])
+    assert job_field(requeued, "Restarts") == "1", subprocess.run(
+        ["scontrol", "show", "job", requeued], capture_output=True, text=True).stdout
+    assert all(j["state"] == "COMPLETED" for j in slurm_jobs(tasks).values())
+    log = train_log.read_text()  # the requeued run's own log (the first one's was overwritten)
+    m = re.search(r"resumed from \S+: epoch (\d+), batch (\d+), step (\d+)", log)
+    assert m and int(m.group(3)) > 0, log[-3000:]
+    metrics = json.loads((results / "finetune" / run / "train_metrics.json").read_text())
+    assert metrics["epochs_completed"] == 3 and metrics["steps"] > int(m.group(3)), metrics
     print(f"slurm test took {time.time() - t0:.0f} s")
 
 
