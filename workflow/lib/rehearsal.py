@@ -7,7 +7,9 @@ list is the study's own, job for job (the dataset roots and checkpoint files
 are read by jobs, not made by them, in a real run too). Plain Python: loads
 ``tokenreduction/rehearsal/standin.py`` by path (no torch at DAG build); the
 writers run in a subprocess of the jobs' interpreter, only when a stand-in is
-missing or out of date.
+missing or out of date. When the rehearsal executes locally, start_warm /
+stop_warm (from software.smk's onstart / onsuccess / onerror) run its per-run
+jobs in a warm interpreter (tokenreduction/rehearsal/warm.py).
 """
 from __future__ import annotations
 
