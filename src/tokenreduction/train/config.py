@@ -102,6 +102,11 @@ class TrainConfig:
     #: end) | last_ema (EMA model at the end); the last two do not select on
     #: the validation set
     select_weights: str = "best"
+    #: validate after every val_every_epochs-th epoch and always after the
+    #: last one (1: every epoch; a number >= the epochs: only at the end, as
+    #: the CLCA reference's eval_freq does); `best` selects among the
+    #: validated epochs
+    val_every_epochs: int = 1
     multilabel_loss: str = "asl"
     # runtime
     seed: int = 0
@@ -124,7 +129,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
-        positive = ("epochs", "batch_size", "grad_accum_steps", "img_size", "log_every")
+        positive = ("epochs", "batch_size", "grad_accum_steps", "img_size", "log_every", "val_every_epochs")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -5,7 +5,8 @@ The recipe reads in the order the papers describe it; each phase is a
 function that fits on a screen and shares one :class:`Run`:
 
     build_data -> build_model_and_optimiser -> restore_state ->
-    (train_one_epoch -> validate_and_select -> save_checkpoint) per epoch -> finish
+    (train_one_epoch -> validate_and_select (or log_unvalidated_epoch, see
+    ``val_every_epochs``) -> save_checkpoint) per epoch -> finish
 
 A method's own training terms (DynamicViT's distillation and ratio losses,
 its teacher) come from its reducer class
@@ -481,6 +482,34 @@ def validate_and_select(run: Run, epoch_start: float) -> None:
         p.bare.end_epoch(st.epoch, cfg.total_epochs)
 
 
+def validation_due(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether epoch `epoch` (0-based, just trained) ends with a validation:
+    every ``val_every_epochs``-th epoch and always the last one."""
+    return (epoch + 1) % cfg.val_every_epochs == 0 or epoch + 1 >= cfg.total_epochs
+
+
+def log_unvalidated_epoch(run: Run, epoch_start: float) -> None:
+    """An epoch without validation (``val_every_epochs``): its log row with
+    empty validation columns, the best so far unchanged, the tuning mode's
+    epoch hook run as after a validated epoch."""
+    cfg, p, st, rt = run.cfg, run.parts, run.state, run.rt
+    row = {
+        "epoch": st.epoch, "step": st.step, "lr": run.lr_now(), "train_loss": st.loss_sum / max(st.loss_count, 1),
+        "val_metric": None, "val_top5": None, "val_ema_metric": None, "val_ema_top5": None,
+        "best_metric": st.best.get("metric"), "best_epoch": st.best.get("epoch"), "best_weights": st.best.get("weights"),
+        "time": time.time() - epoch_start,
+    }
+    st.log_rows.append(row)
+    if rt.is_main:
+        write_log(run.out_dir / "log.csv", st.log_rows)
+        if run.wandb_run is not None:
+            run.wandb_run.log({k: v for k, v in row.items() if v is not None}, step=st.step)
+        print(f"epoch {st.epoch} done: step {st.step}, train_loss {row['train_loss']:.4f}, not validated "
+              f"(val_every_epochs {cfg.val_every_epochs})", flush=True)
+    if hasattr(p.bare, "end_epoch"):  # a tuning mode's epoch hook (Head2Toe's feature selection)
+        p.bare.end_epoch(st.epoch, cfg.total_epochs)
+
+
 def finish(run: Run) -> dict[str, Any]:
     """final.pth with the selected weights and train_metrics.json."""
     cfg, d, p, st, rt = run.cfg, run.data, run.parts, run.state, run.rt
@@ -573,7 +602,10 @@ def train(
             while not st.finished and st.epoch < cfg.total_epochs and not (cfg.max_steps is not None and st.step >= cfg.max_steps):
                 epoch_start = time.time()
                 reached_max = train_one_epoch(run)
-                validate_and_select(run, epoch_start)
+                if reached_max or validation_due(cfg, st.epoch):
+                    validate_and_select(run, epoch_start)
+                else:
+                    log_unvalidated_epoch(run, epoch_start)
                 st.epoch += 1
                 st.batch_in_epoch, st.loss_sum, st.loss_count = 0, 0.0, 0
                 st.finished = reached_max or st.epoch >= cfg.total_epochs
