@@ -66,6 +66,30 @@ def test_standin_widths_keep_the_capacity_order():
     assert standin_width("vit_tiny_patch16_224", {"embed_dim": 1024}) == (32, 2)
 
 
+def test_cut_recipe_validates_where_the_study_reads_the_validation():
+    from tokenreduction.rehearsal.standin import SPLIT_SIZES, WIDTHS
+    from tokenreduction.train import TrainConfig
+
+    clca, _ = standin_config({**load_config("clca.yaml"), "rehearse": True})
+    which, _ = standin_config({**load_config("which-tokens.yaml"), "rehearse": True})
+    # CLCA keeps its last weights: one validation, after the last of its 2 + 1 cut epochs
+    ft = TrainConfig.from_dict({k: v for k, v in clca["finetune"].items() if k in TrainConfig.keys()})
+    assert (ft.epochs, ft.warmup_epochs, ft.cooldown_epochs, ft.select_weights) == (2, 1, 1, "last")
+    assert ft.val_every_epochs == ft.total_epochs == 3
+    # trained on train_val: 3 epochs x 8 images / batch 4 = 6 optimiser steps
+    assert ft.total_epochs * -(-SPLIT_SIZES["train_val"] // (ft.batch_size * ft.grad_accum_steps)) == 6
+    # which-tokens selects the best epoch: it still validates every epoch
+    assert which["finetune"]["select_weights"] == "best" and "val_every_epochs" not in which["finetune"]
+    assert TrainConfig.from_dict({k: v for k, v in which["finetune"].items() if k in TrainConfig.keys()}).val_every_epochs == 1
+    # evaluation: 15 throughput passes of 1 image; pattern images enough for the CCA of the
+    # two widest stand-ins (more images than their widths together)
+    for cfg in (clca, which):
+        assert cfg["evaluate"]["throughput_batch"] == 1
+        widest = max(dim for _, (dim, _) in WIDTHS)
+        assert cfg["evaluate"]["num_pattern_images"] == 80 > 2 * widest
+        assert min(SPLIT_SIZES["val"], SPLIT_SIZES["test"]) >= cfg["evaluate"]["num_pattern_images"]
+
+
 def test_rehearse_datasets_restricts_the_grid():
     real = load_config("which-tokens.yaml")
     cfg, plan = standin_config({**real, "rehearse": True, "rehearse_datasets": ["nabirds"]})

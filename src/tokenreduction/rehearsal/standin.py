@@ -53,9 +53,10 @@ BACKBONE_FAMILIES = ("vit_", "deit_", "deit3_")
 WIDTHS = ((192, (16, 1)), (384, (24, 2)), (10**9, (32, 2)))
 #: real widths of the families' size names (the model name says the size)
 SIZE_WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 1280, "giant": 1408}
-#: images per split of every stand-in data set (val: more images than two
-#: stand-in widths together, as the CCA of the analysis needs)
-SPLIT_SIZES = {"train": 24, "val": 80, "test": 80, "train_val": 32}
+#: images per split of every stand-in data set (val, test: more images than
+#: two stand-in widths together, as the CCA of the analysis needs; train_val,
+#: what CLCA's --train_trainval trains on at 448 px: one image per class)
+SPLIT_SIZES = {"train": 24, "val": 80, "test": 80, "train_val": 8}
 #: sections of a study config the stand-ins do not cover yet
 UNCOVERED_SECTIONS = ("benchmark", "pretrain")
 #: classes of the single-label stand-in data sets (tokenreduction.rehearsal.fabricate.NUM_CLASSES)
@@ -65,7 +66,11 @@ DIFFUSION = {"steps": 2, "img_size": 64, "dtype": "float32", "device": "cpu", "g
 CLASS_NAME_FORMATS = (".txt", ".json", ".py")
 #: the recipe: optimiser steps per run = epochs x ceil(train / (batch x accum))
 RECIPE = {"epochs": 2, "batch_size": 4, "num_workers": 0}
-EVALUATE = {"batch_size": 16, "throughput_batch": 4}
+#: throughput batch 1: the measurement's 15 forward passes (5 untimed, 10
+#: timed) cost 15 images, not 60 (at 448 px as much as the evaluation itself)
+EVALUATE = {"batch_size": 16, "throughput_batch": 1}
+#: selections that never read the validations before the last epoch
+LAST_SELECTIONS = ("last", "last_ema")
 #: the repository (detection config paths are relative to it)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 #: the mmdet base config of the ViT-Adapter Mask R-CNN: a detection config is
@@ -108,7 +113,11 @@ def _check_family(key: str, model: str) -> None:
 
 
 def _cut_recipe(recipe: dict) -> dict:
-    """A recipe cut to a few steps (warm-up / cool-down kept, one epoch each, where the study has them)."""
+    """A recipe cut to a few steps (warm-up / cool-down kept, one epoch each,
+    where the study has them). A recipe that keeps the last weights
+    (``select_weights`` last / last_ema) validates only after its last epoch
+    (``val_every_epochs``): no earlier validation is read; ``best`` keeps
+    validating every epoch, so its selection compares epochs."""
     out = dict(recipe)
     out.update(RECIPE)
     if recipe.get("warmup_epochs"):
@@ -117,6 +126,8 @@ def _cut_recipe(recipe: dict) -> dict:
         out["cooldown_epochs"] = 1
     if recipe.get("max_steps"):
         out["max_steps"] = None
+    if recipe.get("select_weights") in LAST_SELECTIONS:
+        out["val_every_epochs"] = out["epochs"] + int(out.get("cooldown_epochs") or 0)
     return out
 
 
