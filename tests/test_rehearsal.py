@@ -294,6 +294,8 @@ def test_ots_standins_cover_every_preset_of_the_atc_study(tmp_path):
     # the configured checkpoint files are replaced, never written over
     assert cfg["ots"]["backbones"]["swag_b16"]["checkpoint"].startswith(cfg["results"] + "/standins/")
     assert cfg["mae"]["recipe"]["epochs"] == 2 and cfg["mae"]["r"] == real["mae"]["r"]
+    # the sweeps measure throughput as the evaluations do: batch 1
+    assert real["ots"]["throughput_batch"] and cfg["ots"]["throughput_batch"] == 1
     with pytest.raises(RehearsalError, match="ots.backbones.augreg_tiny.preset"):
         standin_config(real, {})
 

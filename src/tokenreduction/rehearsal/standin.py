@@ -164,7 +164,7 @@ def _standin_ots(cfg: dict[str, Any], results: str, presets: Optional[dict[str, 
     ots = cfg["ots"]
     ots.update(batch_size=16, num_workers=0)
     if ots.get("throughput_batch"):
-        ots["throughput_batch"] = 4
+        ots["throughput_batch"] = EVALUATE["throughput_batch"]
     for name, spec in (ots.get("backbones") or {}).items():
         if "pretrain" in spec:
             continue  # the DAG's own pretrained backbone
