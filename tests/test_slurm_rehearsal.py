@@ -21,8 +21,8 @@ Opt-in (``TOKENREDUCTION_SLURM_REHEARSAL=1``), not yet part of CI: on the
 2-CPU local Slurm every job pays ~20 s outside its command (the plugin starts
 Snakemake twice per job), so the 291 jobs need ~60 min at a load of ~9 and
 ~30 min idle, more than CI's budget (docs/slurm.md, "Rehearsing through
-Slurm"). The run on 2026-12-07 (array limit 40) had 77 fine-tunes and ~70
-evaluations done, all COMPLETED, after 35 min when it was stopped. When opted
+Slurm"). The run on 2026-12-07 (array limit 40) had 152 jobs (75 fine-tunes, 71
+evaluations) finished, none failed, after 35 min when it was stopped. When opted
 in it is skipped, with the reason, where no Slurm answers.
 Runs hold /tmp/slurm-test.lock (flock) so that they do not share the one-node
 Slurm with another test run on the same machine.
