@@ -66,11 +66,17 @@ def test_train_config_holds_the_model_spec_and_lists_none_of_its_fields():
 def test_the_flat_layout_reads_and_writes_as_before():
     """The --spec JSON and the checkpoints' "config" keep their flat form to the
     letter, so neither Snakemake's params trigger nor a resume sees a change."""
+    # recipe keys added since the recording (with their defaults, which change nothing)
+    added = {"val_every_epochs": 1}
+    now = json.dumps({**json.loads(RECORDED_FLAT), **added}, sort_keys=True)
     cfg = TrainConfig.from_dict(json.loads(RECORDED_FLAT))
-    assert json.dumps(cfg.to_dict(), sort_keys=True) == RECORDED_FLAT
-    assert json.dumps(TrainConfig.from_dict(FLAT).to_dict(), sort_keys=True) == RECORDED_FLAT
+    assert json.dumps(cfg.to_dict(), sort_keys=True) == now
+    assert json.dumps(TrainConfig.from_dict(FLAT).to_dict(), sort_keys=True) == now
+    # a checkpoint written before those keys existed resumes: a missing key counts as its default
     assert config_diff(json.loads(RECORDED_FLAT), TrainConfig.from_dict(FLAT).to_dict()) == []
     assert config_diff(json.loads(RECORDED_FLAT), TrainConfig.from_dict({**FLAT, "method": "topk"}).to_dict()) == ["method"]
+    assert config_diff(json.loads(RECORDED_FLAT),
+                       TrainConfig.from_dict({**FLAT, "val_every_epochs": 2}).to_dict()) == ["val_every_epochs"]
 
 
 def test_bad_values_are_named_once():

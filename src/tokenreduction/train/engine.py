@@ -266,10 +266,14 @@ def build_model_and_optimiser(cfg: TrainConfig, rt: Runtime, data: TrainData) ->
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Config keys (runtime keys aside) whose values differ."""
+    """Config keys (runtime keys aside) whose values differ. A key that a
+    checkpoint written by an earlier version lacks counts as its default
+    (a recipe key added since, e.g. ``val_every_epochs``), so such a run
+    resumes unless the current config sets it otherwise."""
+    defaults = TrainConfig().to_dict()
     keys = (set(saved) | set(current)) - RUNTIME_KEYS
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    return sorted(k for k in keys if norm(saved.get(k)) != norm(current.get(k)))
+    return sorted(k for k in keys if norm(saved.get(k, defaults.get(k))) != norm(current.get(k, defaults.get(k))))
 
 
 def restore_state(run: Run, on_config_change: str = "error") -> None:
