@@ -38,8 +38,12 @@ ARRAY_JOB_WILDCARDS = {
     "sd_generate": lambda: [
         SimpleNamespace(sd_experiment=e) for e in DIFF.get("experiments") or {}
     ],
-    "detection_train": lambda: [SimpleNamespace(det_size=s) for s in DET.get("sizes") or {}],
-    "detection_eval": lambda: [SimpleNamespace(det_size=s) for s in DET.get("sizes") or {}],
+    "detection_train": lambda: [
+        SimpleNamespace(det_size=s) for s in DET.get("sizes") or {}
+    ],
+    "detection_eval": lambda: [
+        SimpleNamespace(det_size=s) for s in DET.get("sizes") or {}
+    ],
 }
 
 

@@ -138,7 +138,8 @@ rule mae_evaluate:
     resources:
         gpu=lambda w: _gpus("eval"),
         mem_mb=array_uniform(
-            "mae_evaluate", lambda w, attempt: int(4000 * _scale(w.backbone) ** 0.5 * attempt)
+            "mae_evaluate",
+            lambda w, attempt: int(4000 * _scale(w.backbone) ** 0.5 * attempt),
         ),
         runtime=lambda w, attempt: int(30 * attempt),
     params:

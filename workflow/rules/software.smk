@@ -71,7 +71,9 @@ _rehearsal_hook = globals().get("_rehearsal")  # common.smk's, when rehearse=tru
 onstart:
     print(f"main environment's jobs run {PYTHON}")
     if _rehearsal_hook:
-        _rehearsal_hook.start_warm(workflow, config, ROOT, RESULTS, PYTHON, DEPLOYMENTS)
+        _rehearsal_hook.start_warm(
+            workflow, config, ROOT, RESULTS, PYTHON, DEPLOYMENTS
+        )
 
 
 onerror:
