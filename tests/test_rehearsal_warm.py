@@ -159,7 +159,7 @@ def _gone(pid: int, timeout: float = 15.0) -> bool:
     while time.monotonic() < deadline:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone between the lookup and the read
             return True
         if state == "Z":
             return True
