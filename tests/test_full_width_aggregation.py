@@ -97,11 +97,15 @@ def _mem_mb(dry_run: str) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (os.environ.get("CI") or os.environ.get("TOKENREDUCTION_FULL_WIDTH") == "1"),
-    reason="every aggregation job of the three studies: 10-15 min on 2 idle cores; runs in CI (CI set) "
-    "or with TOKENREDUCTION_FULL_WIDTH=1 (docs/performance.md, 'Aggregation at full width')",
+    reason="every aggregation job of the three studies: runs in CI (CI set; which-tokens only) "
+    "or with TOKENREDUCTION_FULL_WIDTH=1 (all three) (docs/performance.md, 'Aggregation at full width')",
 )
 @pytest.mark.parametrize("study", STUDIES)
 def test_aggregation_jobs_at_full_width(tmp_path, study):
+    if study != "which-tokens" and os.environ.get("TOKENREDUCTION_FULL_WIDTH") != "1":
+        # CI runs which-tokens (~5 min there); CLCA's compare_heatmaps solves an exact EMD LP per pair of
+        # 28 x 28 maps (448 px) and took > 10 min of CPU alone here (2026-12-07): not yet within CI's budget
+        pytest.skip(f"{study} at full width is opt-in (TOKENREDUCTION_FULL_WIDTH=1): over CI's time budget")
     started = time.perf_counter()
     records_path = tmp_path / "job_records.jsonl"
     config = with_existing_inputs(load_config(f"{study}.yaml"), tmp_path)
