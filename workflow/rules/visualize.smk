@@ -37,8 +37,8 @@ rule pattern_grid:
         "../../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda w, attempt: 2000 * attempt,
-        runtime=lambda w, attempt: 10 * attempt,
+        mem_mb=lambda w, attempt: 4000 * attempt,  # 3.2 GB peak at which-tokens width (rehearsal, 2026-12-07)
+        runtime=lambda w, attempt: 30 * attempt,  # 9 min at which-tokens width on a loaded 2-core machine
     params:
         kind=lambda w: config["datasets"][w.dataset]["kind"],
         root=lambda w: dataset_root(w.dataset),
