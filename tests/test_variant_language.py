@@ -13,7 +13,6 @@ import copy
 import importlib.util
 import json
 import re
-import sys
 
 import pytest
 import yaml
@@ -23,19 +22,7 @@ from workflow_utils import REPO, load_config, planned_commands, snakemake, write
 from tokenreduction.diffusion.variant import keep_rate_of, patch_options, tomesd_ratio
 
 
-def _load_validation():
-    """As the workflow loads it: by path, without torch or timm."""
-    name = "tokenreduction_config_validation"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "src" / "tokenreduction" / "config_validation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cv = _load_validation()
+from test_config_validation import cv  # the validation module, loaded by path as the workflow does)
 
 SCHEMA = cv.load_schema(REPO / "workflow" / "schemas" / "config.schema.yaml")
 DEMO = load_config("config.yaml")
