@@ -63,7 +63,7 @@ echo "tested versions (lowest declared):"
 from importlib.metadata import version
 
 for name in ("torch", "torchvision", "timm", "numpy", "scipy", "pandas", "scikit-learn", "matplotlib", "pyyaml",
-             "tqdm", "pillow", "diffusers", "transformers", "tokenizers", "clean-fid"):
+             "tqdm", "pillow", "POT", "diffusers", "transformers", "tokenizers", "clean-fid"):
     print(f"  {name:<13} {version(name)}")
 EOF
 
@@ -71,7 +71,8 @@ set +e
 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_methods_a.py tests/test_methods_common.py tests/test_api.py tests/test_conformance.py \
   tests/test_compile.py tests/test_dependency_ranges.py tests/test_diffusion.py \
-  tests/test_clca.py tests/test_analysis_metrics.py tests/test_analysis_conventions.py tests/test_visualize.py
+  tests/test_clca.py tests/test_analysis_metrics.py tests/test_analysis_conventions.py tests/test_visualize.py \
+  tests/test_emd.py
 status=$?
 set -e
 stamp "lowest-deps tests done, pytest exit $status"
