@@ -127,11 +127,19 @@ def similarity(a, b) -> float:
 histogram_intersection = similarity
 
 
+def _cell_distance(w: int, cells_a: np.ndarray, cells_b: np.ndarray) -> np.ndarray:
+    """(len(cells_a), len(cells_b)) Euclidean distance between the centres of
+    the given row-major cells of a grid w cells wide."""
+    ra, ca = np.divmod(cells_a, w)
+    rb, cb = np.divmod(cells_b, w)
+    return np.hypot(ra[:, None] - rb[None, :], ca[:, None] - cb[None, :])
+
+
 def grid_distance(h: int, w: int) -> np.ndarray:
     """(h*w, h*w) Euclidean distance between the cell centres of an h x w grid
     (row-major cell order), 1 between neighbours."""
-    r, c = np.divmod(np.arange(h * w), w)
-    return np.hypot(r[:, None] - r[None, :], c[:, None] - c[None, :])
+    cells = np.arange(h * w)
+    return _cell_distance(w, cells, cells)
 
 
 #: pivot limit of the network simplex (POT's default, 100,000, is near what a
@@ -173,11 +181,12 @@ def emd(a, b, ground_distance: np.ndarray | None = None) -> float:
     """
     a, b = _pair(a, b)
     h, w = a.shape
-    d = grid_distance(h, w) if ground_distance is None else as_numpy(ground_distance, np.float64)
-    if d.shape != (h * w, h * w):
-        raise ValueError(f"ground_distance must be ({h * w}, {h * w}), got {d.shape}")
-    if not (np.isfinite(d).all() and (d >= 0).all()):
-        raise ValueError("ground_distance must be finite and non-negative")
+    if ground_distance is not None:
+        d = as_numpy(ground_distance, np.float64)
+        if d.shape != (h * w, h * w):
+            raise ValueError(f"ground_distance must be ({h * w}, {h * w}), got {d.shape}")
+        if not (np.isfinite(d).all() and (d >= 0).all()):
+            raise ValueError("ground_distance must be finite and non-negative")
     p, q = _distribution(a, "a").ravel(), _distribution(b, "b").ravel()
     if p.sum() == 0 or q.sum() == 0:
         raise ValueError("EMD needs maps with positive total mass")
@@ -192,7 +201,7 @@ def emd(a, b, ground_distance: np.ndarray | None = None) -> float:
         return 0.0
     ps = surplus[src] / total
     qs = deficit[dst] / deficit[dst].sum()
-    return float(total * _transport(ps, qs, d[np.ix_(src, dst)]))
+    return float(total * _transport(ps, qs, _cell_distance(w, src, dst)))  # grid_distance's (src, dst) block
 
 
 def heatmap_metrics(a, b, kl_base: float = DEFAULT_KL_BASE) -> dict[str, float]:
