@@ -25,6 +25,17 @@ def _load_runtime():
 runtime = _load_runtime()
 DEPLOYMENTS = {m.value for m in workflow.deployment_settings.deployment_method}
 
+# the scheduler's input-size survey, quadratic at study width, skipped where
+# the workflow profile's selector never reads it (workflow/lib/scheduler_speed.py)
+if workflow.is_main_process:
+    _spec = importlib.util.spec_from_file_location(
+        "tokenreduction_scheduler_speed",
+        ROOT / "workflow" / "lib" / "scheduler_speed.py",
+    )
+    scheduler_speed = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(scheduler_speed)
+    scheduler_speed.install()
+
 # a Snakemake process killed outright (SIGKILL, a lost session) leaves its
 # locks behind: release them once every run that could hold them is gone, so
 # that the same command runs again (workflow/lib/stale_locks.py)
