@@ -66,8 +66,50 @@ def test_standin_widths_keep_the_capacity_order():
     assert standin_width("vit_tiny_patch16_224", {"embed_dim": 1024}) == (32, 2)
 
 
+def test_study_standin_widths_rank_the_studys_backbones():
+    from tokenreduction.rehearsal.standin import standin_splits, study_standin_widths
+
+    # which-tokens and ATC: tiny / small / base keep the fixed table's widths (MAE's base too)
+    which = load_config("which-tokens.yaml")["backbones"]
+    assert study_standin_widths(which) == {"tiny": (16, 1), "small": (24, 2), "base": (32, 2)}
+    atc = study_standin_widths(load_config("atc.yaml")["backbones"])
+    assert atc == {"tiny": (16, 1), "small": (24, 2), "base": (32, 2), "mae_base": (32, 2)}
+    # CLCA: two base models, one width -> the narrowest stand-in (one head at 785 tokens)
+    assert study_standin_widths(load_config("clca.yaml")["backbones"]) == {"deit3": (16, 1), "clip": (16, 1)}
+    # ranked by the real width (model_kwargs.embed_dim first), wider than third -> 32
+    ranked = study_standin_widths({
+        "a": {"model": "vit_base_patch16_224", "model_kwargs": {"embed_dim": 1024}},
+        "b": {"model": "vit_small_patch16_224"},
+        "c": {"model": "vit_huge_patch14_224"},
+        "d": {"model": "vit_large_patch16_224"},
+        "e": {"model": "vit_base_patch16_224"},
+    })
+    assert ranked == {"b": (16, 1), "e": (24, 2), "a": (32, 2), "d": (32, 2), "c": (32, 2)}
+    # val / test: more images than the two widest stand-ins' widths together
+    assert standin_splits(32) == {"train": 24, "val": 80, "test": 80, "train_val": 8}
+    assert standin_splits(16) == {"train": 24, "val": 48, "test": 48, "train_val": 8}
+
+
+@pytest.mark.parametrize("name,width,heads,images", [("clca.yaml", 16, 1, 48), ("which-tokens.yaml", 32, 2, 80)])
+def test_standin_splits_and_pattern_images_follow_the_widest_standin(name, width, heads, images):
+    cfg, plan = standin_config({**load_config(name), "rehearse": True})
+    widest = max(spec["model_kwargs"]["embed_dim"] for spec in cfg["backbones"].values())
+    assert widest == width
+    assert max(spec["model_kwargs"]["num_heads"] for spec in cfg["backbones"].values()) == heads
+    # the weights are generated at the width the jobs build
+    weights = {item["path"]: item["model_kwargs"] for item in plan if item["what"] == "timm_weights"}
+    for spec in cfg["backbones"].values():
+        generated = weights[spec["model_kwargs"]["pretrained_cfg_overlay"]["file"]]
+        assert (generated["embed_dim"], generated["num_heads"]) == (spec["model_kwargs"]["embed_dim"], spec["model_kwargs"]["num_heads"])
+    datasets = [item for item in plan if item["what"] == "dataset"]
+    assert datasets and all(item["splits"]["val"] == item["splits"]["test"] == images for item in datasets)
+    assert all(item["splits"]["train_val"] == 8 and item["splits"]["train"] == 24 for item in datasets)
+    # every pattern image is a stand-in image, and the CCA of two stand-ins has more images than widths
+    assert cfg["evaluate"]["num_pattern_images"] == images > 2 * widest
+
+
 def test_cut_recipe_validates_where_the_study_reads_the_validation():
-    from tokenreduction.rehearsal.standin import SPLIT_SIZES, WIDTHS
+    from tokenreduction.rehearsal.standin import SPLIT_SIZES
     from tokenreduction.train import TrainConfig
 
     clca, _ = standin_config({**load_config("clca.yaml"), "rehearse": True})
@@ -85,9 +127,13 @@ def test_cut_recipe_validates_where_the_study_reads_the_validation():
     # two widest stand-ins (more images than their widths together)
     for cfg in (clca, which):
         assert cfg["evaluate"]["throughput_batch"] == 1
-        widest = max(dim for _, (dim, _) in WIDTHS)
-        assert cfg["evaluate"]["num_pattern_images"] == 80 > 2 * widest
-        assert min(SPLIT_SIZES["val"], SPLIT_SIZES["test"]) >= cfg["evaluate"]["num_pattern_images"]
+        widest = max(spec["model_kwargs"]["embed_dim"] for spec in cfg["backbones"].values())
+        assert cfg["evaluate"]["num_pattern_images"] > 2 * widest
+    assert (clca["evaluate"]["num_pattern_images"], which["evaluate"]["num_pattern_images"]) == (48, 80)
+    # the study's own recipe and evaluation are left as they are
+    real = load_config("clca.yaml")
+    assert (real["finetune"]["epochs"], real["finetune"]["batch_size"], real["finetune"]["num_workers"]) == (45, 32, 8)
+    assert real["evaluate"] == {"num_pattern_images": 256, "batch_size": 64, "throughput_batch": 64}
 
 
 def test_rehearse_datasets_restricts_the_grid():

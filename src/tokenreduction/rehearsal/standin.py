@@ -53,10 +53,14 @@ BACKBONE_FAMILIES = ("vit_", "deit_", "deit3_")
 WIDTHS = ((192, (16, 1)), (384, (24, 2)), (10**9, (32, 2)))
 #: real widths of the families' size names (the model name says the size)
 SIZE_WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 1280, "giant": 1408}
-#: images per split of every stand-in data set (val, test: more images than
-#: two stand-in widths together, as the CCA of the analysis needs; train_val,
-#: what CLCA's --train_trainval trains on at 448 px: one image per class)
+#: images per split of the stand-in data sets of a study whose widest stand-in
+#: is 32 wide (val, test: more images than two stand-in widths together, as the
+#: CCA of the analysis needs; train_val, what CLCA's --train_trainval trains on
+#: at 448 px: one image per class); :func:`standin_splits` sizes val and test
+#: for the study's widest stand-in
 SPLIT_SIZES = {"train": 24, "val": 80, "test": 80, "train_val": 8}
+#: images the val and test splits have beyond the two widest stand-ins' widths together
+PATTERN_IMAGES_SLACK = 16
 #: sections of a study config the stand-ins do not cover yet
 UNCOVERED_SECTIONS = ("benchmark", "pretrain")
 #: classes of the single-label stand-in data sets (tokenreduction.rehearsal.fabricate.NUM_CLASSES)
@@ -97,11 +101,39 @@ def rehearsal_results(results: str) -> str:
 def standin_width(model: str, model_kwargs: dict) -> tuple[int, int]:
     """(embed_dim, num_heads) of the stand-in of timm `model` (16-32 wide,
     wider stand-ins for wider models, so the capacity axis keeps its order)."""
+    real = _real_width(model, model_kwargs)
+    return next(standin for bound, standin in WIDTHS if real <= bound)
+
+
+def _real_width(model: str, model_kwargs: dict) -> int:
     real = model_kwargs.get("embed_dim")
     if real is None:
         arch = model.partition(".")[0]
         real = next((w for size, w in SIZE_WIDTHS.items() if f"_{size}_" in f"_{arch}_"), 768)
-    return next(standin for bound, standin in WIDTHS if int(real) <= bound)
+    return int(real)
+
+
+def study_standin_widths(backbones: dict[str, dict]) -> dict[str, tuple[int, int]]:
+    """(embed_dim, num_heads) of each backbone's stand-in, ranked within the
+    study: the study's narrowest real width gets the narrowest stand-in
+    (:data:`WIDTHS`: 16 / 1 head), the next wider one 24 / 2 heads, every wider
+    one 32 / 2 heads. The capacity axis keeps its order (which-tokens and ATC:
+    tiny / small / base -> 16 / 24 / 32, as :func:`standin_width`), and a study
+    of one width (CLCA: two base models at 448 px, 785 tokens) gets the 16-wide
+    stand-in: one head, half the attention of two."""
+    real = {name: _real_width(spec["model"], dict(spec.get("model_kwargs") or {})) for name, spec in backbones.items()}
+    ranks = {w: i for i, w in enumerate(sorted(set(real.values())))}
+    standins = [standin for _, standin in WIDTHS]
+    return {name: standins[min(ranks[w], len(standins) - 1)] for name, w in real.items()}
+
+
+def standin_splits(widest: int) -> dict[str, int]:
+    """Images per split of a study's stand-in data sets whose widest stand-in
+    is `widest` wide: val and test hold 2 x `widest` + 16 images (more than two
+    stand-in widths together, as the CCA of the analysis needs: 80 at 32 wide,
+    48 at 16), train and train_val as :data:`SPLIT_SIZES`."""
+    pattern_images = 2 * int(widest) + PATTERN_IMAGES_SLACK
+    return {**SPLIT_SIZES, "val": pattern_images, "test": pattern_images}
 
 
 def _check_family(key: str, model: str) -> None:
@@ -423,6 +455,10 @@ def standin_config(
     results = rehearsal_results(cfg["results"])
     cfg["results"] = results
     plan: list[dict[str, Any]] = []
+    for name, spec in cfg["backbones"].items():
+        _check_family(f"backbones.{name}.model", spec["model"])
+    widths = study_standin_widths(cfg["backbones"])
+    splits = standin_splits(max(dim for dim, _ in widths.values()))
 
     for name, spec in cfg["datasets"].items():
         kind = spec.get("kind")
@@ -436,12 +472,11 @@ def standin_config(
         spec["root"] = root
         if spec.get("recipe"):
             spec["recipe"] = {k: v for k, v in spec["recipe"].items() if k not in RECIPE and k != "max_steps"}
-        plan.append({"what": "dataset", "kind": kind, "path": root, "splits": dict(SPLIT_SIZES)})
+        plan.append({"what": "dataset", "kind": kind, "path": root, "splits": dict(splits)})
 
     for name, spec in cfg["backbones"].items():
-        _check_family(f"backbones.{name}.model", spec["model"])
         kwargs = dict(spec.get("model_kwargs") or {})
-        dim, heads = standin_width(spec["model"], kwargs)
+        dim, heads = widths[name]
         kwargs.update(embed_dim=dim, num_heads=heads)
         init = spec["init"]
         if init == "timm":
@@ -470,7 +505,7 @@ def standin_config(
         cfg["mae"] = {**cfg["mae"], "recipe": _cut_recipe(cfg["mae"].get("recipe") or {})}
     evaluate = dict(cfg.get("evaluate") or {})
     evaluate.update(EVALUATE)
-    val_images = min(SPLIT_SIZES["val"], SPLIT_SIZES["test"])
+    val_images = min(splits["val"], splits["test"])
     evaluate["num_pattern_images"] = min(int(evaluate.get("num_pattern_images", val_images)), val_images)
     cfg["evaluate"] = evaluate
     resources = dict(cfg.get("resources") or {})
