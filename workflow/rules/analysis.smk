@@ -198,6 +198,8 @@ rule compare_heatmaps:
     params:
         kl_base=ANALYSIS.get("kl_base", 2),
         code=analysis_code,
+    # POT (the exact EMD) would import torch for its backends: ~0.5 GB of RSS this job never uses
     shell:
-        '"$TOKENREDUCTION_PYTHON" {input.script:q} heatmaps --token-stats {input.stats:q} --kl-base {params.kl_base}'
+        'POT_BACKEND_DISABLE_PYTORCH=1 "$TOKENREDUCTION_PYTHON" {input.script:q} heatmaps --token-stats {input.stats:q}'
+        " --kl-base {params.kl_base}"
         " --out {output:q} > {log:q} 2>&1"
