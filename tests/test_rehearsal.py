@@ -342,6 +342,8 @@ def test_ots_standins_cover_every_preset_of_the_atc_study(tmp_path):
     assert cfg["mae"]["recipe"]["epochs"] == 2 and cfg["mae"]["r"] == real["mae"]["r"]
     # the sweeps measure throughput as the evaluations do: batch 1
     assert real["ots"]["throughput_batch"] and cfg["ots"]["throughput_batch"] == 1
+    # and evaluate one batch of images per value of r, not the whole val split
+    assert not real["ots"].get("max_images") and cfg["ots"]["max_images"] == cfg["ots"]["batch_size"] == 16
     with pytest.raises(RehearsalError, match="ots.backbones.augreg_tiny.preset"):
         standin_config(real, {})
 
