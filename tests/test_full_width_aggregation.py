@@ -105,7 +105,8 @@ def test_aggregation_jobs_at_full_width(tmp_path, study):
     if study != "which-tokens" and os.environ.get("TOKENREDUCTION_FULL_WIDTH") != "1":
         # CI runs which-tokens (~5 min there). CLCA (2026-12-07, exact EMD by POT's network simplex):
         # ~615 s of job CPU (analysis_compare's 15 jobs 354 s, compare_heatmaps 106 s for 6,200 pairs
-        # of 28 x 28 maps), 46 min wall on the loaded 2-core machine: not yet within CI's budget
+        # of 28 x 28 maps), 46 min wall on the loaded 2-core machine; ATC ~219 s of job CPU, 10.6 min
+        # wall there (docs/performance.md): not yet within CI's budget
         pytest.skip(f"{study} at full width is opt-in (TOKENREDUCTION_FULL_WIDTH=1): over CI's time budget")
     started = time.perf_counter()
     records_path = tmp_path / "job_records.jsonl"
