@@ -97,17 +97,14 @@ def _mem_mb(dry_run: str) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (os.environ.get("CI") or os.environ.get("TOKENREDUCTION_FULL_WIDTH") == "1"),
-    reason="every aggregation job of the three studies: runs in CI (CI set; which-tokens only) "
-    "or with TOKENREDUCTION_FULL_WIDTH=1 (all three) (docs/performance.md, 'Aggregation at full width')",
+    reason="every aggregation job of the three studies: runs in CI (CI set) "
+    "or with TOKENREDUCTION_FULL_WIDTH=1 (docs/performance.md, 'Aggregation at full width')",
 )
 @pytest.mark.parametrize("study", STUDIES)
 def test_aggregation_jobs_at_full_width(tmp_path, study):
-    if study != "which-tokens" and os.environ.get("TOKENREDUCTION_FULL_WIDTH") != "1":
-        # CI runs which-tokens (~5 min there). CLCA (2026-12-07, exact EMD by POT's network simplex):
-        # ~615 s of job CPU (analysis_compare's 15 jobs 354 s, compare_heatmaps 106 s for 6,200 pairs
-        # of 28 x 28 maps), 46 min wall on the loaded 2-core machine; ATC ~219 s of job CPU, 10.6 min
-        # wall there (docs/performance.md): not yet within CI's budget
-        pytest.skip(f"{study} at full width is opt-in (TOKENREDUCTION_FULL_WIDTH=1): over CI's time budget")
+    # job CPU measured 2026-12-07 on the loaded 2-core machine: which-tokens 226 s, ATC 219 s,
+    # CLCA ~615 s (analysis_compare's 15 jobs 354 s; compare_heatmaps 106 s for 6,200 pairs of
+    # 28 x 28 maps by POT's exact network simplex) (docs/performance.md)
     started = time.perf_counter()
     records_path = tmp_path / "job_records.jsonl"
     config = with_existing_inputs(load_config(f"{study}.yaml"), tmp_path)

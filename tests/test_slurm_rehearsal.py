@@ -38,11 +38,11 @@ COMPLETED in the profile's partition, the summary has one row per run, and the
 analysis tables, pattern grid and reports exist. It prints the wall time, the
 job and submission counts and each submission's Slurm time.
 
-Opt-in (``TOKENREDUCTION_SLURM_REHEARSAL=1``; .ci/run would opt in by setting it): even
-so cut, each run costs ~12.5 s of CPU in its Slurm step (8.6 s its command,
+Run where ``TOKENREDUCTION_SLURM_REHEARSAL=1`` (.ci/run sets it; 2,079 s to the end beside two
+full-width rehearsals on the 2-core machine): even so cut, each run costs ~12.5 s of CPU in its Slurm step (8.6 s its command,
 ~3.9 s its Snakemake and srun), so the 135 runs need ~14 min of two idle cores
 and the whole test ~16 min (estimated from per-step CPU, docs/slurm.md,
-"Rehearsing through Slurm"), over the 12 min aimed at. Skipped with the
+"Rehearsing through Slurm"). Skipped with the
 reason where no Slurm answers (a failure where CI is set). Runs hold /tmp/slurm-test.lock
 (flock) so that they do not share the one-node Slurm with another test run on
 the same machine.
@@ -133,7 +133,7 @@ def _elapsed_s(ids: list[str]) -> dict[str, float]:
 
 
 @pytest.mark.skipif(os.environ.get("TOKENREDUCTION_SLURM_REHEARSAL") != "1",
-                    reason="the one-dataset rehearsal through Slurm (~16 min on 2 idle CPUs, estimated) is opt-in: "
+                    reason="the one-dataset rehearsal through Slurm (~16-20 min on 2 idle CPUs; .ci/run sets it) is opt-in: "
                            "TOKENREDUCTION_SLURM_REHEARSAL=1")
 @pytest.mark.slurm
 @pytest.mark.slow
