@@ -14,6 +14,14 @@ include: "visualize_common.smk"
 _register_pattern_manifests()
 
 
+def pattern_grid_mem(wildcards):
+    """MB for a pattern grid: its peak grows with the image area (full-width
+    rehearsals, 2026-12-07: 3.2 GB at 224 px for which-tokens, 10.2 GB at
+    448 px for CLCA): 4,000 MB at 224 px and below, scaled by the area above."""
+    side = config["datasets"][wildcards.dataset].get("img_size") or 224
+    return int(4000 * max(1.0, (side / 224) ** 2))
+
+
 rule pattern_grid:
     input:
         script=script_path("visualize_patterns.py"),
@@ -37,7 +45,7 @@ rule pattern_grid:
         "../../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda w, attempt: 4000 * attempt,  # 3.2 GB peak at which-tokens width (rehearsal, 2026-12-07)
+        mem_mb=lambda w, attempt: pattern_grid_mem(w) * attempt,
         runtime=lambda w, attempt: 30 * attempt,  # 9 min at which-tokens width on a loaded 2-core machine
     params:
         kind=lambda w: config["datasets"][w.dataset]["kind"],
