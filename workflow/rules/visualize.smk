@@ -14,14 +14,6 @@ include: "visualize_common.smk"
 _register_pattern_manifests()
 
 
-def pattern_grid_mem(wildcards):
-    """MB for a pattern grid: its peak grows with the image area (full-width
-    rehearsals, 2026-12-07: 3.2 GB at 224 px for which-tokens, 10.2 GB at
-    448 px for CLCA): 4,000 MB at 224 px and below, scaled by the area above."""
-    side = config["datasets"][wildcards.dataset].get("img_size") or 224
-    return int(4000 * max(1.0, (side / 224) ** 2))
-
-
 rule pattern_grid:
     input:
         script=script_path("visualize_patterns.py"),
