@@ -34,14 +34,12 @@ def lp_transport(p: np.ndarray, q: np.ndarray, cost: np.ndarray) -> float:
 def lp_emd(a: np.ndarray, b: np.ndarray) -> float:
     """The former heatmaps.emd: shared mass stays, surplus -> deficit by LP."""
     p, q = (a / a.sum()).ravel(), (b / b.sum()).ravel()
-    common = np.minimum(p, q)
-    surplus, deficit = p - common, q - common
-    src, dst = np.flatnonzero(surplus > 1e-15), np.flatnonzero(deficit > 1e-15)
-    total = surplus[src].sum()
-    if src.size == 0 or dst.size == 0 or total <= 1e-12:
+    moved = heatmaps.moved_mass(p, q)
+    if moved is None:
         return 0.0
+    src, dst, ps, qs, total = moved
     d = heatmaps.grid_distance(*a.shape)
-    return total * lp_transport(surplus[src] / total, deficit[dst] / deficit[dst].sum(), d[np.ix_(src, dst)])
+    return total * lp_transport(ps, qs, d[np.ix_(src, dst)])
 
 
 def maps(g: np.random.Generator, size: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -34,7 +34,12 @@ if workflow.is_main_process:
     )
     scheduler_speed = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(scheduler_speed)
-    scheduler_speed.install()
+    if not scheduler_speed.install():
+        print(
+            "workflow/lib/scheduler_speed.py: this Snakemake has no JobScheduler.update_input_sizes"
+            " to wrap; its input-size survey runs every scheduling round",
+            file=sys.stderr,
+        )
 
 # a Snakemake process killed outright (SIGKILL, a lost session) leaves its
 # locks behind: release them once every run that could hold them is gone, so

@@ -193,15 +193,25 @@ def emd(a, b, ground_distance: np.ndarray | None = None) -> float:
     if ground_distance is not None:
         # the shared-mass shortcut needs a metric; for a general cost solve it all
         return _transport(p, q, d)
+    moved = moved_mass(p, q)
+    if moved is None:
+        return 0.0
+    src, dst, ps, qs, total = moved
+    return float(total * _transport(ps, qs, _cell_distance(w, src, dst)))  # grid_distance's (src, dst) block
+
+
+def moved_mass(p: np.ndarray, q: np.ndarray):
+    """What a metric-cost transport of distribution p (n,) to q (n,) moves:
+    the mass both share stays in place, so only p's surplus goes to q's
+    deficit. Returns (src, dst, ps, qs, total): the surplus and deficit cells,
+    their normalised masses and the total moved; None when nothing moves."""
     common = np.minimum(p, q)
     surplus, deficit = p - common, q - common
     src, dst = np.flatnonzero(surplus > 1e-15), np.flatnonzero(deficit > 1e-15)
     total = surplus[src].sum()
     if src.size == 0 or dst.size == 0 or total <= 1e-12:
-        return 0.0
-    ps = surplus[src] / total
-    qs = deficit[dst] / deficit[dst].sum()
-    return float(total * _transport(ps, qs, _cell_distance(w, src, dst)))  # grid_distance's (src, dst) block
+        return None
+    return src, dst, surplus[src] / total, deficit[dst] / deficit[dst].sum(), total
 
 
 def heatmap_metrics(a, b, kl_base: float = DEFAULT_KL_BASE) -> dict[str, float]:
