@@ -338,3 +338,89 @@ def test_no_rehearsal_leaves_the_config_and_wants_no_server():
     assert module.apply_rehearsal(config, REPO) == []
     assert config == {"rehearse": False, "rehearse_warm": True, "results": "r"}
     assert not module._WARM.get("wanted")
+
+
+# ---- a cluster group job's own warm interpreter (workflow/lib/rehearsal.py)
+
+@pytest.mark.parametrize("targets, inherited, deployments, expected", [
+    (["finetune", "finetune"], None, set(), "start"),           # a group of runs
+    (["finetune", "evaluate", "pattern_grid"], None, set(), "start"),
+    (["finetune"], None, set(), "none"),                        # a job alone: a server would cost what it saves
+    (["analysis_collate", "analysis_correlate"], None, set(), "none"),  # aggregation groups run plain
+    (["finetune", "finetune"], None, {"conda"}, "none"),        # jobs in their own environments
+    (["finetune"], "LAUNCHER", set(), "inherit"),               # a job's own Snakemake in its srun step
+    (["finetune"], "/nonexistent/python-1", set(), "none"),      # a launcher of another node
+])
+def test_remote_warm_action(targets, inherited, deployments, expected, tmp_path):
+    if inherited == "LAUNCHER":
+        inherited = str(tmp_path / "python-1")
+        Path(inherited).write_text("#!/bin/sh\n")
+    assert _workflow_rehearsal().remote_warm_action(targets, inherited, deployments) == expected
+
+
+class _RemoteWorkflow:
+    """What warm_in_remote_job reads of Snakemake's workflow object."""
+
+    def __init__(self, targets, remote=True):
+        self.remote_exec = remote
+        self.dag_settings = type("DAGSettings", (), {"target_jobs": targets})()
+
+
+def test_target_rules_come_from_the_command_line_at_parse_time():
+    """Snakemake sets workflow.dag_settings after parsing: the rules are read from argv."""
+    module = _workflow_rehearsal()
+    argv = ["snakemake", "--snakefile", "S", "--target-jobs", "finetune:seed=0,dataset=a", "evaluate:seed=1",
+            "--allowed-rules", "finetune", "evaluate", "--mode", "remote"]
+    parsing = type("Workflow", (), {"dag_settings": None})()
+    assert module.target_rules(parsing, argv) == ["finetune", "evaluate"]
+    assert module.target_rules(parsing, ["snakemake", "--cores", "2"]) == []
+    assert module.target_rules(_RemoteWorkflow(["pattern_grid:dataset=a"]), argv) == ["pattern_grid"]
+
+
+def test_group_job_starts_a_server_in_node_local_tmp_and_exports_its_launcher(tmp_path, monkeypatch):
+    module = _workflow_rehearsal()
+    module._WARM["wanted"] = True
+    started = {}
+
+    class FakeWarm:
+        PRELOAD, PRELOAD_DIFFUSION, WarmError = ("torch",), ("diffusers",), RuntimeError
+
+        @staticmethod
+        def start(python, src, results, scripts, preload):
+            started.update(python=python, results=Path(results), preload=preload)
+            return warm.Server(None, str(tmp_path / "s.sock"), tmp_path / "python-7", tmp_path / "server.log")
+
+    monkeypatch.setattr(module, "_load", lambda path, name: FakeWarm)
+    monkeypatch.setattr(module.atexit, "register", lambda f: None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv(module.LAUNCHER_ENV, raising=False)
+    monkeypatch.setenv("TOKENREDUCTION_PYTHON", "/usr/bin/python3")
+    targets = ["finetune:dataset=nabirds,seed=0", "finetune:dataset=nabirds,seed=1"]  # the CLI text form
+    module.warm_in_remote_job(_RemoteWorkflow(targets), {}, REPO, "/usr/bin/python3", set())
+    assert started == {"python": "/usr/bin/python3", "results": tmp_path / "tokenreduction-warm-4242",
+                       "preload": ("torch",)}
+    assert os.environ["TOKENREDUCTION_PYTHON"] == os.environ[module.LAUNCHER_ENV] == str(tmp_path / "python-7")
+
+
+def test_job_step_keeps_its_group_jobs_launcher(tmp_path, monkeypatch):
+    module = _workflow_rehearsal()
+    module._WARM["wanted"] = True
+    launcher = tmp_path / "python-9"
+    launcher.write_text("#!/bin/sh\n")
+    monkeypatch.setenv(module.LAUNCHER_ENV, str(launcher))
+    monkeypatch.setenv("TOKENREDUCTION_PYTHON", "/usr/bin/python3")  # as software.smk sets it at parse
+    module.warm_in_remote_job(_RemoteWorkflow(["finetune:seed=0"]), {}, REPO, "/usr/bin/python3", set())
+    assert os.environ["TOKENREDUCTION_PYTHON"] == str(launcher)
+
+
+@pytest.mark.parametrize("remote, wanted", [(False, True), (True, False)])
+def test_main_process_and_plain_runs_start_nothing_at_parse(remote, wanted, monkeypatch):
+    module = _workflow_rehearsal()
+    module._WARM["wanted"] = wanted
+    monkeypatch.setattr(module, "_load", lambda path, name: pytest.fail("no server wanted here"))
+    monkeypatch.delenv(module.LAUNCHER_ENV, raising=False)
+    monkeypatch.setenv("TOKENREDUCTION_PYTHON", "/usr/bin/python3")
+    module.warm_in_remote_job(_RemoteWorkflow(["finetune:a", "finetune:b"], remote), {}, REPO, "/usr/bin/python3",
+                              set())
+    assert os.environ["TOKENREDUCTION_PYTHON"] == "/usr/bin/python3"

@@ -23,12 +23,17 @@ settings docs/slurm.md recommends for that case, and no less of it:
   the remedy docs/slurm.md recommends for a cluster: 157 jobs instead of 292,
   every run still fine-tuned and evaluated.
 * the runs as Snakemake **groups** from the command line (``--groups
-  finetune=runs --group-components runs=45``, besides the profile's own
-  groups), so one sbatch runs 45 fine-tunes, two at a time in its 2 CPUs
-  (``--cores 2`` bounds a group job's CPUs): Snakemake starts once per group
-  and once per job (in its ``srun`` step) instead of three times per array task. The plugin never submits a group as an
-  array: the arrays themselves (a two-task fine-tuning array, one task retried
-  alone, one requeued) are tested by tests/test_slurm.py.
+  finetune=runs --group-components runs=68``, besides the profile's own
+  groups), so one sbatch runs 68 fine-tunes: Snakemake starts once per group
+  and once per job (in its ``srun`` step) instead of three times per array
+  task. The job-step plugin (0.6.1) runs a group's jobs **one at a time**
+  (its ``run_job`` waits for each ``srun`` step), so a group gets one CPU
+  (``--cores 1`` bounds a group job's CPUs) and the 2-CPU node runs the two
+  groups side by side. (With ``--cores 2`` each group of 45 asked both CPUs
+  and used one: the three ran one after another, 1,731 s of the 2,079 s.)
+  The plugin never submits a group as an array: the arrays themselves (a
+  two-task fine-tuning array, one task retried alone, one requeued) are
+  tested by tests/test_slurm.py.
 
 Asserted from the output and squeue (the local Slurm keeps finished jobs for
 MinJobAge; it has no accounting database for sacct): every job that is not a
@@ -69,15 +74,19 @@ from workflow_utils import REPO, planned_jobs
 
 STUDY = "which-tokens"
 DATASET = "nabirds"
-RUNS_PER_GROUP = 45
+#: 135 runs in two groups of one CPU each, side by side on the 2-CPU node
+RUNS_PER_GROUP = 68
 LOCK = Path(os.environ.get("SLURM_TEST_LOCK", "/tmp/slurm-test.lock"))
 LOCK_WAIT_S = 1800
 #: the run's wall-clock limit (it needs ~12 min on 2 idle CPUs; more where the machine is shared)
 LIMIT_S = int(os.environ.get("TOKENREDUCTION_SLURM_REHEARSAL_LIMIT_S", "1800"))
 #: a group job's submission line: Snakemake names it by a UUID, its log by group and rules
 GROUP_SUBMITTED = re.compile(
-    r"Job [0-9a-f-]{36} has been submitted with SLURM jobid (\d+) \(log: \S*/group_(\w+?)_[a-z_]+/\d+\.log\)"
+    r"Job [0-9a-f-]{36} has been submitted with SLURM jobid (\d+) \(log: (\S*/group_(\w+?)_[a-z_]+/\d+\.log)\)"
 )
+
+#: a group job's line when its jobs run in its warm interpreter (workflow/lib/rehearsal.py)
+WARM_STARTED = re.compile(r"rehearsal: this group job's (\d+) jobs run in a warm interpreter at \S+ \(log: (\S+)\)")
 
 
 def rehearsal_args(tmp_path: Path) -> list[str]:
@@ -94,7 +103,8 @@ def slurm_args(profile: dict) -> list[str]:
     groups = list(profile.get("groups") or []) + ["finetune=runs"]
     components = list(profile.get("group-components") or []) + [f"runs={RUNS_PER_GROUP}"]
     return ["--profile", "slurm", "--slurm-init-seconds-before-status-checks", "2",
-            "--set-threads", "finetune=1", "--cores", "2",
+            "--slurm-keep-successful-logs",  # the group jobs' logs say whether they ran warm
+            "--set-threads", "finetune=1", "--cores", "1",
             "--groups", *groups, "--group-components", *components]
 
 
@@ -132,6 +142,17 @@ def _elapsed_s(ids: list[str]) -> dict[str, float]:
     return out
 
 
+def _cpus_and_times(ids: list[str]) -> dict[str, tuple[int, str, str]]:
+    """CPUs, start and end (ISO times, one clock) of finished jobs, from squeue."""
+    proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%C|%S|%e"],
+                          capture_output=True, text=True, timeout=60)
+    out = {}
+    for line in proc.stdout.split():
+        jobid, cpus, start, end = line.split("|")
+        out[jobid] = (int(cpus), start, end)
+    return out
+
+
 @pytest.mark.skipif(os.environ.get("TOKENREDUCTION_SLURM_REHEARSAL") != "1",
                     reason="the one-dataset rehearsal through Slurm (~16-20 min on 2 idle CPUs; .ci/run sets it) is opt-in: "
                            "TOKENREDUCTION_SLURM_REHEARSAL=1")
@@ -166,7 +187,8 @@ def test_rehearsal_of_one_dataset_through_slurm(tmp_path, slurm_partition, slurm
 
     # single submissions (rule from the log path) and group submissions (group from the log path)
     singles = [(m.group(1), re.search(r"rule_(\w+?)/", m.group(2)).group(1)) for m in SUBMITTED.finditer(out)]
-    groups = [(m.group(1), m.group(2)) for m in GROUP_SUBMITTED.finditer(out)]
+    groups = [(m.group(1), m.group(3)) for m in GROUP_SUBMITTED.finditer(out)]
+    group_logs = {m.group(1): Path(m.group(2)) for m in GROUP_SUBMITTED.finditer(out)}
     assert "Submitted array job" not in out  # nothing of this slice is arrayed (test_slurm.py tests arrays)
     grouped = {item.split("=")[0] for item in run_args[run_args.index("--groups") + 1:
                                                         run_args.index("--group-components")]}
@@ -193,6 +215,19 @@ def test_rehearsal_of_one_dataset_through_slurm(tmp_path, slurm_partition, slurm
     for path in ("analysis/heatmap_comparison.csv", f"analysis/{DATASET}/token_stats.json",
                  f"patterns/{DATASET}/pattern_grid.png", "report/summary.html", "report/analysis.html", "README.md"):
         assert (results / path).stat().st_size > 0, path
+
+    # the groups of runs asked one CPU each and ran side by side (a group's jobs run one at a time)
+    run_groups = [jobid for jobid, group in groups if group == "runs"]
+    spans = _cpus_and_times(run_groups)
+    assert {cpus for cpus, _, _ in spans.values()} == {1}, spans
+    assert max(start for _, start, _ in spans.values()) < min(end for _, _, end in spans.values()), spans
+    # each group of runs ran its fine-tunes in its own warm interpreter (workflow/lib/rehearsal.py)
+    for jobid in run_groups:
+        log = group_logs[jobid] if group_logs[jobid].is_absolute() else tmp_path / group_logs[jobid]
+        started = WARM_STARTED.search(log.read_text())
+        assert started, f"group job {jobid} started no warm interpreter: {log}"
+        served = re.findall(r"job \d+ train\.py: exit 0", Path(started.group(2)).read_text())
+        assert len(served) == int(started.group(1)), (jobid, started.group(2))
 
     elapsed = _elapsed_s(ids)
     print(f"\n{STUDY} [{DATASET}] through Slurm: {sum(planned.values())} jobs, {len(ids)} submissions "

@@ -230,6 +230,13 @@ def visualize(
     return plot_stages(shown.clamp(0, 1), composed, grid, blocks, title=title or method)
 
 
+def _cell_pixels(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float in [0, 1] -> uint8, what a grid cell keeps: the figure
+    holds every cell's array until it is saved, and float64 ones took 10 GB
+    for a CLCA dataset's 120 runs at 448 px (benchmarks/pattern_grid_memory.py)."""
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def pattern_grid(
     images: Union[np.ndarray, Sequence[np.ndarray]],
     rows: Sequence[dict],
@@ -269,11 +276,12 @@ def pattern_grid(
         for j, rgb in enumerate(imgs):
             base = j * per_image
             ax = axes[i, base]
-            ax.imshow(rgb.repeat(scale, 0).repeat(scale, 1), interpolation="nearest")
+            ax.imshow(_cell_pixels(rgb.repeat(scale, 0).repeat(scale, 1)), interpolation="nearest")
             for s in range(stages):
                 ax = axes[i, base + 1 + s]
                 if s < len(blocks):
-                    ax.imshow(pattern_image(rgb, composed[s, j], grid, scale=scale), interpolation="nearest")
+                    ax.imshow(_cell_pixels(pattern_image(rgb, composed[s, j], grid, scale=scale)),
+                              interpolation="nearest")
                     if i == 0:
                         ax.set_title(f"image {j + 1}\nblock {blocks[s]}", fontsize=8)
                 else:

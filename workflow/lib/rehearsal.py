@@ -24,6 +24,11 @@ from pathlib import Path
 
 
 _WARM = {}  # wanted (apply_rehearsal), then module, server, python (start_warm)
+#: the rules whose scripts the warm interpreter serves (warm.SERVED_SCRIPTS)
+PER_RUN_RULES = frozenset({"finetune", "evaluate", "ots_sweep", "mae_finetune", "mae_evaluate", "sd_generate", "sd_fid"})
+#: set by a cluster group job that started a warm interpreter: the launcher
+#: its jobs' own Snakemake processes (in their srun steps) keep
+LAUNCHER_ENV = "TOKENREDUCTION_WARM_LAUNCHER"
 
 
 def _load(path: Path, name: str):
@@ -107,12 +112,13 @@ def start_warm(workflow, config: dict, root: Path, results: str, python: str, de
     run): start the warm interpreter and point ``TOKENREDUCTION_PYTHON`` at
     its client, so that the per-run jobs skip their imports. Only where the
     jobs are this process's children: the local executor, no software
-    deployment. Says on stderr when it is off or could not start."""
+    deployment (a cluster's group jobs start their own: warm_in_remote_job).
+    Says on stderr when it is off or could not start."""
     if not _WARM.get("wanted") or workflow.touch:
         return
     why_not = None
     if not workflow.local_exec or not workflow.is_main_process:
-        why_not = "the jobs run through a cluster executor"
+        why_not = "the jobs run through a cluster executor (a group job of per-run jobs starts its own)"
     elif set(deployments) & {"conda", "apptainer"}:
         why_not = f"the jobs run in their own software environments (--sdm {' '.join(sorted(deployments))})"
     if why_not:
@@ -141,3 +147,67 @@ def stop_warm() -> None:
         server = _WARM.pop("server")
         _WARM["module"].stop(server)
         os.environ["TOKENREDUCTION_PYTHON"] = _WARM["python"]
+
+
+def remote_warm_action(target_rules: list[str], inherited_launcher: str | None, deployments) -> str:
+    """What a remote Snakemake process (a cluster job's) does about the warm
+    interpreter: ``"inherit"`` (a job's own process in its srun step, whose
+    group job started one: keep its launcher as ``$TOKENREDUCTION_PYTHON``),
+    ``"start"`` (a group job of two or more per-run jobs: the job-step
+    executor runs them one at a time as its children's children, each a
+    fresh interpreter otherwise) or ``"none"``."""
+    if set(deployments) & {"conda", "apptainer"}:
+        return "none"
+    if inherited_launcher and os.path.exists(inherited_launcher):
+        return "inherit"
+    if sum(rule in PER_RUN_RULES for rule in target_rules) >= 2:
+        return "start"
+    return "none"
+
+
+def _target_rule(target) -> str:
+    """A --target-jobs entry's rule (a TargetSpec, or its 'rule:wildcards' text)."""
+    return getattr(target, "rulename", None) or str(target).split(":", 1)[0]
+
+
+def target_rules(workflow, argv: list[str]) -> list[str]:
+    """The rules of this process's ``--target-jobs``. Snakemake hands its DAG
+    settings to the workflow only after parsing the Snakefile, so at parse
+    time they come from the command line (``--target-jobs A B ...``)."""
+    targets = getattr(getattr(workflow, "dag_settings", None), "target_jobs", None)
+    if not targets and "--target-jobs" in argv:
+        rest = argv[argv.index("--target-jobs") + 1:]
+        targets = rest[:next((i for i, word in enumerate(rest) if word.startswith("-")), len(rest))]
+    return [_target_rule(t) for t in targets or ()]
+
+
+def warm_in_remote_job(workflow, config: dict, root: Path, python: str, deployments) -> None:
+    """At parse time of a cluster job's Snakemake (``--mode remote``; hooks
+    are off there): a group job of per-run jobs starts a warm interpreter in
+    node-local ``$TMPDIR/tokenreduction-warm-<Slurm job id>/`` for its jobs,
+    and exports its launcher; each job's own Snakemake (in its srun step)
+    keeps that launcher. Nothing in a main process, a dry run or a job alone."""
+    if not _WARM.get("wanted") or not workflow.remote_exec or "server" in _WARM:
+        return
+    targets = target_rules(workflow, sys.argv)
+    action = remote_warm_action(targets, os.environ.get(LAUNCHER_ENV), deployments)
+    if action == "inherit":
+        os.environ["TOKENREDUCTION_PYTHON"] = os.environ[LAUNCHER_ENV]
+        return
+    if action != "start":
+        return
+    warm = _load(root / "src" / "tokenreduction" / "rehearsal" / "warm.py", "tokenreduction_rehearsal_warm")
+    preload = warm.PRELOAD + (warm.PRELOAD_DIFFUSION if config.get("diffusion") else ())
+    job = os.environ.get("SLURM_JOB_ID") or f"pid{os.getpid()}"
+    folder = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / f"tokenreduction-warm-{job}"
+    try:
+        server = warm.start(python, root / "src", folder, root / "scripts", preload)
+    except (warm.WarmError, OSError) as err:
+        print(f"rehearsal: this group job's warm interpreter did not start ({err}); its jobs run {python}",
+              file=sys.stderr)
+        return
+    _WARM.update(module=warm, server=server, python=python)
+    atexit.register(stop_warm)
+    os.environ["TOKENREDUCTION_PYTHON"] = os.environ[LAUNCHER_ENV] = str(server.launcher)
+    print(f"rehearsal: this group job's {len(targets)} jobs run in a warm interpreter at {server.socket}"
+          f" (log: {server.log})", file=sys.stderr)

@@ -65,6 +65,10 @@ try:
 except runtime.InterpreterError as err:
     raise ConfigError(str(err)) from None
 os.environ.update(TOKENREDUCTION_PYTHON=PYTHON)
+# a rehearsal's cluster group job: a warm interpreter for its per-run jobs
+# (docs/rehearsal.md); its jobs' own Snakemake processes keep its launcher
+if globals().get("_rehearsal"):
+    _rehearsal.warm_in_remote_job(workflow, config, ROOT, PYTHON, DEPLOYMENTS)
 
 # envs/{torch,diffusion}.post-deploy.sh install this repository into the conda
 # environments Snakemake creates (--sdm conda): they read its path from here
