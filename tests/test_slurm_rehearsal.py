@@ -9,14 +9,13 @@ The slice. Each of the three studies restricted to one dataset: which-tokens
 OTS, MAE and diffusion stages hang on it), the largest. which-tokens is the
 smallest that still runs every stage of the training-and-analysis chain.
 
-What fits CI (2 CPUs, this test <= 12 min). Measured on the local Slurm
-(docs/slurm.md, "Rehearsing through Slurm"): a stand-in fine-tune costs
-~6.4 s of CPU and its evaluation 4.4-7.5 s, most of it importing torch and
-timm, so the 135 runs' commands alone need ~13 min of the two cores; and
+What fits CI (2 CPUs). A stand-in fine-tune and its evaluation in fresh
+interpreters cost ~8.6 s of CPU, most of it importing torch and timm, and
 every array task of the Slurm plugin (2.8.0) starts Snakemake three times
 (the array's first job, the task's own job step, the job in ``srun``), each
-~1.6 s of CPU. So this test runs the slice as a cluster user would with the
-settings docs/slurm.md recommends for that case, and no less of it:
+~1.6 s of CPU (docs/slurm.md, "Rehearsing through Slurm"). So this test runs
+the slice as a cluster user would with the settings docs/slurm.md recommends
+for that case, and no less of it:
 
 * ``evaluate: {after_training: true}`` (an overlay config file): each
   fine-tuning job evaluates its model at its end (same script, same outputs),
@@ -29,28 +28,29 @@ settings docs/slurm.md recommends for that case, and no less of it:
   task. The job-step plugin (0.6.1) runs a group's jobs **one at a time**
   (its ``run_job`` waits for each ``srun`` step), so a group gets one CPU
   (``--cores 1`` bounds a group job's CPUs) and the 2-CPU node runs the two
-  groups side by side. (With ``--cores 2`` each group of 45 asked both CPUs
-  and used one: the three ran one after another, 1,731 s of the 2,079 s.)
+  groups side by side. Each group job starts its own warm interpreter
+  (workflow/lib/rehearsal.py, ``warm_in_remote_job``), so a run costs its
+  work (~3 s of CPU) and its job's Snakemake, not torch's imports.
   The plugin never submits a group as an array: the arrays themselves (a
   two-task fine-tuning array, one task retried alone, one requeued) are
   tested by tests/test_slurm.py.
 
 Asserted from the output and squeue (the local Slurm keeps finished jobs for
 MinJobAge; it has no accounting database for sacct): every job that is not a
-local rule went through sbatch exactly once (the runs in ceil(135 / 45) group
+local rule went through sbatch exactly once (the runs in ceil(135 / 68) group
 submissions, the analysis in the profile's groups), every submission finished
-COMPLETED in the profile's partition, the summary has one row per run, and the
-analysis tables, pattern grid and reports exist. It prints the wall time, the
-job and submission counts and each submission's Slurm time.
+COMPLETED in the profile's partition, the groups of runs asked one CPU each
+and overlapped in time, each group's log says it started a warm interpreter
+whose own log has one successful ``train.py`` per job of the group, the
+summary has one row per run, and the analysis tables, pattern grid and
+reports exist. It prints the wall time, the job and submission counts and
+each submission's Slurm time.
 
-Run where ``TOKENREDUCTION_SLURM_REHEARSAL=1`` (.ci/run sets it; 2,079 s to the end beside two
-full-width rehearsals on the 2-core machine): even so cut, each run costs ~12.5 s of CPU in its Slurm step (8.6 s its command,
-~3.9 s its Snakemake and srun), so the 135 runs need ~14 min of two idle cores
-and the whole test ~16 min (estimated from per-step CPU, docs/slurm.md,
-"Rehearsing through Slurm"). Skipped with the
-reason where no Slurm answers (a failure where CI is set). Runs hold /tmp/slurm-test.lock
-(flock) so that they do not share the one-node Slurm with another test run on
-the same machine.
+Run where ``TOKENREDUCTION_SLURM_REHEARSAL=1`` (.ci/run sets it): 469 s on the
+idle 2-core machine (2,079 s before the groups ran side by side and warm).
+Skipped with the reason where no Slurm answers (a failure where CI is set).
+Runs hold /tmp/slurm-test.lock (flock) so that they do not share the one-node
+Slurm with another test run on the same machine.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ DATASET = "nabirds"
 RUNS_PER_GROUP = 68
 LOCK = Path(os.environ.get("SLURM_TEST_LOCK", "/tmp/slurm-test.lock"))
 LOCK_WAIT_S = 1800
-#: the run's wall-clock limit (it needs ~12 min on 2 idle CPUs; more where the machine is shared)
+#: the run's wall-clock limit (it needs ~8 min on 2 idle CPUs; more where the machine is shared)
 LIMIT_S = int(os.environ.get("TOKENREDUCTION_SLURM_REHEARSAL_LIMIT_S", "1800"))
 #: a group job's submission line: Snakemake names it by a UUID, its log by group and rules
 GROUP_SUBMITTED = re.compile(
@@ -154,7 +154,7 @@ def _cpus_and_times(ids: list[str]) -> dict[str, tuple[int, str, str]]:
 
 
 @pytest.mark.skipif(os.environ.get("TOKENREDUCTION_SLURM_REHEARSAL") != "1",
-                    reason="the one-dataset rehearsal through Slurm (~16-20 min on 2 idle CPUs; .ci/run sets it) is opt-in: "
+                    reason="the one-dataset rehearsal through Slurm (~8 min on 2 idle CPUs; .ci/run sets it) is opt-in: "
                            "TOKENREDUCTION_SLURM_REHEARSAL=1")
 @pytest.mark.slurm
 @pytest.mark.slow
