@@ -72,8 +72,11 @@ def pattern_targets():
 
 
 def pattern_grid_mem(wildcards):
-    """MB for a pattern grid: its peak grows with the image area (full-width
-    rehearsals, 2026-12-07: 3.2 GB at 224 px for which-tokens, 10.2 GB at
-    448 px for CLCA): 4,000 MB at 224 px and below, scaled by the area above."""
+    """MB for a pattern grid: the figure holds every cell's pixels, so its
+    peak grows with the image area and the runs. Full-width rehearsals: CLCA
+    at 448 px (160 runs a dataset) 10.2 GB with float64 cells, 2.6 GB since
+    the cells are uint8 (benchmarks/pattern_grid_memory.py, 4.0x).
+    4,000 MB at 224 px and below; above, half the area's growth (8,000 MB at
+    448 px, 3x the peak measured)."""
     side = config["datasets"][wildcards.dataset].get("img_size") or 224
-    return int(4000 * max(1.0, (side / 224) ** 2))
+    return int(4000 * max(1.0, (side / 224) ** 2 / 2))
