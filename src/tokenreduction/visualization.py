@@ -233,7 +233,7 @@ def visualize(
 def _cell_pixels(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) float in [0, 1] -> uint8, what a grid cell keeps: the figure
     holds every cell's array until it is saved, and float64 ones took 10 GB
-    for a CLCA dataset's 120 runs at 448 px (benchmarks/pattern_grid_memory.py)."""
+    for a CLCA dataset's 160 runs at 448 px (benchmarks/pattern_grid_memory.py)."""
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 

@@ -124,21 +124,31 @@ def start_warm(workflow, config: dict, root: Path, results: str, python: str, de
     if why_not:
         print(f"rehearsal: the warm interpreter is off: {why_not}", file=sys.stderr)
         return
-    warm = _load(root / "src" / "tokenreduction" / "rehearsal" / "warm.py", "tokenreduction_rehearsal_warm")
-    preload = warm.PRELOAD + (warm.PRELOAD_DIFFUSION if config.get("diffusion") else ())
-    try:
-        server = warm.start(python, root / "src", results, root / "scripts", preload)
-    except (warm.WarmError, OSError) as err:
-        print(f"rehearsal: the warm interpreter did not start ({err}); the jobs run {python}", file=sys.stderr)
+    server = _serve(config, root, python, results, "the warm interpreter did not start ({err}); the jobs run {python}")
+    if server is None:
         return
-    _WARM.update(module=warm, server=server, python=python)
-    atexit.register(stop_warm)
-    os.environ["TOKENREDUCTION_PYTHON"] = str(server.launcher)
     print(
-        f"rehearsal: per-run jobs ({', '.join(warm.SERVED_SCRIPTS)}) run in the warm interpreter"
+        f"rehearsal: per-run jobs ({', '.join(_WARM['module'].SERVED_SCRIPTS)}) run in the warm interpreter"
         f" at {server.socket} (log: {server.log}); --config rehearse_warm=false turns it off",
         file=sys.stderr,
     )
+
+
+def _serve(config: dict, root: Path, python: str, state_root, failure: str):
+    """Start the server (its state under `state_root`), remember it, stop it
+    at exit and point ``TOKENREDUCTION_PYTHON`` at its launcher. Returns the
+    server, or None after printing `failure` (formatted with err, python)."""
+    warm = _load(root / "src" / "tokenreduction" / "rehearsal" / "warm.py", "tokenreduction_rehearsal_warm")
+    preload = warm.PRELOAD + (warm.PRELOAD_DIFFUSION if config.get("diffusion") else ())
+    try:
+        server = warm.start(python, root / "src", state_root, root / "scripts", preload)
+    except (warm.WarmError, OSError) as err:
+        print("rehearsal: " + failure.format(err=err, python=python), file=sys.stderr)
+        return None
+    _WARM.update(module=warm, server=server, python=python)
+    atexit.register(stop_warm)
+    os.environ["TOKENREDUCTION_PYTHON"] = str(server.launcher)
+    return server
 
 
 def stop_warm() -> None:
@@ -196,18 +206,12 @@ def warm_in_remote_job(workflow, config: dict, root: Path, python: str, deployme
         return
     if action != "start":
         return
-    warm = _load(root / "src" / "tokenreduction" / "rehearsal" / "warm.py", "tokenreduction_rehearsal_warm")
-    preload = warm.PRELOAD + (warm.PRELOAD_DIFFUSION if config.get("diffusion") else ())
     job = os.environ.get("SLURM_JOB_ID") or f"pid{os.getpid()}"
     folder = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / f"tokenreduction-warm-{job}"
-    try:
-        server = warm.start(python, root / "src", folder, root / "scripts", preload)
-    except (warm.WarmError, OSError) as err:
-        print(f"rehearsal: this group job's warm interpreter did not start ({err}); its jobs run {python}",
-              file=sys.stderr)
+    server = _serve(config, root, python, folder,
+                    "this group job's warm interpreter did not start ({err}); its jobs run {python}")
+    if server is None:
         return
-    _WARM.update(module=warm, server=server, python=python)
-    atexit.register(stop_warm)
-    os.environ["TOKENREDUCTION_PYTHON"] = os.environ[LAUNCHER_ENV] = str(server.launcher)
+    os.environ[LAUNCHER_ENV] = str(server.launcher)
     print(f"rehearsal: this group job's {len(targets)} jobs run in a warm interpreter at {server.socket}"
           f" (log: {server.log})", file=sys.stderr)
