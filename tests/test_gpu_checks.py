@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -52,15 +51,12 @@ def table_rows(stdout: str) -> dict[str, str]:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is not usable")
 def test_refuses_without_cuda_quickly():
-    start = time.perf_counter()
     out = run_script("--no-detection", timeout=120)
-    took = time.perf_counter() - start
     assert out.returncode == 2, out.stdout + out.stderr
     # tokenreduction.train.runtime's message: what was asked, why not, and where
     assert "device 'cuda' asked for but CUDA is not usable" in out.stderr, out.stderr
     assert "CUDA_VISIBLE_DEVICES=" in out.stderr and "NVIDIA driver" in out.stderr, out.stderr
     assert "== fine-tuning" not in out.stdout  # nothing ran on the CPU
-    assert took < 90, took  # seconds: the imports only (generous: the CI's CPU may be shared)
 
 
 def test_cpu_rehearsal_rows_losses_and_tokens(tmp_path):
